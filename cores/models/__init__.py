@@ -22,20 +22,20 @@ def register_model(name: str):
     return deco
 
 
-def _import_builtin() -> None:
-    # Imported lazily so that `import cores.models` stays cheap (diffusers is heavy).
-    from . import toy  # noqa: F401
-    try:
-        from . import ldm  # noqa: F401
-    except ImportError as err:  # pragma: no cover - only when diffusers is absent
-        if "diffusers" not in str(err):
-            raise
+_BUILTIN = {"toy": "toy", "ldm": "ldm"}  # name -> module, imported on first use (diffusers is heavy)
+
+
+def _import_builtin(name: str) -> None:
+    if name in _BUILTIN and name not in MODELS:
+        import importlib
+
+        importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
 
 
 def build_model(model_cfg: Any, device: torch.device | str = "cpu") -> LatentModel:
     """Build the model named by `model_cfg.name` (Hydra node or dict) on `device`."""
-    _import_builtin()
     name = model_cfg["name"]
+    _import_builtin(name)
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is unknown; registered: {sorted(MODELS)}")
     model = MODELS[name](model_cfg, torch.device(device))

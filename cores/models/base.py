@@ -41,6 +41,10 @@ class LatentModel(nn.Module):
         """Shape (C, H, W) of one latent."""
         raise NotImplementedError
 
+    def reference_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Ground truth a run is scored against (the image itself for real models)."""
+        return x
+
 
 def as_sigma(sigma: Sigma, like: torch.Tensor) -> torch.Tensor:
     """σ as a tensor broadcastable against a (B, C, H, W) batch `like`."""

@@ -1,0 +1,215 @@
+"""Config → objects → run → outputs.  `posterior_sample.py` calls `run(cfg)`."""
+from __future__ import annotations
+
+import datetime as _dt
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from cores.data import ImageFolder
+from cores.evaluation import image_record
+from cores.mcmc import MCMCConfig
+from cores.models import build_model
+from cores.operators import get_operator
+from cores.outputs import to_uint8, write_text
+from cores.rng import make_generator, stream_seed
+from cores.run_folder import RunFolder
+from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported as one line before any heavy work."""
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    if cfg.get("use_tpu", False):
+        try:
+            import torch_xla.core.xla_model as xm  # noqa: F401
+        except ImportError:
+            raise ConfigError("use_tpu=true but torch_xla is not installed") from None
+        raise ConfigError("use_tpu=true: TPU execution is not implemented yet")
+    dev = str(cfg.get("device", "auto"))
+    if dev == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={dev} requested but CUDA is not available on this machine")
+    return torch.device(dev)
+
+
+def daps_config(sampler_cfg: DictConfig, record_trajectory: bool) -> DAPSConfig:
+    a, o, m = sampler_cfg.annealing, sampler_cfg.ode, sampler_cfg.mcmc
+    return DAPSConfig(
+        num_steps=int(a.num_steps), sigma_max=float(a.sigma_max), sigma_min=float(a.sigma_min),
+        timestep=str(a.timestep), ode_steps=int(o.num_steps), ode_sigma_min=float(o.sigma_min),
+        mcmc=MCMCConfig(algo=str(m.algo), num_steps=int(m.num_steps), lr=float(m.lr), tau=float(m.tau),
+                        lr_min_ratio=float(m.lr_min_ratio), momentum=float(m.momentum),
+                        grad_clamp=float(m.grad_clamp)),
+        record_trajectory=record_trajectory,
+    )
+
+
+def shard_ids(ids: Sequence[int], shard: int, num_shards: int) -> List[int]:
+    """Contiguous block `shard` of `num_shards` (cluster multiruns sweep `shard`, not start/end ids)."""
+    n = len(ids)
+    lo, hi = n * shard // num_shards, n * (shard + 1) // num_shards
+    return list(ids[lo:hi])
+
+
+def build_extras(cfg: DictConfig, model, device: torch.device, folder: RunFolder):
+    """Repulsion module and sampler hooks named by the config (None / [] when off)."""
+    repulsion = None
+    if float(cfg.repulsion_scale) != 0.0:
+        from repulsion import RepulsionModule
+
+        repulsion = RepulsionModule.from_config(cfg, model, device, folder)
+    hooks: List[SamplerHook] = []
+    if int(cfg.pruning_step) >= 0:
+        from cores.pruning import PruningHook
+
+        hooks.append(PruningHook.from_config(cfg, folder))
+    if int(cfg.hard_data_consistency) == 1:
+        from cores.optimization import OptimizationHook
+
+        hooks.append(OptimizationHook.from_config(cfg, folder))
+    return repulsion, hooks
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def measure_images(operator, gt: torch.Tensor, image_ids: Sequence[int], seed: int) -> torch.Tensor:
+    """y_i = A(gt_i) + σ_y·n_i with n_i from the image's own stream (independent of batching)."""
+    ys = [operator.measure(gt[k:k + 1], make_generator(stream_seed(seed, i, 0, "measurement"), gt.device))
+          for k, i in enumerate(image_ids)]
+    return torch.cat(ys)
+
+
+def run_batch(cfg, model, operator, dataset: ImageFolder, image_ids: List[int], daps: DAPSConfig,
+              repulsion, hooks, folder: RunFolder, device, progress) -> None:
+    x = torch.stack([dataset[i - dataset.start_id] for i in image_ids]).to(device)
+    with torch.no_grad():
+        gt = model.reference_image(x)
+    y = measure_images(operator, gt, image_ids, int(cfg.seed))
+    batch = initial_batch(model, y, image_ids, int(cfg.num_samples), int(cfg.seed), daps.sigma_max, device)
+    t0 = time.perf_counter()
+    timing = latent_daps(model, operator, batch, daps, repulsion=repulsion, hooks=hooks, progress=progress)
+    elapsed = time.perf_counter() - t0
+    with torch.no_grad():
+        losses = operator.loss(batch.x, batch.y)
+    share = 1.0 / len(image_ids)  # images of one batch share its wall time equally
+    for k, idx in enumerate(image_ids):
+        rows = batch.rows_of_image(idx)
+        pids = batch.particle_ids[rows].tolist()
+        rec = image_record(idx, batch.x[rows].cpu(), gt[k].cpu(), losses[rows].cpu(), pids,
+                           float(cfg.eval.success_psnr), bool(cfg.eval.lpips))
+        rec["time_sec"] = elapsed * share
+        rec["timing"] = {"per_step_sec": [t * share for t in timing["per_step_sec"]],
+                         "batch_images": len(image_ids)}
+        rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
+        for hook in hooks + ([repulsion] if repulsion is not None else []):
+            if hasattr(hook, "image_summary"):
+                rec.update(hook.image_summary(idx))
+        if cfg.save_traj and batch.trajectory:
+            save_trajectory(folder, "trajectory", model, batch.trajectory, rows, idx, pids,
+                            int(cfg.traj_every), device)
+        folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), bool(cfg.save_samples))
+
+
+def save_trajectory(folder: RunFolder, sub: str, model, trajectory: List[torch.Tensor], rows,
+                    image_idx: int, particle_ids: List[int], every: int, device) -> None:
+    """Decode the recorded z0y latents (only here, only every `every` steps) into one strip per particle."""
+    picked = trajectory[::max(1, every)] + ([trajectory[-1]] if (len(trajectory) - 1) % max(1, every) else [])
+    with torch.no_grad():
+        for j, p in enumerate(particle_ids):
+            r = int(rows[j])
+            frames = [to_uint8(model.decode(z[r:r + 1].to(device))[0]) for z in picked]
+            folder.write_trajectory(sub, image_idx, p, frames)
+
+
+def run(cfg: DictConfig) -> Dict:
+    """Run the configured job; returns the metrics dict written to metrics.json."""
+    from cores.validation import validate_config
+
+    validate_config(cfg)
+    device = resolve_device(cfg)
+    folder = RunFolder(Path(cfg.save_dir) / str(cfg.name))
+    dataset = ImageFolder(cfg.data.root, int(cfg.data.resolution), int(cfg.data.start_id), cfg.data.end_id)
+    if len(dataset) == 0:
+        raise ConfigError(f"data.start_id={cfg.data.start_id}, data.end_id={cfg.data.end_id}: "
+                          f"the image range of {cfg.data.root} is empty")
+    ids = shard_ids(dataset.indices, int(cfg.shard), int(cfg.num_shards))
+    from cores.resume import prepare_folder
+
+    todo = prepare_folder(cfg, folder, ids)
+    model = build_model(cfg.model, device)
+    if model.image_resolution != int(cfg.data.resolution):
+        raise ConfigError(f"data.resolution={cfg.data.resolution} but model {cfg.model.name} renders "
+                          f"{model.image_resolution} px images")
+    operator = get_operator(**OmegaConf.to_container(cfg.task, resolve=True))
+    daps = daps_config(cfg.sampler, bool(cfg.save_traj))
+    repulsion, hooks = build_extras(cfg, model, device, folder)
+    start = _dt.datetime.now().isoformat(timespec="seconds")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bs = max(1, int(cfg.batch_size))
+    with tqdm(total=len(todo) * daps.num_steps, desc=str(cfg.name), unit="img·step", file=sys.stderr) as pbar:
+        for k in range(0, len(todo), bs):
+            chunk = todo[k:k + bs]
+            run_batch(cfg, model, operator, dataset, chunk, daps, repulsion, hooks, folder, device,
+                      lambda n, c=len(chunk): pbar.update(n * c))
+            folder.write_metrics(run_metadata(cfg, device, start, hooks, repulsion))
+            folder.write_grid(int(cfg.grid_max_images))
+    metrics = folder.write_metrics(run_metadata(cfg, device, start, hooks, repulsion))
+    folder.write_grid(int(cfg.grid_max_images))
+    print(summary_table(metrics, folder.root))
+    return metrics
+
+
+def run_metadata(cfg, device, start: str, hooks, repulsion) -> Dict:
+    segments: Dict[str, float] = {}
+    meta: Dict = {
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+        "start_time": start,
+        "end_time": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    for obj in hooks + ([repulsion] if repulsion is not None else []):
+        segments.update(getattr(obj, "vram_segments", {}) or {})
+        if hasattr(obj, "run_summary"):
+            meta.update(obj.run_summary())
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return {"vram": {"peak_memory_mb": peak, "segments": segments}, "metadata": meta}
+
+
+def summary_table(metrics: Dict, root: Path) -> str:
+    s = metrics["summary"]
+
+    def f(v, fmt="{:.2f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    bp = s["best_psnr"]
+    lines = [
+        f"\nResults in {root}",
+        "| images | best PSNR | mean-of-means PSNR | selected PSNR | best SSIM | best LPIPS | success | both orient. | s/image |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {s['num_images']} | {f(bp['mean'])} ± {f(bp['std'])} | {f(s['mean_of_mean_psnr'])} | "
+        f"{f(s['selected_psnr_mean'])} | {f(s['best_ssim_mean'], '{:.3f}')} | {f(s['best_lpips_mean'], '{:.3f}')} | "
+        f"{f(s['success_rate'], '{:.0%}')} | {f(s['both_orientations_rate'], '{:.0%}')} | "
+        f"{f(s['time_per_image_sec'], '{:.1f}')} |",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,25 @@
+"""Entry point: `python posterior_sample.py [hydra overrides]` (SPEC §8).
+
+Wires config → objects → run → outputs; everything else lives in `cores/`.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from cores.pipeline import ConfigError, run
+
+    try:
+        run(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
