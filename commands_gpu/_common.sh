@@ -1,0 +1,138 @@
+# Shared driver of the experiment scripts (sourced, not run).  SPEC §6.
+#
+# A script sets EXP, EXP_SHORT, RUN_TAG and its settings (see exp0_baseline.sh), then calls
+# `exp_main "$@"`.  Everything a run depends on goes on the python command line, so the
+# run folder's config.yaml records it.
+#
+# Flags:   --1 (image 0)   --10 (images 0-9)   --90 (images 10-99; with --10 = 100 images)
+#          exp5 only: --imagenet / --ffhq (dataset), --100 (images 0-99 in one folder)
+# Environment:
+#   DRY_RUN=1     print each python command instead of running it
+#   GPU=<id>      run on that CUDA device (CUDA_VISIBLE_DEVICES=<id>)
+#   MODEL=toy     same settings on the built-in exact prior (SPEC §3.1): a CPU check in minutes;
+#                 uses the 10 demo images (only --1 / --10), rot180 twins in the prior
+#                 (two exact posterior modes, the orientation question) and pixel features
+#                 for repulsion (no DINO weights needed); results go to results/toy/
+#   SAVE_DIR=dir  results root (default results, or results/toy with MODEL=toy)
+#   EXTRA_ARGS="k=v ..."  extra Hydra overrides appended last (they win), e.g. fewer steps
+#   PYTHON=...    interpreter (default python)
+
+_usage() {
+  local extra=""
+  [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]] && extra="--imagenet|--ffhq "
+  cat >&2 <<USAGE
+usage: [DRY_RUN=1] [GPU=id] [MODEL=toy] [SAVE_DIR=dir] [EXTRA_ARGS="k=v ..."] bash $0 ${extra}--1|--10|--90 [...]
+  $EXP_DESCRIPTION
+  --1   image 0 (sanity check)
+  --10  images 0-9
+  --90  images 10-99 (together with --10: the 100-image test set)
+USAGE
+  [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]] && cat >&2 <<USAGE
+  --100 images 0-99 in one run folder
+  --imagenet / --ffhq  dataset (at least one); without a size flag: --10 then --90
+USAGE
+  return 0
+}
+
+# image range [start, end) and folder size label of a size flag
+_range() {
+  case "$1" in
+    --1) echo "0 1 1" ;;
+    --10) echo "0 10 10" ;;
+    --90) echo "10 100 90" ;;
+    --100) echo "0 100 100" ;;
+  esac
+}
+
+# model/data overrides of a dataset label (imagenet | ffhq)
+_model_args() {
+  local ds="$1"
+  if [[ "${MODEL:-}" == toy ]]; then
+    echo "model=toy data=demo-$ds model.include_twins=true repulsion_feature=pixel"
+  elif [[ -z "${MODEL:-}" ]]; then
+    echo "model=${ds}256ldm data=test-$ds repulsion_feature=dino"
+  else
+    echo "error: MODEL=${MODEL}: only MODEL=toy (or unset for the real checkpoints) is supported" >&2
+    return 2
+  fi
+}
+
+_settings_args() {
+  local a=(
+    "seed=$SEED" "num_samples=$NUM_SAMPLES" "batch_size=$BATCH_SIZE"
+    "sampler.mcmc.algo=$MCMC_ALGO" "sampler.mcmc.num_steps=$MCMC_STEPS"
+    "repulsion_scale=$REPULSION_SCALE" "repulsion_sigma_break=$REPULSION_SIGMA_BREAK"
+    "repulsion_schedule=$REPULSION_SCHEDULE"
+    "pruning_step=$PRUNING_STEP" "pruning_keep=$PRUNING_KEEP" "pruning_mode=$PRUNING_MODE"
+    "pruning_criterion=$PRUNING_CRITERION"
+    "hard_data_consistency=$HARD_DATA_CONSISTENCY"
+  )
+  if [[ "$HARD_DATA_CONSISTENCY" == 1 ]]; then
+    a+=("optimization_lr=$OPTIMIZATION_LR" "optimization_eps=$OPTIMIZATION_EPS"
+        "optimization_max_iters=$OPTIMIZATION_MAX_ITERS")
+  fi
+  echo "${a[*]}"
+}
+
+_run_one() {  # dataset-label size-flag
+  local ds="$1" flag="$2" start end n kind root margs
+  read -r start end n <<<"$(_range "$flag")"
+  kind=main
+  [[ "$n" == 1 ]] && kind=sanity_check
+  margs="$(_model_args "$ds")" || return 2
+  if [[ "${MODEL:-}" == toy ]]; then root="${SAVE_DIR:-results/toy}"; else root="${SAVE_DIR:-results}"; fi
+  local cmd=("${PYTHON:-python}" posterior_sample.py $margs "data.start_id=$start" "data.end_id=$end"
+             $(_settings_args) "save_dir=$root/$EXP" "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}"
+             ${EXTRA_ARGS:-})
+  local envp=()
+  [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    echo "${envp[*]}${envp:+ }${cmd[*]}"
+  else
+    echo "+ ${envp[*]}${envp:+ }${cmd[*]}" >&2
+    (cd "$_REPO_ROOT" && env "${envp[@]}" "${cmd[@]}")
+  fi
+}
+
+exp_main() {
+  _REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  local sizes=() datasets=() a
+  if [[ $# -eq 0 ]]; then _usage; return 2; fi
+  for a in "$@"; do
+    case "$a" in
+      --1|--10|--90) sizes+=("$a") ;;
+      --100|--imagenet|--ffhq)
+        if [[ "${EXP_DATASET_FLAGS:-0}" != 1 ]]; then
+          echo "error: unknown flag $a" >&2; _usage; return 2
+        fi
+        if [[ "$a" == --100 ]]; then sizes+=("$a"); else datasets+=("${a#--}"); fi ;;
+      -h|--help) _usage; return 0 ;;
+      *) echo "error: unknown flag $a" >&2; _usage; return 2 ;;
+    esac
+  done
+  if [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]]; then
+    if [[ ${#datasets[@]} -eq 0 ]]; then
+      echo "error: give a dataset: --imagenet and/or --ffhq" >&2; _usage; return 2
+    fi
+    if [[ ${#sizes[@]} -eq 0 ]]; then
+      if [[ "${MODEL:-}" == toy ]]; then sizes=(--10); else sizes=(--10 --90); fi
+    fi
+  else
+    datasets=(imagenet)
+    if [[ ${#sizes[@]} -eq 0 ]]; then _usage; return 2; fi
+  fi
+  if [[ "${MODEL:-}" == toy ]]; then
+    for a in "${sizes[@]}"; do
+      if [[ "$a" == --90 || "$a" == --100 ]]; then
+        echo "error: $a needs images up to 99; MODEL=toy runs on the 10 demo images (use --1 or --10)" >&2
+        return 2
+      fi
+    done
+  fi
+  local ds
+  for ds in "${datasets[@]}"; do
+    for a in "${sizes[@]}"; do
+      _run_one "$ds" "$a" || return $?
+    done
+  done
+}
