@@ -1,0 +1,522 @@
+"""Turn run folders into the study's tables and plots (SPEC §7).
+
+    python eval/parse_metrics.py RUN_DIR [RUN_DIR ...] [--csv FILE] [--plots DIR] [--brief] [--all-pairs]
+
+A RUN_DIR is a run folder (holding metrics.json), a folder above run folders (searched
+recursively) or a glob. Summaries are recomputed from `images[]`, so merged runs are right.
+
+Merging rule: folders laid out as `<experiment>/<dataset>_<N>img/<run>` with the same
+experiment folder name, dataset and run name but different N (e.g. `imagenet_10img` and
+`imagenet_90img`) are merged into one `<experiment>/<dataset>_<total>img/<run>` entry when
+their image indices are disjoint; overlapping ones stay separate (with a note).
+
+Tables: settings and summary side by side (one column per run), a per-image table per run
+(per-particle PSNR, best, std), and paired comparisons of each run with the first one
+(or all pairs with --all-pairs): per-image best-PSNR differences on common image indices,
+mean difference and a Wilcoxon signed-rank test.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from cores.evaluation import summarize, wilson_ci  # noqa: E402
+
+SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
+
+
+@dataclass
+class Run:
+    """One run (or a merged 10 + 90 pair): per-image records plus what the tables need."""
+
+    label: str
+    paths: List[Path]
+    images: List[Dict]
+    vram: Dict = field(default_factory=dict)
+    metadata: Dict = field(default_factory=dict)
+    config: Dict = field(default_factory=dict)
+    repulsion: List[Dict] = field(default_factory=list)
+
+    @property
+    def summary(self) -> Dict:
+        return summarize(self.images)
+
+    def by_image(self) -> Dict[int, Dict]:
+        return {int(r["image_idx"]): r for r in self.images}
+
+
+# --- loading -------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> List[Dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line torn by an interrupted run
+    return rows
+
+
+def _read_config(path: Path) -> Dict:
+    if not path.is_file():
+        return {}
+    try:
+        import yaml
+
+        return yaml.safe_load(path.read_text()) or {}
+    except Exception:  # a config we cannot read only costs the settings rows
+        return {}
+
+
+def run_label(path: Path) -> str:
+    """`<experiment>/<dataset>_<N>img/<run>`: the last three components of the folder."""
+    return "/".join(Path(path).resolve().parts[-3:])
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    m = json.loads((path / "metrics.json").read_text())
+    return Run(label=run_label(path), paths=[path], images=sorted(m.get("images", []), key=lambda r: r["image_idx"]),
+               vram=m.get("vram") or {}, metadata=m.get("metadata") or {},
+               config=_read_config(path / "config.yaml"), repulsion=_read_jsonl(path / "repulsion.jsonl"))
+
+
+def find_run_dirs(args: Iterable[str]) -> List[Path]:
+    """Run folders named by the arguments (folders, parents of run folders, globs), in order, once each."""
+    out: List[Path] = []
+    seen = set()
+    for arg in args:
+        matches = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
+        if not matches:
+            print(f"note: {arg}: no match", file=sys.stderr)
+        for p in map(Path, matches):
+            if (p / "metrics.json").is_file():
+                found = [p]
+            elif p.is_dir():
+                found = sorted(q.parent for q in p.rglob("metrics.json") if ".hydra_logs" not in q.parts)
+            else:
+                found = []
+            if not found:
+                print(f"note: {p}: no metrics.json", file=sys.stderr)
+            for q in found:
+                key = q.resolve()
+                if key not in seen:
+                    seen.add(key)
+                    out.append(q)
+    return out
+
+
+def merge_key(path: Path) -> Optional[Tuple[str, str, str]]:
+    """(experiment, dataset, run name) of a `<experiment>/<dataset>_<N>img/<run>` folder, else None."""
+    p = Path(path).resolve()
+    m = SIZE_RE.match(p.parent.name)
+    if not m:
+        return None
+    return p.parent.parent.name, m.group("dataset"), p.name
+
+
+def merge_runs(runs: Sequence[Run]) -> Run:
+    """One entry from runs of the same experiment/dataset/run name with disjoint images."""
+    images = sorted((r for run in runs for r in run.images), key=lambda r: r["image_idx"])
+    exp, dataset, name = merge_key(runs[0].paths[0])
+    segments: Dict[str, float] = {}
+    peaks = [r.vram.get("peak_memory_mb") for r in runs if r.vram.get("peak_memory_mb") is not None]
+    for r in runs:
+        for k, v in (r.vram.get("segments") or {}).items():
+            if v is not None:
+                segments[k] = max(segments.get(k, v), v)
+    return Run(label=f"{exp}/{dataset}_{len(images)}img/{name}", paths=[p for r in runs for p in r.paths],
+               images=images, vram={"peak_memory_mb": max(peaks) if peaks else None, "segments": segments},
+               metadata={"merged_from": [str(p) for r in runs for p in r.paths]},
+               config=runs[0].config, repulsion=[row for r in runs for row in r.repulsion])
+
+
+def load_runs(dirs: Sequence[Path], merge: bool = True) -> List[Run]:
+    """Load run folders, merging `_<N>img` siblings of one run (first-seen order kept)."""
+    runs = [load_run(d) for d in dirs]
+    if not merge:
+        return _unique_labels(runs)
+    groups: Dict[object, List[Run]] = {}
+    order: List[object] = []
+    for i, r in enumerate(runs):
+        key = merge_key(r.paths[0]) or ("__single__", i)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(r)
+    out: List[Run] = []
+    for key in order:
+        group = groups[key]
+        idx_sets = [set(int(im["image_idx"]) for im in r.images) for r in group]
+        disjoint = sum(len(s) for s in idx_sets) == len(set().union(*idx_sets))
+        if len(group) > 1 and disjoint:
+            out.append(merge_runs(group))
+        else:
+            if len(group) > 1:
+                print(f"note: not merging {', '.join(r.label for r in group)}: their images overlap",
+                      file=sys.stderr)
+            out.extend(group)
+    return _unique_labels(out)
+
+
+def _unique_labels(runs: List[Run]) -> List[Run]:
+    seen: Dict[str, int] = {}
+    for r in runs:
+        if r.label in seen:
+            seen[r.label] += 1
+            r.label = f"{r.label}#{seen[r.label]}"
+        else:
+            seen[r.label] = 1
+    return runs
+
+
+# --- numbers ---------------------------------------------------------------------------------
+def _vals(xs: Iterable) -> List[float]:
+    return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+
+
+def image_stats(rec: Dict) -> Dict:
+    """Per-image numbers: best / mean / std (ddof 1) / selected PSNR, best SSIM and LPIPS."""
+    p = _vals(rec.get("psnr", []))
+    best_idx, sel_idx = rec.get("best_idx"), rec.get("selected_idx")
+    return {
+        "image_idx": int(rec["image_idx"]),
+        "num_particles": len(rec.get("psnr", [])),
+        "best_psnr": rec["psnr"][best_idx] if best_idx is not None else None,
+        "mean_psnr": float(np.mean(p)) if p else None,
+        "std_psnr": float(np.std(p, ddof=1)) if len(p) > 1 else (0.0 if p else None),
+        "selected_psnr": rec["psnr"][sel_idx] if sel_idx is not None else None,
+        "best_ssim": max(_vals(rec.get("ssim", [])), default=None),
+        "best_lpips": min(_vals(rec.get("lpips", [])), default=None),
+        "success": bool(rec.get("success")),
+        "both_orientations": bool(rec.get("both_orientations")),
+        "time_sec": rec.get("time_sec"),
+    }
+
+
+def paired_comparison(a: Run, b: Run) -> Dict:
+    """Best-PSNR differences b − a on common image indices with a Wilcoxon signed-rank test."""
+    ia, ib = a.by_image(), b.by_image()
+    common = sorted(set(ia) & set(ib))
+    rows = []
+    for i in common:
+        pa, pb = image_stats(ia[i])["best_psnr"], image_stats(ib[i])["best_psnr"]
+        if pa is not None and pb is not None:
+            rows.append({"image_idx": i, "a": pa, "b": pb, "diff": pb - pa})
+    d = np.array([r["diff"] for r in rows], dtype=float)
+    out: Dict = {"a": a.label, "b": b.label, "n": len(rows), "rows": rows,
+                 "mean_diff": float(d.mean()) if d.size else None,
+                 "median_diff": float(np.median(d)) if d.size else None,
+                 "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
+                 "wilcoxon_stat": None, "p_value": None, "test_note": ""}
+    succ_a = {i: bool(ia[i].get("success")) for i in common}
+    succ_b = {i: bool(ib[i].get("success")) for i in common}
+    out["success_gained"] = sum(succ_b[i] and not succ_a[i] for i in common)
+    out["success_lost"] = sum(succ_a[i] and not succ_b[i] for i in common)
+    if d.size < 2:
+        out["test_note"] = f"n={d.size} < 2"
+    elif not np.any(d != 0):
+        out["test_note"] = "all differences 0"
+    else:
+        from scipy.stats import wilcoxon
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = wilcoxon(d)
+            out["wilcoxon_stat"], out["p_value"] = float(res.statistic), float(res.pvalue)
+        except ValueError as err:
+            out["test_note"] = str(err)
+    return out
+
+
+def repulsion_by_step(run: Run) -> Dict[int, Dict[str, Optional[float]]]:
+    """Mean over images of the pairwise feature distance and the scaled-repulsion/score ratio per step."""
+    acc: Dict[int, Dict[str, List[float]]] = {}
+    for row in run.repulsion:
+        if "step" not in row:
+            continue
+        a = acc.setdefault(int(row["step"]), {"dist": [], "ratio": []})
+        a["dist"] += _vals([row.get("mean_pairwise_dino_dist")])
+        a["ratio"] += _vals([row.get("ratio_scaled_to_score")])
+    return {s: {k: (float(np.mean(v)) if v else None) for k, v in a.items()} for s, a in sorted(acc.items())}
+
+
+# --- formatting -------------------------------------------------------------------------------
+def _f(v, fmt: str = "{:.2f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def _rate(k: int, n: int) -> str:
+    if n == 0:
+        return "n/a"
+    lo, hi = wilson_ci(k, n)
+    return f"{k / n:.0%} [{lo:.0%}, {hi:.0%}] ({k}/{n})"
+
+
+def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cfg(run: Run, key: str):
+    return run.config.get(key) if isinstance(run.config, dict) else None
+
+
+def settings_rows(runs: Sequence[Run]) -> List[List[str]]:
+    def model(r):
+        m = _cfg(r, "model")
+        return m.get("name") if isinstance(m, dict) else m
+
+    def prune(r):
+        s = _cfg(r, "pruning_step")
+        if s is None:
+            return "n/a"
+        if int(s) < 0:
+            return "off"
+        return f"step {s}, keep {_cfg(r, 'pruning_keep')}, {_cfg(r, 'pruning_criterion')}, {_cfg(r, 'pruning_mode')}"
+
+    def hdc(r):
+        v = _cfg(r, "hard_data_consistency")
+        return "n/a" if v is None else ("on" if int(v) == 1 else "off")
+
+    def rep(r):
+        s = _cfg(r, "repulsion_scale")
+        if s is None:
+            return "n/a"
+        if float(s) == 0:
+            return "0"
+        return (f"{s} ({_cfg(r, 'repulsion_feature')}, σ_break {_cfg(r, 'repulsion_sigma_break')}, "
+                f"{_cfg(r, 'repulsion_schedule')})")
+
+    return [["model"] + [str(model(r)) for r in runs],
+            ["particles"] + [str(_cfg(r, "num_samples")) for r in runs],
+            ["repulsion"] + [rep(r) for r in runs],
+            ["pruning"] + [prune(r) for r in runs],
+            ["optimisation"] + [hdc(r) for r in runs]]
+
+
+def summary_table(runs: Sequence[Run]) -> str:
+    """Settings and summary metrics, one column per run."""
+    sums = [r.summary for r in runs]
+    rows = settings_rows(runs) if any(r.config for r in runs) else []
+
+    def row(name, fn):
+        rows.append([name] + [fn(r, s) for r, s in zip(runs, sums)])
+
+    row("images", lambda r, s: str(s["num_images"]))
+    row("best PSNR (dB)", lambda r, s: f"{_f(s['best_psnr']['mean'])} ± {_f(s['best_psnr']['std'])}")
+    row("mean of per-image means (dB)", lambda r, s: _f(s["mean_of_mean_psnr"]))
+    row("selected-by-loss PSNR (dB)", lambda r, s: _f(s["selected_psnr_mean"]))
+    row("best SSIM", lambda r, s: _f(s["best_ssim_mean"], "{:.3f}"))
+    row("best LPIPS", lambda r, s: _f(s["best_lpips_mean"], "{:.3f}"))
+    row("success rate [95% CI]",
+        lambda r, s: _rate(sum(bool(i.get("success")) for i in r.images), s["num_images"]))
+    row("both orientations [95% CI]",
+        lambda r, s: _rate(sum(bool(i.get("both_orientations")) for i in r.images), s["num_images"]))
+    row("final particles / image",
+        lambda r, s: _f(float(np.mean([len(i.get("psnr", [])) for i in r.images])) if r.images else None, "{:.1f}"))
+    row("time / image (s)", lambda r, s: _f(s["time_per_image_sec"], "{:.1f}"))
+    row("total time (s)", lambda r, s: _f(s["total_time_sec"], "{:.1f}"))
+    row("peak VRAM (MB)", lambda r, s: _f(r.vram.get("peak_memory_mb"), "{:.0f}"))
+    row("VRAM segments (MB)", lambda r, s: ", ".join(f"{k} {_f(v, '{:.0f}')}" for k, v in
+                                                     (r.vram.get("segments") or {}).items()) or "none")
+    if any(r.repulsion for r in runs):
+        def rep(r, key, which):
+            steps = repulsion_by_step(r)
+            vals = [(st, v[key]) for st, v in steps.items() if v[key] is not None]
+            if not vals:
+                return "n/a"
+            return _f(vals[0][1] if which == "first" else vals[-1][1], "{:.3g}")
+
+        row("repulsion ratio at first logged step", lambda r, s: rep(r, "ratio", "first"))
+        row("pairwise feature dist, first → last step",
+            lambda r, s: f"{rep(r, 'dist', 'first')} → {rep(r, 'dist', 'last')}")
+    return _md(["metric"] + [r.label for r in runs], rows)
+
+
+def per_image_table(run: Run) -> str:
+    pids = sorted({int(p) for rec in run.images for p in rec.get("particle_ids", range(len(rec.get("psnr", []))))})
+    rows = []
+    for rec in run.images:
+        st = image_stats(rec)
+        ids = rec.get("particle_ids", list(range(len(rec.get("psnr", [])))))
+        by_pid = dict(zip((int(i) for i in ids), rec.get("psnr", [])))
+        rows.append([str(st["image_idx"])] + [_f(by_pid.get(p)) if p in by_pid else "–" for p in pids]
+                    + [_f(st["best_psnr"]), _f(st["std_psnr"]), _f(st["selected_psnr"]),
+                       "yes" if st["success"] else "no", "yes" if st["both_orientations"] else "no"])
+    header = ["image"] + [f"p{p}" for p in pids] + ["best", "std", "selected", "success", "both"]
+    return f"### {run.label} — PSNR (dB) per particle\n\n" + _md(header, rows)
+
+
+def comparison_tables(comps: Sequence[Dict], per_image: bool = True) -> str:
+    rows = []
+    for c in comps:
+        test = (f"W={c['wilcoxon_stat']:.1f}, p={c['p_value']:.3g}" if c["p_value"] is not None
+                else f"n/a ({c['test_note']})")
+        rows.append([c["b"], c["a"], str(c["n"]), _f(c["mean_diff"], "{:+.2f}"), _f(c["median_diff"], "{:+.2f}"),
+                     f"{c['wins']}/{c['losses']}/{c['ties']}", f"+{c['success_gained']} / −{c['success_lost']}",
+                     test])
+    out = [_md(["run B", "vs run A", "common images", "mean Δ best PSNR (B−A, dB)", "median Δ",
+                "B better/worse/tie", "success gained/lost", "Wilcoxon signed-rank"], rows)]
+    if per_image:
+        for c in comps:
+            out.append(f"#### Δ best PSNR per image: {c['b']} − {c['a']}\n\n" + _md(
+                ["image", "A", "B", "B − A"],
+                [[str(r["image_idx"]), _f(r["a"]), _f(r["b"]), _f(r["diff"], "{:+.2f}")] for r in c["rows"]]))
+    return "\n\n".join(out)
+
+
+def report(runs: Sequence[Run], all_pairs: bool = False, brief: bool = False) -> str:
+    parts = ["## Summary\n\n" + summary_table(runs)]
+    if not brief:
+        parts.append("## Per image\n\n" + "\n\n".join(per_image_table(r) for r in runs))
+    comps = compare_all(runs, all_pairs)
+    if comps:
+        parts.append("## Paired comparisons (best PSNR, common images)\n\n" + comparison_tables(comps, not brief))
+    return "\n\n".join(parts) + "\n"
+
+
+def compare_all(runs: Sequence[Run], all_pairs: bool = False) -> List[Dict]:
+    """Each run against the first one (the baseline), or every pair with all_pairs."""
+    if all_pairs:
+        pairs = [(runs[i], runs[j]) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    else:
+        pairs = [(runs[0], r) for r in runs[1:]]
+    return [paired_comparison(a, b) for a, b in pairs]
+
+
+# --- CSV and plots --------------------------------------------------------------------------
+CSV_FIELDS = ["run", "image_idx", "num_particles", "best_psnr", "mean_psnr", "std_psnr", "selected_psnr",
+              "best_ssim", "best_lpips", "success", "both_orientations", "time_sec", "particle_psnr"]
+
+
+def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
+    """Per-image rows to `path`, one summary row per run to `<stem>_summary.csv`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in runs:
+            for rec in r.images:
+                st = image_stats(rec)
+                st["particle_psnr"] = ";".join(_f(v, "{:.4f}") for v in rec.get("psnr", []))
+                w.writerow({"run": r.label, **{k: st[k] for k in CSV_FIELDS[1:]}})
+    spath = path.with_name(path.stem + "_summary.csv")
+    with spath.open("w", newline="") as fh:
+        fields = ["run", "num_images", "best_psnr_mean", "best_psnr_std", "mean_of_mean_psnr", "selected_psnr_mean",
+                  "best_ssim_mean", "best_lpips_mean", "success_rate", "success_ci_low", "success_ci_high",
+                  "both_orientations_rate", "both_ci_low", "both_ci_high", "time_per_image_sec", "peak_memory_mb"]
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in runs:
+            s = r.summary
+            w.writerow({"run": r.label, "num_images": s["num_images"], "best_psnr_mean": s["best_psnr"]["mean"],
+                        "best_psnr_std": s["best_psnr"]["std"], "mean_of_mean_psnr": s["mean_of_mean_psnr"],
+                        "selected_psnr_mean": s["selected_psnr_mean"], "best_ssim_mean": s["best_ssim_mean"],
+                        "best_lpips_mean": s["best_lpips_mean"], "success_rate": s["success_rate"],
+                        "success_ci_low": s["success_rate_ci95"][0], "success_ci_high": s["success_rate_ci95"][1],
+                        "both_orientations_rate": s["both_orientations_rate"],
+                        "both_ci_low": s["both_orientations_rate_ci95"][0],
+                        "both_ci_high": s["both_orientations_rate_ci95"][1],
+                        "time_per_image_sec": s["time_per_image_sec"],
+                        "peak_memory_mb": r.vram.get("peak_memory_mb")})
+    return path, spath
+
+
+def write_plots(runs: Sequence[Run], outdir: Path) -> List[Path]:
+    """best_psnr_per_image.png; with repulsion.jsonl also repulsion_distance.png and repulsion_ratio.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * max((len(r.images) for r in runs), default=1) + 4), 4))
+    for r in runs:
+        st = [image_stats(rec) for rec in r.images]
+        ax.plot([s["image_idx"] for s in st], [s["best_psnr"] if s["best_psnr"] is not None else np.nan for s in st],
+                marker="o", ms=3, lw=1, label=r.label)
+    ax.set_xlabel("image index")
+    ax.set_ylabel("best PSNR (dB)")
+    ax.set_title("Best-particle PSNR per image")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(outdir / "best_psnr_per_image.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    rep_runs = [r for r in runs if r.repulsion]
+    for key, fname, ylabel, logy in (("dist", "repulsion_distance.png", "mean pairwise feature distance", False),
+                                     ("ratio", "repulsion_ratio.png", "||λ·r|| / ||score||", True)):
+        if not rep_runs:
+            break
+        fig, ax = plt.subplots(figsize=(7, 4))
+        plotted = False
+        for r in rep_runs:
+            steps = [(s, v[key]) for s, v in repulsion_by_step(r).items() if v[key] is not None]
+            if steps:
+                ax.plot([s for s, _ in steps], [v for _, v in steps], marker="o", ms=3, label=r.label)
+                plotted = plotted or any(v > 0 for _, v in steps)
+        if logy and plotted:
+            ax.set_yscale("log")
+        ax.set_xlabel("annealing step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} per step (mean over images)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(outdir / fname)
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run folders, folders above them, or globs")
+    ap.add_argument("--csv", type=Path, help="per-image CSV (and <stem>_summary.csv)")
+    ap.add_argument("--plots", type=Path, help="folder for PNG plots")
+    ap.add_argument("--all-pairs", action="store_true", help="compare every pair, not each run with the first")
+    ap.add_argument("--brief", action="store_true", help="summary and comparison only (no per-image tables)")
+    ap.add_argument("--no-merge", action="store_true", help="keep _10img / _90img folders separate")
+    args = ap.parse_args(argv)
+    dirs = find_run_dirs(args.runs)
+    if not dirs:
+        print("error: no run folder with a metrics.json found", file=sys.stderr)
+        return 2
+    runs = load_runs(dirs, merge=not args.no_merge)
+    print(report(runs, all_pairs=args.all_pairs, brief=args.brief))
+    if args.csv:
+        for p in write_csv(runs, args.csv):
+            print(f"wrote {p}", file=sys.stderr)
+    if args.plots:
+        for p in write_plots(runs, args.plots):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
