@@ -121,6 +121,8 @@ def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, repulsio
         if repulsion is not None:
             repulsion.update(pfode, batch, ctx)
         batch.z0hat = pfode.sample(batch.zt)
+        if repulsion is not None and hasattr(repulsion, "after_ode"):
+            repulsion.after_ode(pfode, batch, ctx)  # logs with the score norm of this solve
         # 2. MCMC on p(z0 | z_t, y), started at z0hat (DAPS: ratio = i / number of time points)
         result = run_mcmc(model, operator, batch.y, batch.zt, batch.z0hat, sigma, i / anneal.num_steps,
                           batch.streams, cfg.mcmc)

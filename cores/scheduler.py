@@ -78,6 +78,10 @@ class DiffusionPFODE:
         self.repulsion_scale: float = 0.0
         self.last_score_norm: Optional[torch.Tensor] = None
         self.on_ratio: Optional[RepulsionWarn] = None
+        # per-row ||score|| of the first Euler evaluation (the step's σ_i); recorded only when
+        # asked for (track_score_norm) or repulsion is set, so plain DAPS does no extra work
+        self.track_score_norm: bool = False
+        self.first_score_norm: Optional[torch.Tensor] = None
 
     def set_repulsion(self, repulsion: Optional[torch.Tensor], scale: float) -> None:
         if repulsion is None:
@@ -92,6 +96,8 @@ class DiffusionPFODE:
 
     def derivative(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         score = self.model.score(z, sigma)
+        if self.first_score_norm is None and (self.track_score_norm or self.repulsion is not None):
+            self.first_score_norm = score.flatten(1).norm(dim=1)
         if self.repulsion is None:
             return -sigma * score
         if self.repulsion.shape != score.shape:

@@ -1,0 +1,363 @@
+"""DINO-SVGD particle repulsion injected into the PF-ODE score (SPEC §4.1).
+
+Particles of one image push each other apart in a feature space early in the
+annealing, so that a particle set can cover both the correct orientation and
+the 180° twin instead of collapsing into one basin.
+
+Definition (`compute_repulsion_gradient`), per image group of N ≥ 2 finite particles
+with features f_i = φ(z_i):
+
+    d_ij = ||f_i − f_j||
+    h_i  = median_{j≠i}(d_ij)² / max(log N, eps)     (self-distance excluded, see below)
+    w_ij = exp(−d_ij² / h_i)                           (w_ii = 1)
+    g_i  = Σ_j 2·w_ij·(f_i − f_j) / h_i               (feature space)
+    r_i  = J_φ(z_i)ᵀ g_i / Σ_j w_ij                    (one VJP; Σ_j includes w_ii = 1)
+
+which is exactly  r_i = −∇_{z_i} log Σ_j exp(−||φ(z_i) − f_j||² / h_i)  with the other
+particles' features f_j (j ≠ i) and the bandwidth h_i held fixed: each particle climbs
+down the kernel density of its group at its own location.  Tests check this identity
+with autograd and finite differences.
+
+Choices and why:
+* The median excludes the zero self-distance.  With N = 2 the distance matrix is
+  [[0, d], [d, 0]]; the full-row median (RLSD) is d/2 under numpy's convention or 0
+  under torch's lower median (bandwidth 0, division by zero), while the off-diagonal
+  median d gives h = d²/log 2 and w_12 = exp(−log 2) = 0.5 exactly.  An even number
+  of neighbours uses the mean of the two middle values (`torch.quantile(…, 0.5)`).
+* `log N` (not RLSD's log(N−1)) so that N = 2 works; N = 1 (or a group whose other
+  particles are non-finite) gives r = 0.
+* The normalising kernel sum includes w_ii = 1, so it is ≥ 1 (never a division by
+  ~0) and the result is the log-density gradient above.
+* Weight statistics (`weights_mean`, `weights_max`, `weights_nonzero_frac`) are over
+  the off-diagonal pairs j ≠ i; "nonzero" means w_ij > `WEIGHT_NONZERO_TOL`.
+* No second-order graph: g is detached and pulled back with one
+  `autograd.grad(Σ_i f_i·g_i, z)`; features of different rows never mix, so one
+  backward over the whole batch gives every row its own J_iᵀ g_i.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["compute_repulsion_gradient", "RepulsionModule", "schedule_factor", "logged_step",
+           "REPULSION_FIELDS", "DinoFeatureExtractor", "WEIGHT_NONZERO_TOL"]
+
+WEIGHT_NONZERO_TOL = 1e-6
+RATIO_WARN = 10.0
+
+#: the exact fields of one repulsion.jsonl line (SPEC §4.1)
+REPULSION_FIELDS = ("image_idx", "step", "sigma", "repulsion_on", "repulsion_scale_used", "score_base_norm",
+                    "repulsion_norm", "scaled_repulsion_norm", "ratio_scaled_to_score", "repulsion_cleared",
+                    "mean_pairwise_dino_dist", "weights_mean", "weights_max", "weights_nonzero_frac",
+                    "repulsion_time_sec")
+
+
+def __getattr__(name: str):
+    """`from repulsion import DinoFeatureExtractor` without importing timm until needed."""
+    if name == "DinoFeatureExtractor":
+        from cores.dino import DinoFeatureExtractor
+
+        return DinoFeatureExtractor
+    raise AttributeError(f"module 'repulsion' has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------- kernel
+def _group_kernel(f: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
+    """Feature-space SVGD direction g (n, D) and kernel row sums (n,) for one group of n ≥ 2 finite rows."""
+    n = f.shape[0]
+    diff = f.unsqueeze(1) - f.unsqueeze(0)                       # (n, n, D): f_i − f_j
+    d2 = diff.pow(2).sum(-1)                                     # exact zeros on the diagonal
+    d = d2.sqrt()
+    off = ~torch.eye(n, dtype=torch.bool, device=f.device)
+    med = torch.quantile(d[off].view(n, n - 1), 0.5, dim=1)      # median over j ≠ i
+    h = (med.pow(2) / max(math.log(n), eps)).clamp_min(1e-30)    # identical particles: g = 0 anyway
+    w = torch.exp(-d2 / h.unsqueeze(1))                          # w_ii = 1
+    g = (2 * w.unsqueeze(-1) * diff).sum(1) / h.unsqueeze(1)
+    wo = w[off]
+    stats = {"mean_pairwise_dist": float(d[off].mean()), "weights_mean": float(wo.mean()),
+             "weights_max": float(wo.max()), "weights_nonzero_frac": float((wo > WEIGHT_NONZERO_TOL).float().mean())}
+    return g, w.sum(1), stats
+
+
+def _empty_stats(n: int, nonfinite: List[int]) -> Dict[str, Any]:
+    return {"num_particles": n, "nonfinite_rows": nonfinite, "mean_pairwise_dist": None, "weights_mean": None,
+            "weights_max": None, "weights_nonzero_frac": None}
+
+
+def compute_repulsion_gradient(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],
+                               groups: Optional[torch.Tensor] = None, eps: float = 1e-6
+                               ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """SVGD repulsion r (same shape as `latents`) and diagnostics; see the module doc for the formula.
+
+    `feature_fn` maps (B, …) latents to (B, D) features row by row (decode + DINO,
+    decode + flatten, or flatten).  `groups` (B,) labels the rows: only rows with the
+    same label interact (default: one group).  Rows whose features are not finite are
+    left out of their group and get r = 0; they are listed in `nonfinite_rows`.
+    Diagnostics: `per_group[label]` with `num_particles`, `nonfinite_rows`,
+    `mean_pairwise_dist`, `weights_mean`, `weights_max`, `weights_nonzero_frac`
+    (None for groups with < 2 finite rows), the same four averaged over groups at the
+    top level, and `nonfinite_rows` (batch row indices).
+    """
+    B = latents.shape[0]
+    if groups is None:
+        groups = torch.zeros(B, dtype=torch.long)
+    labels = groups.detach().cpu().tolist()
+    r = torch.zeros_like(latents)
+    diag: Dict[str, Any] = {"per_group": {}, "nonfinite_rows": []}
+    if B == 0:
+        return r, diag
+    with torch.enable_grad():
+        z = latents.detach().requires_grad_(True)
+        f = feature_fn(z)
+        f = f.reshape(B, -1)
+        fd = f.detach()
+        finite = torch.isfinite(fd).all(1).cpu()
+        g_all = torch.zeros_like(fd)
+        norm_all = torch.ones(B, dtype=fd.dtype, device=fd.device)
+        active = torch.zeros(B, dtype=torch.bool)
+        for lab in dict.fromkeys(labels):
+            rows = [k for k, l in enumerate(labels) if l == lab]
+            good = [k for k in rows if finite[k]]
+            bad = [k for k in rows if not finite[k]]
+            diag["nonfinite_rows"] += bad
+            if len(good) < 2:
+                diag["per_group"][lab] = _empty_stats(len(rows), bad)
+                continue
+            idx = torch.as_tensor(good, device=fd.device)
+            g, wsum, stats = _group_kernel(fd[idx], eps)
+            g_all[idx] = g
+            norm_all[idx] = wsum
+            active[good] = True
+            diag["per_group"][lab] = {"num_particles": len(rows), "nonfinite_rows": bad, **stats}
+        if active.any():
+            # rows outside any active group carry g = 0; mask them out of the product entirely so a
+            # non-finite feature (0·NaN) cannot reach the backward of any row
+            keep = active.to(fd.device)
+            target = torch.where(keep.unsqueeze(1), f, torch.zeros_like(f))
+            (vjp,) = torch.autograd.grad((target * g_all).sum(), z)
+            scale = (1.0 / norm_all).view(B, *([1] * (latents.ndim - 1))).to(vjp.dtype)
+            r = torch.where(keep.view(B, *([1] * (latents.ndim - 1))), vjp * scale, torch.zeros_like(vjp))
+            r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0) if not torch.isfinite(r).all() else r
+    vals = [s for s in diag["per_group"].values() if s["mean_pairwise_dist"] is not None]
+    for key in ("mean_pairwise_dist", "weights_mean", "weights_max", "weights_nonzero_frac"):
+        diag[key] = float(sum(s[key] for s in vals) / len(vals)) if vals else None
+    return r.detach(), diag
+
+
+# ----------------------------------------------------------------------------- schedule
+def schedule_factor(sigma: float, sigma_break: float, sigma_max: float, schedule: str = "constant") -> float:
+    """Multiplier of `repulsion_scale` at noise level σ (0 when OFF, i.e. σ < σ_break).
+
+    With u = clamp((σ − σ_break) / (σ_max − σ_break), 0, 1), σ_max = the annealing
+    schedule's σ_max (σ_0):
+      constant → 1;  linear → u;  cosine → (1 − cos(π·u)) / 2.
+    linear and cosine are 1 at σ_max and decay to 0 at σ_break (at exactly σ_break they
+    are 0, so the repulsion is cleared there).
+    """
+    if sigma < sigma_break:
+        return 0.0
+    if schedule == "constant":
+        return 1.0
+    span = sigma_max - sigma_break
+    u = 1.0 if span <= 0 else min(1.0, max(0.0, (sigma - sigma_break) / span))
+    if schedule == "linear":
+        return u
+    if schedule == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * u))
+    raise ValueError(f"repulsion_schedule={schedule!r}: expected constant, linear or cosine")
+
+
+def logged_step(step: int) -> bool:
+    """Steps {0,1,2,5,10} ∪ every 5th below 50 ∪ every 25th from 50 on."""
+    if step in (0, 1, 2, 5, 10):
+        return True
+    return step % 5 == 0 if step < 50 else step % 25 == 0
+
+
+# ----------------------------------------------------------------------------- module
+class RepulsionModule:
+    """Decides when and how much repulsion enters the PF-ODE, computes it, logs it.
+
+    Per annealing step (`update`, called by the sampler before the PF-ODE solve):
+    ON while σ ≥ σ_break and λ = scale·schedule(σ) > 0 → r is computed once for the
+    whole batch (images never interact: `batch.image_ids` are the groups), with grad
+    enabled only inside that computation, and handed over with `pfode.set_repulsion(r, λ)`;
+    OFF → `pfode.set_repulsion(None, 0.0)`.  `after_ode` (called after the solve) writes
+    the step's repulsion.jsonl lines, using the score norm of the step's first Euler
+    evaluation.  Norms in the log are per-particle L2 norms averaged over the image's
+    particles (comparable between 2 and 4 particles); the ratio is their quotient.
+
+    Latent used for the features (`repulsion_latent`): `z_t` (default, RLSD's and the
+    original study's choice) or `z0hat` = the denoiser's estimate D(z_t; σ) (one extra
+    denoiser call, no grad); for `z0hat` the feature gradient w.r.t. that estimate is
+    used as the z_t direction as is (straight-through, ∂z0hat/∂z_t ≈ I), which avoids a
+    backward pass through the denoiser.
+    """
+
+    def __init__(self, model, scale: float, sigma_break: float = 1.0, sigma_max: float = 10.0,
+                 schedule: str = "constant", feature: str = "pixel", latent: str = "z_t",
+                 feature_extractor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 jsonl_path=None, eps: float = 1e-6):
+        if feature not in ("dino", "pixel", "latent"):
+            raise ValueError(f"repulsion_feature={feature!r}: expected dino, pixel or latent")
+        if latent not in ("z_t", "z0hat"):
+            raise ValueError(f"repulsion_latent={latent!r}: expected z_t or z0hat")
+        schedule_factor(sigma_max, sigma_break, sigma_max, schedule)  # validates the name
+        self.model, self.scale, self.sigma_break, self.sigma_max = model, float(scale), float(sigma_break), float(sigma_max)
+        self.schedule, self.feature, self.latent, self.eps = schedule, feature, latent, eps
+        self._extractor = feature_extractor
+        self.jsonl_path = jsonl_path
+        self._pending: Optional[Dict[str, Any]] = None
+        self._warned: set = set()
+        self._summary: Dict[int, Dict[str, Any]] = {}
+
+    @classmethod
+    def from_config(cls, cfg, model, device, folder) -> "RepulsionModule":
+        extractor = None
+        if str(cfg.repulsion_feature) == "dino":
+            from cores.dino import DinoFeatureExtractor
+
+            d = cfg.get("dino", {}) or {}
+            extractor = DinoFeatureExtractor(weights_path=str(d.get("weights_path")), resize=d.get("resize"),
+                                             normalize=bool(d.get("normalize", False)), device=device)
+            extractor.ensure_available()  # fail before heavy work, with the download hint
+        return cls(model, float(cfg.repulsion_scale), float(cfg.repulsion_sigma_break),
+                   float(cfg.sampler.annealing.sigma_max), str(cfg.repulsion_schedule), str(cfg.repulsion_feature),
+                   str(cfg.get("repulsion_latent", "z_t")), extractor,
+                   folder.jsonl("repulsion") if folder is not None else None)
+
+    # ------------------------------------------------------------------ features
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """φ(z): (B, D) features of latents in the configured space."""
+        if self.feature == "latent":
+            return z.flatten(1)
+        x = self.model.decode(z)
+        if self.feature == "pixel":
+            return x.flatten(1)
+        return self._extractor(x)
+
+    def _feature_latent(self, batch, sigma: float) -> torch.Tensor:
+        if self.latent == "z0hat":
+            with torch.no_grad():
+                return self.model.tweedie(batch.zt, torch.tensor(sigma, device=batch.zt.device, dtype=batch.zt.dtype))
+        return batch.zt
+
+    def factor(self, sigma: float) -> float:
+        return self.scale * schedule_factor(sigma, self.sigma_break, self.sigma_max, self.schedule)
+
+    # ------------------------------------------------------------------ sampler interface
+    def update(self, pfode, batch, ctx) -> None:
+        """Install (ON) or clear (OFF) the repulsion for this step's PF-ODE solve."""
+        t0 = time.perf_counter()
+        lam = self.factor(ctx.sigma)
+        image_ids = batch.image_ids.detach().cpu()
+        on = lam > 0 and len(batch) > 0
+        diag: Dict[str, Any] = {"per_group": {}}
+        r = None
+        if on:
+            r, diag = compute_repulsion_gradient(self._feature_latent(batch, ctx.sigma), self.features,
+                                                 image_ids, self.eps)
+            pfode.set_repulsion(r, lam)
+        else:
+            pfode.set_repulsion(None, 0.0)
+            lam = 0.0
+        if batch.zt.is_cuda:
+            torch.cuda.synchronize(batch.zt.device)
+        elapsed = time.perf_counter() - t0
+        pfode.track_score_norm = True
+        pfode.on_ratio = self._ratio_callback(image_ids, ctx.step)
+        uniq = list(dict.fromkeys(image_ids.tolist()))
+        share = elapsed / max(1, len(uniq))
+        if on:
+            for img in uniq:
+                s = self._summary.setdefault(img, {"active_steps": 0, "total_time_sec": 0.0, "dists": []})
+                s["active_steps"] += 1
+                s["total_time_sec"] += share
+                dist = diag["per_group"].get(img, {}).get("mean_pairwise_dist")
+                if dist is not None:
+                    s["dists"].append(dist)
+        self._pending = {"step": ctx.step, "sigma": ctx.sigma, "on": on, "lam": lam, "r": r, "diag": diag,
+                         "image_ids": image_ids, "share": share} if logged_step(ctx.step) else None
+        if self._pending is not None and not on:
+            self._pending["off_dist"] = self._off_distances(batch, ctx.sigma, image_ids)
+
+    def _off_distances(self, batch, sigma: float, image_ids: torch.Tensor) -> Dict[int, Optional[float]]:
+        """Mean pairwise feature distance per image on logged OFF steps (no grad, diagnostics only)."""
+        with torch.no_grad():
+            f = self.features(self._feature_latent(batch, sigma)).flatten(1)
+        out: Dict[int, Optional[float]] = {}
+        for img in dict.fromkeys(image_ids.tolist()):
+            rows = (image_ids == img).nonzero().flatten().to(f.device)
+            fi = f[rows]
+            fi = fi[torch.isfinite(fi).all(1)]
+            n = fi.shape[0]
+            if n < 2:
+                out[img] = None
+                continue
+            d = torch.cdist(fi.double(), fi.double())
+            out[img] = float(d.sum() / (n * (n - 1)))
+        return out
+
+    def _ratio_callback(self, image_ids: torch.Tensor, step: int) -> Callable[[torch.Tensor], None]:
+        def check(ratio: torch.Tensor) -> None:
+            bad = (ratio > RATIO_WARN).cpu()
+            for img in dict.fromkeys(image_ids[bad].tolist()):
+                if img not in self._warned:
+                    self._warned.add(img)
+                    warnings.warn(f"repulsion: image {img}, step {step}: ||λ·r|| / ||score|| = "
+                                  f"{float(ratio[(image_ids == img).to(ratio.device)].max()):.3g} > {RATIO_WARN:g} "
+                                  "(repulsion dominates the score; expect collapse)", RuntimeWarning, stacklevel=2)
+        return check
+
+    def after_ode(self, pfode, batch, ctx) -> None:
+        """Write this step's repulsion.jsonl lines (logged steps only), one per image."""
+        p, self._pending = self._pending, None
+        if p is None or p["step"] != ctx.step:
+            return
+        score_norm = getattr(pfode, "first_score_norm", None)
+        ids = p["image_ids"]
+        for img in dict.fromkeys(ids.tolist()):
+            rows = (ids == img).nonzero().flatten()
+            sn = float(score_norm[rows.to(score_norm.device)].mean()) if score_norm is not None else None
+            if p["on"]:
+                rn = float(p["r"][rows.to(p["r"].device)].flatten(1).norm(dim=1).mean())
+                g = p["diag"]["per_group"].get(img, {})
+                dist, wm, wx, wnz = (g.get(k) for k in ("mean_pairwise_dist", "weights_mean", "weights_max",
+                                                         "weights_nonzero_frac"))
+            else:
+                rn, dist, wm, wx, wnz = 0.0, p["off_dist"].get(img), None, None, None
+            scaled = p["lam"] * rn
+            line = {"image_idx": int(img), "step": int(p["step"]), "sigma": float(p["sigma"]),
+                    "repulsion_on": bool(p["on"]), "repulsion_scale_used": float(p["lam"]),
+                    "score_base_norm": sn, "repulsion_norm": rn, "scaled_repulsion_norm": scaled,
+                    "ratio_scaled_to_score": (scaled / sn) if sn else None,
+                    "repulsion_cleared": not p["on"], "mean_pairwise_dino_dist": dist, "weights_mean": wm,
+                    "weights_max": wx, "weights_nonzero_frac": wnz,
+                    "repulsion_time_sec": float(p["share"])}
+            if self.jsonl_path is not None:
+                from cores.outputs import append_jsonl
+
+                append_jsonl(self.jsonl_path, {k: _finite(v) for k, v in line.items()})
+
+    # ------------------------------------------------------------------ summaries
+    def image_summary(self, image_idx: int) -> Dict[str, Any]:
+        s = self._summary.get(int(image_idx), {"active_steps": 0, "total_time_sec": 0.0, "dists": []})
+        d = s["dists"]
+        return {"repulsion": {"active_steps": int(s["active_steps"]), "total_time_sec": float(s["total_time_sec"]),
+                              "mean_pairwise_dist": (sum(d) / len(d)) if d else None}}
+
+    def run_summary(self) -> Dict[str, Any]:
+        steps = [s["active_steps"] for s in self._summary.values()]
+        return {"repulsion": {"scale": self.scale, "sigma_break": self.sigma_break, "schedule": self.schedule,
+                              "feature": self.feature, "latent": self.latent, "images": len(self._summary),
+                              "active_steps_per_image": (sum(steps) / len(steps)) if steps else None,
+                              "total_time_sec": float(sum(s["total_time_sec"] for s in self._summary.values())),
+                              "ratio_warnings": sorted(self._warned)}}
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
