@@ -129,6 +129,7 @@ class DinoFeatureExtractor(nn.Module):
         self.vit: Optional[nn.Module] = None
         self.patch_size: Optional[int] = None
         self.requires_grad_(False)
+        self.eval()
 
     # ---------------------------------------------------------------- loading
     @property

@@ -191,11 +191,11 @@ def build_ldm(model_cfg: Any, device: torch.device | str = "cpu") -> LDMModel:
                     class_label=_get(model_cfg, "class_label")).eval().requires_grad_(False)
 
 
-def build_random_ldm(model_cfg: Any, device: torch.device | str = "cpu") -> LDMModel:
-    """The full architecture of `model_cfg` with random (default-init) weights, no checkpoint.
-    For benchmarks and shape tests."""
+def build_random_ldm(model_cfg: Any, device: torch.device | str = "cpu", seed: int = 0) -> LDMModel:
+    """The full architecture of `model_cfg` with seeded random weights (PyTorch default init
+    distributions), no checkpoint. For benchmarks and shape tests."""
     spec = LDMSpec(to_plain(model_cfg["ldm_config"]))
-    mods = build_and_load(spec, None, torch.device(device))
+    mods = build_and_load(spec, None, torch.device(device), seed=seed)
     return LDMModel(spec, mods, timestep_mapping=str(_get(model_cfg, "timestep_mapping", "vp")),
                     class_label=_get(model_cfg, "class_label")).eval().requires_grad_(False)
 
