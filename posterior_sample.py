@@ -17,7 +17,8 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one line, whatever the message: bad settings and missing files are not crashes
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ class ConfigError(ValueError):
     """A bad setting, reported as one line before any heavy work."""
 
 
-def resolve_device(cfg: DictConfig) -> torch.device:
+def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
+    """The configured device; under torchrun `auto`/`cuda` mean cuda:LOCAL_RANK."""
     if cfg.get("use_tpu", False):
         try:
             import torch_xla.core.xla_model as xm  # noqa: F401
@@ -35,11 +37,16 @@ def resolve_device(cfg: DictConfig) -> torch.device:
             raise ConfigError("use_tpu=true but torch_xla is not installed") from None
         raise ConfigError("use_tpu=true: TPU execution is not implemented yet")
     dev = str(cfg.get("device", "auto"))
-    if dev == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={dev} requested but CUDA is not available on this machine")
-    return torch.device(dev)
+    if dev == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if dev in ("auto", "cuda"):
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(dev)
+    except RuntimeError:
+        raise ConfigError(f"device={dev}: expected auto, cpu, cuda or cuda:N") from None
 
 
 def daps_config(sampler_cfg: DictConfig, record_trajectory: bool) -> DAPSConfig:
@@ -121,6 +128,9 @@ def run_batch(cfg, model, operator, dataset: ImageFolder, image_ids: List[int], 
         for hook in hooks + ([repulsion] if repulsion is not None else []):
             if hasattr(hook, "image_summary"):
                 rec.update(hook.image_summary(idx))
+        for hook in hooks:  # e.g. pruning regret, which needs the final per-particle PSNRs
+            if hasattr(hook, "finalize_record"):
+                hook.finalize_record(rec)
         if cfg.save_traj and batch.trajectory:
             save_trajectory(folder, "trajectory", model, batch.trajectory, rows, idx, pids,
                             int(cfg.traj_every), device)
@@ -139,20 +149,59 @@ def save_trajectory(folder: RunFolder, sub: str, model, trajectory: List[torch.T
 
 
 def run(cfg: DictConfig) -> Dict:
-    """Run the configured job; returns the metrics dict written to metrics.json."""
-    from cores.validation import validate_config
+    """Run the configured job; returns the metrics dict written to metrics.json.
+
+    Every check that can fail runs before the folder is touched or a model is built.  Under
+    torchrun each rank takes its block of the images still to do; rank 0 prepares the folder
+    and, once every rank is done, writes metrics.json and the grid.
+    """
+    from cores import distributed
+    from cores.resume import prepare_folder
+    from cores.validation import validate_config, validate_inputs
 
     validate_config(cfg)
-    device = resolve_device(cfg)
+    rank = distributed.env_info()
+    device = resolve_device(cfg, rank.local_rank)
     folder = RunFolder(Path(cfg.save_dir) / str(cfg.name))
     dataset = ImageFolder(cfg.data.root, int(cfg.data.resolution), int(cfg.data.start_id), cfg.data.end_id)
-    if len(dataset) == 0:
-        raise ConfigError(f"data.start_id={cfg.data.start_id}, data.end_id={cfg.data.end_id}: "
-                          f"the image range of {cfg.data.root} is empty")
+    validate_inputs(cfg, dataset)
     ids = shard_ids(dataset.indices, int(cfg.shard), int(cfg.num_shards))
-    from cores.resume import prepare_folder
+    if not ids:
+        raise ConfigError(f"shard={cfg.shard}, num_shards={cfg.num_shards}: the {len(dataset)} image(s) of "
+                          f"data.start_id={cfg.data.start_id}..data.end_id={cfg.data.end_id} leave this shard empty")
+    distributed.setup(device)
+    try:
+        verdict = None
+        if rank.is_main:
+            try:
+                verdict = ("ok", prepare_folder(cfg, folder, ids))
+            except ConfigError as err:
+                verdict = ("error", str(err))
+        verdict = distributed.broadcast(verdict)
+        if verdict[0] == "error":
+            raise ConfigError(verdict[1])
+        todo = shard_ids(verdict[1], rank.rank, rank.world_size)
+        start, t_start = _dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+        model, repulsion, hooks = None, None, []
+        if todo:
+            model, repulsion, hooks = sample_images(cfg, todo, dataset, folder, device, rank.is_main, start)
+        meta = run_metadata(cfg, device, start, hooks, repulsion)
+        meta["metadata"]["wall_time_sec"] = time.perf_counter() - t_start
+        metas = distributed.gather(meta)  # also waits until every rank has written its records
+        if rank.is_main:
+            metrics = write_summary(folder, merge_metadata(metas), int(cfg.grid_max_images))
+            print(summary_table(metrics, folder.root))
+        distributed.barrier()
+        if not rank.is_main:
+            metrics = json.loads((folder.root / "metrics.json").read_text())
+        return metrics
+    finally:
+        distributed.teardown()
 
-    todo = prepare_folder(cfg, folder, ids)
+
+def sample_images(cfg: DictConfig, todo: List[int], dataset: ImageFolder, folder: RunFolder,
+                  device: torch.device, show_progress: bool, start: str):
+    """Build the model and sample `todo` batch by batch, writing each image as it finishes."""
     model = build_model(cfg.model, device)
     if model.image_resolution != int(cfg.data.resolution):
         raise ConfigError(f"data.resolution={cfg.data.resolution} but model {cfg.model.name} renders "
@@ -160,21 +209,66 @@ def run(cfg: DictConfig) -> Dict:
     operator = get_operator(**OmegaConf.to_container(cfg.task, resolve=True))
     daps = daps_config(cfg.sampler, bool(cfg.save_traj))
     repulsion, hooks = build_extras(cfg, model, device, folder)
-    start = _dt.datetime.now().isoformat(timespec="seconds")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bs = max(1, int(cfg.batch_size))
-    with tqdm(total=len(todo) * daps.num_steps, desc=str(cfg.name), unit="img·step", file=sys.stderr) as pbar:
+    with tqdm(total=len(todo) * daps.num_steps, desc=str(cfg.name), unit="img·step", file=sys.stderr,
+              disable=not show_progress) as pbar:
         for k in range(0, len(todo), bs):
             chunk = todo[k:k + bs]
             run_batch(cfg, model, operator, dataset, chunk, daps, repulsion, hooks, folder, device,
                       lambda n, c=len(chunk): pbar.update(n * c))
-            folder.write_metrics(run_metadata(cfg, device, start, hooks, repulsion))
-            folder.write_grid(int(cfg.grid_max_images))
-    metrics = folder.write_metrics(run_metadata(cfg, device, start, hooks, repulsion))
-    folder.write_grid(int(cfg.grid_max_images))
-    print(summary_table(metrics, folder.root))
+            if show_progress:  # one writer of the intermediate summary (rank 0)
+                folder.write_metrics(run_metadata(cfg, device, start, hooks, repulsion))
+                folder.write_grid(int(cfg.grid_max_images))
+    return model, repulsion, hooks
+
+
+def numerics_summary(records: List[Dict]) -> Dict:
+    """Counts of non-finite events (MCMC resets, non-finite final particles) over the run."""
+    nan_images = [r["image_idx"] for r in records if r.get("nan_events")]
+    bad_images = [r["image_idx"] for r in records if r.get("non_finite_particles")]
+    return {
+        "nan_events": sum(len(r.get("nan_events", [])) for r in records),
+        "images_with_nan_events": nan_images,
+        "non_finite_particles": sum(len(r.get("non_finite_particles", [])) for r in records),
+        "images_with_non_finite_particles": bad_images,
+    }
+
+
+def write_summary(folder: RunFolder, extra: Dict, grid_max_images: int) -> Dict:
+    """metrics.json and the grid from every record on disk, rewritten until no other job (a
+    concurrent shard writing the same folder) added a record meanwhile, so the last writer wins
+    with the complete set."""
+    from cores.resume import records_signature
+
+    for _ in range(20):
+        sig = records_signature(folder)
+        metrics = folder.write_metrics({**extra, "numerics": numerics_summary(folder.records())})
+        folder.write_grid(grid_max_images)
+        if records_signature(folder) == sig:
+            break
     return metrics
+
+
+def merge_metadata(per_rank: List[Dict]) -> Dict:
+    """One `vram`/`metadata` block from every rank's (rank 0's metadata, peaks = max over ranks)."""
+    merged = json.loads(json.dumps(per_rank[0]))
+    if len(per_rank) == 1:
+        return merged
+    peaks = [m["vram"]["peak_memory_mb"] for m in per_rank if m["vram"]["peak_memory_mb"] is not None]
+    merged["vram"]["peak_memory_mb"] = max(peaks) if peaks else None
+    for m in per_rank[1:]:
+        for k, v in m["vram"]["segments"].items():
+            merged["vram"]["segments"][k] = max(v, merged["vram"]["segments"].get(k, v))
+    merged["metadata"]["world_size"] = len(per_rank)
+    merged["metadata"]["wall_time_sec"] = max(m["metadata"]["wall_time_sec"] for m in per_rank)
+    merged["metadata"]["ranks"] = [{"rank": r, "device": m["metadata"]["device"],
+                                    "gpu_name": m["metadata"]["gpu_name"],
+                                    "peak_memory_mb": m["vram"]["peak_memory_mb"],
+                                    "wall_time_sec": m["metadata"]["wall_time_sec"]}
+                                   for r, m in enumerate(per_rank)]
+    return merged
 
 
 def run_metadata(cfg, device, start: str, hooks, repulsion) -> Dict:
@@ -212,4 +306,8 @@ def summary_table(metrics: Dict, root: Path) -> str:
         f"{f(s['success_rate'], '{:.0%}')} | {f(s['both_orientations_rate'], '{:.0%}')} | "
         f"{f(s['time_per_image_sec'], '{:.1f}')} |",
     ]
+    num = metrics.get("numerics") or {}
+    if num.get("nan_events") or num.get("non_finite_particles"):
+        lines.append(f"warning: {num['nan_events']} NaN/inf MCMC reset(s) in image(s) {num['images_with_nan_events']}, "
+                     f"{num['non_finite_particles']} non-finite final particle(s) (metrics.json: numerics)")
     return "\n".join(lines)
