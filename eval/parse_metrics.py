@@ -283,8 +283,11 @@ def _cfg(run: Run, key: str):
 
 def settings_rows(runs: Sequence[Run]) -> List[List[str]]:
     def model(r):
-        m = _cfg(r, "model")
-        return m.get("name") if isinstance(m, dict) else m
+        m, d = _cfg(r, "model"), _cfg(r, "data")
+        name = m.get("name") if isinstance(m, dict) else m
+        if isinstance(m, dict) and m.get("diffusion_path"):
+            name = f"{name} ({Path(str(m['diffusion_path'])).stem})"
+        return f"{name} / {d.get('name')}" if isinstance(d, dict) else str(name)
 
     def prune(r):
         s = _cfg(r, "pruning_step")

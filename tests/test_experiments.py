@@ -1,0 +1,175 @@
+"""The experiment scripts of SPEC §6: usage, DRY_RUN commands (settings, image ranges, folders), GPU, MODEL=toy."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "commands_gpu"
+
+# script → (experiment folder, run tag, settings every command must carry)
+COMMON = {"seed": "42", "batch_size": "1", "sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "100"}
+REP = {"repulsion_scale": "10", "repulsion_sigma_break": "1.0", "repulsion_schedule": "constant"}
+EXPECTED = {
+    "exp0_baseline.sh": ("exp0_baseline", "exp0", "scale0",
+                         {"num_samples": "4", "repulsion_scale": "0", "pruning_step": "-1",
+                          "hard_data_consistency": "-1"}),
+    "exp1_repulsion.sh": ("exp1_repulsion", "exp1", "scale10",
+                          {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "-1"}),
+    "exp2_pruning.sh": ("exp2_pruning", "exp2", "scale10_prune29_keep2",
+                        {"num_samples": "4", **REP, "pruning_step": "29", "pruning_keep": "2",
+                         "pruning_criterion": "loss", "pruning_mode": "slicing", "hard_data_consistency": "-1"}),
+    "exp3_2particle.sh": ("exp3_2particle", "exp3", "scale10_2particles",
+                          {"num_samples": "2", **REP, "pruning_step": "-1", "hard_data_consistency": "-1"}),
+    "exp4_optimization.sh": ("exp4_optimization", "exp4", "scale10_hdc",
+                             {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "1",
+                              "optimization_lr": "5.0e-3", "optimization_eps": "1.0e-3",
+                              "optimization_max_iters": "500"}),
+    "exp5_final.sh": ("exp5_final", "exp5", "scale10_hdc",
+                      {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "1"}),
+}
+
+
+def run_script(name: str, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "GPU", "MODEL", "SAVE_DIR", "EXTRA_ARGS")}
+    e.update(env)
+    return subprocess.run(["bash", str(SCRIPTS / name), *flags], capture_output=True, text=True, env=e,
+                          cwd=ROOT, timeout=300)
+
+
+def parse(line: str) -> Dict:
+    """Env prefix, program and Hydra overrides of one printed command."""
+    toks = shlex.split(line)
+    env = {}
+    while toks and "=" in toks[0] and not toks[0].startswith(("python", "/")):
+        k, v = toks.pop(0).split("=", 1)
+        env[k] = v
+    assert toks[1] == "posterior_sample.py", line
+    overrides = dict(t.split("=", 1) for t in toks[2:])
+    return {"env": env, "python": toks[0], "overrides": overrides, "args": toks[2:]}
+
+
+def dry(name: str, *flags: str, **env: str) -> List[Dict]:
+    res = run_script(name, *flags, DRY_RUN="1", **env)
+    assert res.returncode == 0, res.stderr
+    return [parse(line) for line in res.stdout.strip().splitlines()]
+
+
+def size_flags(name: str) -> List[str]:
+    return (["--imagenet"] if name == "exp5_final.sh" else []) + ["--1", "--10", "--90"]
+
+
+def test_every_experiment_has_a_script():
+    assert sorted(p.name for p in SCRIPTS.glob("exp*.sh")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_no_flag_prints_usage_and_fails(name):
+    res = run_script(name)
+    assert res.returncode != 0
+    assert "usage" in res.stderr and "--10" in res.stderr
+    assert res.stdout == ""
+    bad = run_script(name, "--7", DRY_RUN="1")
+    assert bad.returncode != 0 and "unknown flag --7" in bad.stderr and bad.stdout == ""
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_dry_run_carries_settings_ranges_and_folders(name):
+    exp, short, tag, settings = EXPECTED[name]
+    cmds = dry(name, *size_flags(name))
+    assert len(cmds) == 3
+    ranges = [(c["overrides"]["data.start_id"], c["overrides"]["data.end_id"]) for c in cmds]
+    assert ranges == [("0", "1"), ("0", "10"), ("10", "100")]
+    for c, n, kind in zip(cmds, (1, 10, 90), ("sanity_check", "main", "main")):
+        o = c["overrides"]
+        assert c["env"] == {}
+        for k, v in {**COMMON, **settings}.items():
+            assert o[k] == v, (k, o[k], v)
+        assert o["model"] == "imagenet256ldm" and o["data"] == "test-imagenet"
+        assert o["repulsion_feature"] == "dino"
+        assert o["save_dir"] == f"results/{exp}"
+        assert o["name"] == f"imagenet_{n}img/{short}_{kind}_{tag}"
+        assert len(c["args"]) == len(o), "an override appears twice"
+    # flags run in the order given
+    order = dry(name, *([a for a in size_flags(name) if not a.startswith("--1")] + ["--1"]))
+    assert [c["overrides"]["data.end_id"] for c in order][-1] == "1"
+
+
+def test_exp1_example_folder_of_the_spec():
+    (c,) = dry("exp1_repulsion.sh", "--1")
+    o = c["overrides"]
+    assert f"{o['save_dir']}/{o['name']}" == "results/exp1_repulsion/imagenet_1img/exp1_sanity_check_scale10"
+
+
+@pytest.mark.parametrize("name", ["exp0_baseline.sh", "exp4_optimization.sh"])
+def test_gpu_selects_the_device(name):
+    cmds = dry(name, *size_flags(name)[:2], GPU="3")
+    assert cmds and all(c["env"] == {"CUDA_VISIBLE_DEVICES": "3"} for c in cmds)
+
+
+def test_exp5_datasets():
+    cmds = dry("exp5_final.sh", "--ffhq", "--imagenet", "--100")
+    assert [(c["overrides"]["model"], c["overrides"]["data"]) for c in cmds] == [
+        ("ffhq256ldm", "test-ffhq"), ("imagenet256ldm", "test-imagenet")]
+    assert cmds[0]["overrides"]["name"] == "ffhq_100img/exp5_main_scale10_hdc"
+    assert (cmds[0]["overrides"]["data.start_id"], cmds[0]["overrides"]["data.end_id"]) == ("0", "100")
+    default = dry("exp5_final.sh", "--imagenet")  # no size: the 100 images as 10 + 90
+    assert [c["overrides"]["data.end_id"] for c in default] == ["10", "100"]
+    assert run_script("exp5_final.sh", "--10", DRY_RUN="1").returncode != 0  # no dataset
+    assert run_script("exp1_repulsion.sh", "--ffhq", DRY_RUN="1").returncode != 0  # exp5 only
+
+
+def test_toy_model_and_overrides():
+    (c,) = dry("exp1_repulsion.sh", "--10", MODEL="toy", SAVE_DIR="/tmp/x", EXTRA_ARGS="sampler.mcmc.num_steps=3")
+    o = c["overrides"]
+    assert o["model"] == "toy" and o["data"] == "demo-imagenet" and o["model.include_twins"] == "true"
+    assert o["repulsion_feature"] == "pixel" and o["save_dir"] == "/tmp/x/exp1_repulsion"
+    assert c["args"][-1] == "sampler.mcmc.num_steps=3"  # appended last: it wins
+    (d,) = dry("exp0_baseline.sh", "--1", MODEL="toy")
+    assert d["overrides"]["save_dir"] == "results/toy/exp0_baseline"
+    res = run_script("exp0_baseline.sh", "--1", "--90", MODEL="toy", DRY_RUN="1")
+    assert res.returncode != 0 and "--90" in res.stderr and res.stdout == ""  # checked before anything runs
+    assert run_script("exp0_baseline.sh", "--1", MODEL="big", DRY_RUN="1").returncode != 0
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("toy", [False, True])
+def test_commands_compose_with_the_real_configs(name, toy):
+    """Every override names an existing config key with an accepted value (Hydra rejects unknown keys)."""
+    from tests.conftest import compose
+
+    flags = [f for f in size_flags(name) if f in ("--imagenet", "--1")]
+    (c,) = dry(name, *flags, **({"MODEL": "toy"} if toy else {}))
+    cfg = compose(c["args"])
+    exp, short, tag, settings = EXPECTED[name]
+    assert int(cfg.num_samples) == int(settings["num_samples"])
+    assert float(cfg.repulsion_scale) == float(settings["repulsion_scale"])
+    assert int(cfg.sampler.mcmc.num_steps) == 100 and int(cfg.seed) == 42
+    assert cfg.model.name == ("toy" if toy else "ldm")
+    assert cfg.data.name == ("demo-imagenet" if toy else "test-imagenet")
+    if not toy:
+        assert "imagenet256" in str(cfg.model.diffusion_path)
+
+
+def test_toy_exp0_end_to_end_then_parser(tmp_path):
+    """A real (tiny) run through the script, then the parser on its folder."""
+    res = run_script("exp0_baseline.sh", "--1", MODEL="toy", SAVE_DIR=str(tmp_path),
+                     EXTRA_ARGS="sampler.annealing.num_steps=4 sampler.mcmc.num_steps=2 eval.lpips=false",
+                     PYTHON=sys.executable)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "exp0_baseline" / "imagenet_1img" / "exp0_sanity_check_scale0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["image_idx"] for r in metrics["images"]] == [0] and len(metrics["images"][0]["psnr"]) == 4
+    out = subprocess.run([sys.executable, "eval/parse_metrics.py", str(tmp_path / "exp*" / "*" / "*")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    best = metrics["summary"]["best_psnr"]["mean"]
+    assert "exp0_baseline/imagenet_1img/exp0_sanity_check_scale0" in out.stdout
+    assert f"| best PSNR (dB) | {best:.2f} ± 0.00 |" in out.stdout
