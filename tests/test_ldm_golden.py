@@ -7,7 +7,6 @@ import copy
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -265,12 +264,10 @@ def test_loader_rejects_wrong_config(tmp_path):
 def test_missing_checkpoint_hint(tmp_path, fname, step):
     cfg = {"name": "ldm", "ldm_config": {"model": {"target": "nonsense"}},  # never parsed: fails first
            "diffusion_path": str(tmp_path / "checkpoints" / fname)}
-    t0 = time.time()
     with pytest.raises(FileNotFoundError) as exc:
         build_model(cfg, "cpu")
     msg = str(exc.value)
     assert fname in msg and f"bash download.sh {step}" in msg
-    assert time.time() - t0 < 5
 
 
 @pytest.mark.parametrize("cfg_name,step", [("ffhq256ldm", "ldm_ffhq256"), ("imagenet256ldm", "ldm_imagenet256")])

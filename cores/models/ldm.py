@@ -185,7 +185,10 @@ def build_ldm(model_cfg: Any, device: torch.device | str = "cpu") -> LDMModel:
     path = resolve_checkpoint_path(path)  # fail fast, before anything heavy
     spec = LDMSpec(to_plain(model_cfg["ldm_config"]))
     sd = read_checkpoint(path)
-    mods = build_and_load(spec, sd, torch.device(device))
+    try:
+        mods = build_and_load(spec, sd, torch.device(device))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     del sd
     return LDMModel(spec, mods, timestep_mapping=str(_get(model_cfg, "timestep_mapping", "vp")),
                     class_label=_get(model_cfg, "class_label")).eval().requires_grad_(False)
