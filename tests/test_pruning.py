@@ -1,0 +1,172 @@
+"""Once-only pruning (SPEC §4.2): triggers, criteria, slicing everywhere, per-image independence, masking regret."""
+import json
+
+import pytest
+import torch
+
+from cores.data import ImageFolder
+from cores.evaluation import psnr
+from cores.mcmc import MCMCConfig
+from cores.models import build_model
+from cores.operators import get_operator
+from cores.pipeline import measure_images
+from cores.pruning import PruningConfig, PruningHook, pruning_regret, select_by_diversity, select_by_loss
+from cores.run_folder import RunFolder
+from cores.scheduler import EDMScheduler
+from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps
+
+ROOTS = ["dataset/demo-ffhq", "dataset/demo-imagenet"]
+CFG = DAPSConfig(num_steps=8, mcmc=MCMCConfig(num_steps=3), record_trajectory=True)
+SPEC_FIELDS = {"image_idx", "prune_step", "prev_sigma", "curr_sigma", "repulsion_sigma_break", "losses",
+               "kept_indices", "pruned_indices", "kept_losses", "batch_before", "batch_after", "did_prune",
+               "trigger", "mode"}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from conftest import ROOT
+
+    model = build_model({"name": "toy", "prior_images": [str(ROOT / r) for r in ROOTS], "std": 0.05,
+                         "include_twins": True})
+    op = get_operator("phase_retrieval", oversample=2.0, resolution=64, sigma=0.05)
+    ds = ImageFolder(ROOT / ROOTS[0], 64, 0, 4)
+    gt = model.reference_image(torch.stack([ds[i] for i in range(len(ds))]))
+    return model, op, gt
+
+
+class Observer(SamplerHook):
+    """Independent record of what the batch looked like: loss of z0y per step (before pruning) and sizes."""
+
+    def __init__(self):
+        self.losses, self.sizes, self.stream_sizes = {}, [], []
+
+    def on_step(self, batch, ctx):
+        with torch.no_grad():
+            loss = ctx.operator.loss(ctx.model.decode(batch.z0y), batch.y)
+        self.losses[ctx.step] = {(int(i), int(p)): float(v) for i, p, v in
+                                 zip(batch.image_ids, batch.particle_ids, loss)}
+        self.sizes.append(len(batch))
+        self.stream_sizes.append(len(batch.streams))
+
+
+class After(SamplerHook):
+    def __init__(self):
+        self.sizes = []
+
+    def on_step(self, batch, ctx):
+        self.sizes.append((len(batch), len(batch.y), len(batch.streams), len(batch.trajectory[0])))
+
+
+def _run(toy, ids, particles, pcfg, folder=None, seed=42):
+    model, op, gt = toy
+    y = measure_images(op, gt[ids], ids, seed)
+    batch = initial_batch(model, y, ids, particles, seed, CFG.sigma_max, torch.device("cpu"))
+    obs, hook, after = Observer(), PruningHook(pcfg, folder), After()
+    latent_daps(model, op, batch, CFG, hooks=[obs, hook, after])
+    return batch, hook, obs, after
+
+
+def test_step_trigger_fires_once_keeps_k_lowest_and_shrinks_everything(toy, tmp_path):
+    batch, hook, obs, after = _run(toy, [0], 4, PruningConfig(step=3, keep=2, sigma_break=None),
+                                   RunFolder(tmp_path))
+    assert obs.sizes == [4, 4, 4, 4, 2, 2, 2, 2]          # rows seen by the next step's observer
+    assert after.sizes[3] == (2, 2, 2, 2) and after.sizes[2] == (4, 4, 4, 4)
+    rec = hook.records[0]
+    assert rec["trigger"] == "step" and rec["prune_step"] == 3 and rec["did_prune"]
+    at3 = obs.losses[3]
+    expect = sorted(range(4), key=lambda p: at3[(0, p)])[:2]
+    assert rec["kept_indices"] == expect
+    assert sorted(rec["pruned_indices"]) == sorted(set(range(4)) - set(expect))
+    assert batch.particle_ids.tolist() == sorted(expect)
+    assert batch.zt.shape[0] == batch.y.shape[0] == len(batch.streams) == batch.x.shape[0] == 2
+    assert batch.image_ids.tolist() == [0, 0]
+    assert all(t.shape[0] == 2 for t in batch.trajectory) and len(batch.trajectory) == CFG.num_steps
+    lines = [json.loads(s) for s in (tmp_path / "pruning.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and set(lines[0]) == SPEC_FIELDS
+    assert lines[0]["batch_before"] == 4 and lines[0]["batch_after"] == 2 and lines[0]["mode"] == "slicing"
+
+
+def test_transition_trigger(toy):
+    sig = EDMScheduler(CFG.num_steps, CFG.sigma_max, CFG.sigma_min, CFG.timestep).sigma_steps
+    brk = float(sig[4] + sig[5]) / 2  # σ_4 ≥ break > σ_5 → transition at step 5
+    _, hook, obs, _ = _run(toy, [1], 4, PruningConfig(step=7, keep=3, sigma_break=brk))
+    rec = hook.records[1]
+    assert rec["trigger"] == "transition" and rec["prune_step"] == 5
+    assert rec["prev_sigma"] >= brk > rec["curr_sigma"]
+    assert obs.sizes == [4] * 6 + [3, 3]  # fired once only
+    # the step trigger wins when it comes first
+    _, hook2, _, _ = _run(toy, [1], 4, PruningConfig(step=2, keep=3, sigma_break=brk))
+    assert hook2.records[1]["trigger"] == "step" and hook2.records[1]["prune_step"] == 2
+
+
+def test_several_images_pruned_independently_equal_to_alone(toy):
+    pc = PruningConfig(step=3, keep=2, sigma_break=None)
+    both, hook, _, _ = _run(toy, [0, 2], 4, pc)
+    assert both.image_ids.tolist() == [0, 0, 2, 2]
+    for img in (0, 2):
+        alone, h1, _, _ = _run(toy, [img], 4, pc)
+        assert h1.records[img]["kept_indices"] == hook.records[img]["kept_indices"]
+        rows = both.rows_of_image(img)
+        assert both.particle_ids[rows].tolist() == alone.particle_ids.tolist()
+        assert torch.allclose(both.x[rows], alone.x, atol=1e-5)
+
+
+def test_masking_keeps_all_and_reports_regret(toy):
+    model, op, gt = toy
+    batch, hook, obs, _ = _run(toy, [0], 4, PruningConfig(step=3, keep=2, mode="masking", sigma_break=None))
+    assert obs.sizes == [4] * 8 and len(batch) == 4
+    rec = hook.records[0]
+    assert rec["batch_after"] == 4 and len(rec["pruned_indices"]) == 2
+    p = psnr(batch.x, gt[0:1]).tolist()
+    image = {"psnr": p, "particle_ids": batch.particle_ids.tolist(), **hook.image_summary(0)}
+    hook.finalize_record(image)
+    best = max(range(4), key=lambda i: p[i])
+    assert image["pruning"]["pruning_regret"] == (best in rec["pruned_indices"])
+    assert hook.run_summary()["pruning"]["regret_images"] == int(best in rec["pruned_indices"])
+
+
+def test_regret_helper():
+    assert pruning_regret([10.0, 30.0, 20.0, 5.0], [0, 1, 2, 3], [1, 3])["pruning_regret"] is True
+    r = pruning_regret([10.0, 30.0, 20.0, 5.0], [0, 1, 2, 3], [0, 3])
+    assert r["pruning_regret"] is False and r["best_kept_psnr"] == 30.0 and r["pruning_regret_db"] == 0.0
+    assert pruning_regret([10.0, 30.0], [0, 1], [1])["pruning_regret_db"] == pytest.approx(20.0)
+
+
+def test_selection_rules():
+    losses = torch.tensor([1.00, 1.01, 1.02, 5.0])
+    feats = torch.tensor([[0.0], [0.1], [10.0], [20.0]])
+    assert select_by_loss(losses, 2) == [0, 1]
+    assert select_by_diversity(losses, feats, 2, tol=0.5) == [0, 2]     # far one within tolerance
+    assert select_by_diversity(losses, feats, 3, tol=0.5) == [0, 2, 1]
+    assert select_by_diversity(losses, feats, 2, tol=0.001) == [0, 1]   # no candidate → loss order
+    assert select_by_diversity(losses, feats, 2, tol=10.0) == [0, 3]    # particle 3 now a candidate
+    assert select_by_loss(torch.tensor([float("nan"), 2.0, 1.0]), 2) == [2, 1]
+
+
+def test_pipeline_outputs_hold_k_particles(tmp_path):
+    from PIL import Image
+
+    from conftest import compose
+    from cores.pipeline import run
+
+    cfg = compose(["sampler.annealing.num_steps=6", "sampler.mcmc.num_steps=2", "data.end_id=2", "num_samples=3",
+                   "eval.lpips=false", f"save_dir={tmp_path}", "name=run", "pruning_step=2", "pruning_keep=2",
+                   "save_traj=true", "traj_every=2", "grid_max_images=2"])
+    metrics = run(cfg)
+    root = tmp_path / "run"
+    for rec in metrics["images"]:
+        assert len(rec["psnr"]) == 2 and len(rec["particle_ids"]) == 2
+        assert rec["pruning"]["did_prune"] and len(rec["pruning"]["kept_indices"]) == 2
+        assert len(rec["timing"]["per_step_sec"]) == 6
+    assert len(list((root / "samples").glob("*.png"))) == 4
+    assert len(list((root / "trajectory").glob("*.png"))) == 4
+    pruned = sorted(p.name for p in (root / "trajectory_pruned").glob("*.png"))
+    assert len(pruned) == 2
+    # a pruned strip holds frames up to the pruning step only: steps 0, 2 → 2 frames; survivors 0, 2, 4, 5 → 4
+    w_pruned = Image.open(root / "trajectory_pruned" / pruned[0]).width
+    w_kept = Image.open(next((root / "trajectory").glob("*.png"))).width
+    assert w_kept == 2 * w_pruned
+    lines = [json.loads(s) for s in (root / "pruning.jsonl").read_text().splitlines()]
+    assert [ln["image_idx"] for ln in lines] == [0, 1] and all(set(ln) == SPEC_FIELDS for ln in lines)
+    grid = Image.open(root / "grid_results.png")
+    assert grid.width * 2 == grid.height * 4  # 2 rows × (gt, measurement, 2 particles) square tiles
