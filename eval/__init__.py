@@ -1,0 +1,1 @@
+"""Reading results: tables, CSV and plots from run folders (SPEC §7)."""
