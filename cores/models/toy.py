@@ -44,7 +44,9 @@ class GaussianMixtureLatentPrior(LatentModel):
         s2 = self.std ** 2
         sig2 = as_sigma(sigma, z) ** 2
         weights = torch.softmax(self.component_logits(z, sigma), dim=1)  # (B, K), stable in log space
-        mean_mu = torch.einsum("bk,kchw->bchw", weights, self.means)
+        # elementwise product + sum over k (not a matmul): BLAS blocking would make a row's
+        # result depend on the batch size, breaking bit-exact batch invariance
+        mean_mu = (weights[:, :, None, None, None] * self.means.unsqueeze(0)).sum(1)
         return (s2 * z + sig2 * mean_mu) / (s2 + sig2)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,33 @@
+"""Shared test helpers: repo root on sys.path, fixture paths, Hydra compose of the real configs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(2)
+
+
+def compose(overrides: List[str]):
+    """The config `python posterior_sample.py <overrides>` would run with."""
+    from hydra import compose as hcompose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hcompose(config_name="config", overrides=list(overrides))
+
+
+TINY = ["sampler.annealing.num_steps=6", "sampler.mcmc.num_steps=4", "data.end_id=2", "num_samples=2",
+        "eval.lpips=false"]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> List[str]:
+    return TINY + [f"save_dir={tmp_path}", "name=run"]
