@@ -156,14 +156,14 @@ def schedule_factor(sigma: float, sigma_break: float, sigma_max: float, schedule
     schedule's σ_max (σ_0):
       constant → 1;  linear → u;  cosine → (1 − cos(π·u)) / 2.
     linear and cosine are 1 at σ_max and decay to 0 at σ_break (at exactly σ_break they
-    are 0, so the repulsion is cleared there).
+    are 0, so the repulsion is cleared there; with σ_break ≥ σ_max they are 0 everywhere).
     """
     if sigma < sigma_break:
         return 0.0
     if schedule == "constant":
         return 1.0
     span = sigma_max - sigma_break
-    u = 1.0 if span <= 0 else min(1.0, max(0.0, (sigma - sigma_break) / span))
+    u = 0.0 if span <= 0 else min(1.0, max(0.0, (sigma - sigma_break) / span))
     if schedule == "linear":
         return u
     if schedule == "cosine":

@@ -1,0 +1,273 @@
+"""Repulsion (SPEC §4.1): kernel maths, groups, guard rails, OFF = no change, logging, effect on the toy prior."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from conftest import FIXTURES, TINY, compose
+from cores.mcmc import MCMCConfig
+from cores.models import build_model
+from cores.operators import get_operator
+from cores.scheduler import DiffusionPFODE, EDMScheduler
+from repulsion import (REPULSION_FIELDS, RepulsionModule, compute_repulsion_gradient, logged_step,
+                       schedule_factor)
+from sampler import DAPSConfig, initial_batch, latent_daps
+
+PRIOR = ["dataset/demo-ffhq", "dataset/demo-imagenet"]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = build_model({"name": "toy", "prior_images": PRIOR, "include_twins": True, "std": 0.05}, "cpu")
+    op = get_operator("phase_retrieval", oversample=2.0, resolution=64, sigma=0.05)
+    return model, op
+
+
+def _batch(model, op, ids, n, seed=0):
+    gt = model.decode(model.means[torch.as_tensor(ids)])
+    y = op.measure(gt, torch.Generator().manual_seed(seed))
+    return initial_batch(model, y, ids, n, seed, 10.0, torch.device("cpu"))
+
+
+def _mlp(d_in: int, d_out: int = 5):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
+    return lambda z: torch.tanh(z.flatten(1) @ W.T) * 3.0
+
+
+# ----------------------------------------------------------------------------- kernel maths
+def test_two_particles_weight_half_and_push_apart():
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    r, d = compute_repulsion_gradient(z, lambda v: v.flatten(1))
+    assert torch.isfinite(r).all()
+    assert d["weights_mean"] == pytest.approx(0.5, abs=1e-6)
+    assert d["weights_max"] == pytest.approx(0.5, abs=1e-6) and d["weights_nonzero_frac"] == 1.0
+    assert d["mean_pairwise_dist"] == pytest.approx(float((z[0] - z[1]).norm()), rel=1e-5)
+    # latent features: r_1 ∝ z_1 − z_2 exactly, r_2 = −r_1
+    cos = torch.nn.functional.cosine_similarity(r[0].flatten(), (z[0] - z[1]).flatten(), dim=0)
+    assert cos > 0.9999
+    torch.testing.assert_close(r[1], -r[0])
+
+
+def test_single_particle_is_noop():
+    z = torch.randn(1, 3, 4, 4)
+    r, d = compute_repulsion_gradient(z, lambda v: v.flatten(1))
+    assert torch.equal(r, torch.zeros_like(z))
+    assert d["weights_mean"] is None and d["mean_pairwise_dist"] is None
+
+
+def _kde_objective(z, phi):
+    """Σ_i −log Σ_j exp(−||φ(z_i) − f_j||² / h_i) with f_j (j ≠ i) and h_i frozen: r = its gradient."""
+    f = phi(z)
+    fd = f.detach()
+    n = f.shape[0]
+    d = torch.cdist(fd, fd)
+    off = ~torch.eye(n, dtype=torch.bool)
+    h = torch.quantile(d[off].view(n, n - 1), 0.5, dim=1) ** 2 / math.log(n)
+    total = 0.0
+    for i in range(n):
+        d2 = (f[i] - fd).pow(2).sum(-1)  # j = i: zero value and zero gradient, so w_ii = 1
+        total = total - torch.logsumexp(-d2 / h[i], dim=0)
+    return total
+
+
+def test_gradient_matches_autograd_and_finite_differences():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    phi = _mlp(18)
+    r, _ = compute_repulsion_gradient(z, phi)
+    zz = z.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(_kde_objective(zz, phi), zz)
+    torch.testing.assert_close(r, auto, rtol=1e-9, atol=1e-12)  # r = −∇ log KDE
+    # finite differences of the frozen objective on a few coordinates
+    f0 = phi(z).detach()
+    for (i, c, a, b) in [(0, 0, 1, 2), (2, 1, 0, 0), (3, 1, 2, 1)]:
+        e = torch.zeros_like(z)
+        e[i, c, a, b] = 1e-6
+
+        def obj(v, i=i):
+            f = phi(v)
+            d2 = (f[i] - f0).pow(2).sum(-1)
+            d2[i] = 0.0
+            n = 4
+            dd = torch.cdist(f0, f0)
+            h = torch.quantile(dd[~torch.eye(n, dtype=torch.bool)].view(n, n - 1), 0.5, dim=1)[i] ** 2 / math.log(n)
+            return -torch.logsumexp(-d2 / h, 0)
+
+        fd = (obj(z + e) - obj(z - e)) / 2e-6
+        assert float(fd) == pytest.approx(float(r[i, c, a, b]), rel=1e-5, abs=1e-9)
+
+
+def test_groups_never_interact_and_nonfinite_is_isolated():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(7, 2, 3, 3, generator=g, dtype=torch.float64)
+    groups = torch.tensor([5, 5, 5, 9, 9, 9, 9])
+    phi = _mlp(18)
+    r, d = compute_repulsion_gradient(z, phi, groups)
+    assert set(d["per_group"]) == {5, 9}
+    moved = z.clone()
+    moved[:3] += 2.0 * torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    r2, _ = compute_repulsion_gradient(moved, phi, groups)
+    assert torch.equal(r[3:], r2[3:])          # image 9 did not notice image 5 moving
+    assert not torch.allclose(r[:3], r2[:3])
+    alone, _ = compute_repulsion_gradient(z[3:], phi)
+    torch.testing.assert_close(r[3:], alone)
+    # a NaN particle in group 9: its r is 0, it leaves the group, group 5 is untouched
+    bad = z.clone()
+    bad[4, 0, 0, 0] = float("nan")
+    r3, d3 = compute_repulsion_gradient(bad, phi, groups)
+    assert torch.isfinite(r3).all() and d3["nonfinite_rows"] == [4]
+    assert torch.equal(r3[4], torch.zeros_like(r3[4]))
+    assert torch.equal(r3[:3], r[:3])
+    rest, _ = compute_repulsion_gradient(z[[3, 5, 6]], phi)
+    torch.testing.assert_close(r3[[3, 5, 6]], rest)
+
+
+def test_schedule_and_logged_steps():
+    for s in ("constant", "linear", "cosine"):
+        assert schedule_factor(10.0, 1.0, 10.0, s) == 1.0
+        assert schedule_factor(0.99, 1.0, 10.0, s) == 0.0
+    assert schedule_factor(1.0, 1.0, 10.0, "constant") == 1.0
+    assert schedule_factor(1.0, 1.0, 10.0, "linear") == 0.0 == schedule_factor(1.0, 1.0, 10.0, "cosine")
+    assert schedule_factor(5.5, 1.0, 10.0, "linear") == pytest.approx(0.5)
+    assert schedule_factor(10.0, 10.0, 10.0, "linear") == 0.0 == schedule_factor(10.0, 10.0, 10.0, "cosine")
+    assert schedule_factor(5.5, 1.0, 10.0, "cosine") == pytest.approx(0.5)
+    assert schedule_factor(3.25, 1.0, 10.0, "cosine") < schedule_factor(3.25, 1.0, 10.0, "linear")
+    expected = {0, 1, 2, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 75, 100, 125}
+    assert {s for s in range(130) if logged_step(s)} == expected
+
+
+def test_first_score_norm_is_from_first_evaluation(toy):
+    model, _ = toy
+    z = torch.randn(3, *model.get_in_shape()) * 4
+    pf = DiffusionPFODE(model, EDMScheduler(2, torch.tensor(4.0), 1e-3))
+    pf.track_score_norm = True
+    pf.sample(z)
+    torch.testing.assert_close(pf.first_score_norm, model.score(z, torch.tensor(4.0)).flatten(1).norm(dim=1))
+    plain = DiffusionPFODE(model, EDMScheduler(2, torch.tensor(4.0), 1e-3))
+    plain.sample(z)
+    assert plain.first_score_norm is None  # plain DAPS does no extra work
+
+
+def test_dino_reexport_and_dino_features(toy):
+    from repulsion import DinoFeatureExtractor
+
+    model, op = toy
+    ext = DinoFeatureExtractor(weights_path=str(FIXTURES / "dino_tiny_vits16.pth"))
+    mod = RepulsionModule(model, 1.0, feature="dino", feature_extractor=ext)
+    z = torch.randn(3, *model.get_in_shape())
+    r, d = compute_repulsion_gradient(z, mod.features, torch.tensor([0, 0, 0]))
+    assert r.shape == z.shape and torch.isfinite(r).all() and r.abs().sum() > 0
+    assert 0 < d["weights_mean"] < 1
+
+
+# ----------------------------------------------------------------------------- in the sampler
+def _run(model, op, rep, steps=6, ids=(0, 1), n=3, mcmc=3, callback=None):
+    b = _batch(model, op, list(ids), n)
+    latent_daps(model, op, b, DAPSConfig(num_steps=steps, mcmc=MCMCConfig(num_steps=mcmc)), repulsion=rep,
+                callback=callback)
+    return b
+
+
+def test_module_off_below_break_changes_nothing(toy, tmp_path):
+    model, op = toy
+    ref = _run(model, op, None, n=2)
+    off = RepulsionModule(model, 50.0, sigma_break=20.0, sigma_max=10.0, feature="pixel",
+                          jsonl_path=tmp_path / "r.jsonl")
+    got = _run(model, op, off, n=2)
+    assert torch.equal(ref.x, got.x) and torch.equal(ref.zt, got.zt)
+    lines = [json.loads(s) for s in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert lines and all(not l["repulsion_on"] and l["repulsion_cleared"] for l in lines)
+    assert all(l["repulsion_scale_used"] == 0.0 and l["repulsion_norm"] == 0.0 for l in lines)
+    on = _run(model, op, RepulsionModule(model, 50.0, sigma_break=1.0, sigma_max=10.0, feature="pixel"), n=2)
+    assert not torch.equal(ref.x, on.x)  # the same module ON does change the result
+
+
+def test_jsonl_fields_steps_and_summary(toy, tmp_path):
+    model, op = toy
+    path = tmp_path / "repulsion.jsonl"
+    rep = RepulsionModule(model, 1000.0, sigma_break=1.0, sigma_max=10.0, feature="pixel", jsonl_path=path)
+    _run(model, op, rep, steps=12, mcmc=1)
+    lines = [json.loads(s) for s in path.read_text().splitlines()]
+    assert all(tuple(l) == REPULSION_FIELDS for l in lines)
+    assert sorted({l["step"] for l in lines}) == [0, 1, 2, 5, 10]
+    assert sorted((l["step"], l["image_idx"]) for l in lines) == sorted((s, i) for s in [0, 1, 2, 5, 10] for i in (0, 1))
+    sig = EDMScheduler(12, 10.0, 0.1).sigma_steps
+    for l in lines:
+        assert l["sigma"] == pytest.approx(float(sig[l["step"]]))
+        assert l["repulsion_on"] == (l["sigma"] >= 1.0) and l["repulsion_cleared"] == (not l["repulsion_on"])
+        assert l["score_base_norm"] > 0 and l["mean_pairwise_dino_dist"] > 0
+        if l["repulsion_on"]:
+            assert l["repulsion_scale_used"] == 1000.0 and l["repulsion_norm"] > 0
+            assert l["ratio_scaled_to_score"] == pytest.approx(l["scaled_repulsion_norm"] / l["score_base_norm"])
+            assert 0 < l["weights_mean"] <= 1 and l["weights_nonzero_frac"] > 0
+        else:
+            assert l["repulsion_norm"] == 0.0 and l["weights_mean"] is None
+    step0 = [l for l in lines if l["step"] == 0]
+    # step 0: z_t ~ N(0, 100 I), score ≈ −z/σ² ⇒ ||score|| ≈ sqrt(768)/10 per particle
+    assert all(l["score_base_norm"] == pytest.approx(math.sqrt(768) / 10, rel=0.15) for l in step0)
+    active = sum(float(s) >= 1.0 for s in sig[:12])
+    s = rep.image_summary(0)["repulsion"]
+    assert s["active_steps"] == active and s["total_time_sec"] > 0 and s["mean_pairwise_dist"] > 0
+    assert rep.run_summary()["repulsion"]["images"] == 2
+
+
+def test_ratio_warning_once_per_image(toy):
+    model, op = toy
+    rep = RepulsionModule(model, 1e7, sigma_break=1.0, sigma_max=10.0, feature="latent")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _run(model, op, rep, steps=4, mcmc=1)
+    msgs = [x for x in w if "repulsion: image" in str(x.message)]
+    assert len(msgs) == 2 and rep.run_summary()["repulsion"]["ratio_warnings"] == [0, 1]
+
+
+def test_particles_move_apart_on_toy_prior(toy):
+    """Mean pairwise pixel distance of z0hat (the PF-ODE output the repulsion acts on) over the ON phase."""
+    model, op = toy
+    dist = {}
+    for scale in (0.0, 1000.0):
+        seen = []
+
+        def cb(batch, ctx, seen=seen):
+            if ctx.sigma >= 1.0:
+                x = model.decode(batch.z0hat).flatten(1)
+                ds = [torch.pdist(x[batch.rows_of_image(i)]).mean() for i in batch.image_ids.unique()]
+                seen.append(float(torch.stack(ds).mean()))
+
+        rep = RepulsionModule(model, scale, 1.0, 10.0, feature="pixel") if scale else None
+        _run(model, op, rep, steps=8, ids=(0, 12), n=4, mcmc=2, callback=cb)
+        dist[scale] = seen
+    assert len(dist[0.0]) >= 3
+    assert sum(dist[1000.0]) > 1.1 * sum(dist[0.0]), dist
+    assert all(a > b for a, b in zip(dist[1000.0], dist[0.0])), dist
+
+
+# ----------------------------------------------------------------------------- pipeline level
+def test_pipeline_scale0_bit_identical_and_no_module(tmp_path, monkeypatch):
+    from cores import pipeline
+    import repulsion as rep_mod
+
+    def boom(*a, **k):
+        raise AssertionError("RepulsionModule built at repulsion_scale=0")
+
+    monkeypatch.setattr(rep_mod.RepulsionModule, "from_config", classmethod(boom))
+    base = pipeline.run(compose(TINY + [f"save_dir={tmp_path}", "name=a", "model.include_twins=true"]))
+    monkeypatch.undo()
+    # a module that exists but never fires (linear schedule is 0 at σ_break = σ_max) changes no number
+    cfg = compose(TINY + [f"save_dir={tmp_path}", "name=b", "model.include_twins=true", "repulsion_scale=5",
+                          "repulsion_sigma_break=10.0", "repulsion_schedule=linear", "repulsion_feature=pixel"])
+    other = pipeline.run(cfg)
+    for a, b in zip(base["images"], other["images"]):
+        assert a["psnr"] == b["psnr"] and a["measurement_loss"] == b["measurement_loss"]
+        assert b["repulsion"]["active_steps"] == 0
+    for p in (tmp_path / "a" / "samples").iterdir():
+        assert p.read_bytes() == (tmp_path / "b" / "samples" / p.name).read_bytes()
+    assert not (tmp_path / "a" / "repulsion.jsonl").exists()
+    lines = [json.loads(s) for s in (tmp_path / "b" / "repulsion.jsonl").read_text().splitlines()]
+    assert {l["step"] for l in lines} == {0, 1, 2, 5} and len(lines) == 8
+    assert other["metadata"]["repulsion"]["scale"] == 5.0
