@@ -57,11 +57,14 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
                  particle_ids: Sequence[int], success_psnr: float, use_lpips: bool = True) -> Dict:
     """Per-image entry of metrics.json: per particle PSNR/SSIM/LPIPS, twin PSNR, loss, best/selected."""
     twin = gt.flip(-2, -1)
-    p = psnr(samples, gt).tolist()
-    pt = psnr(samples, twin).tolist()
-    s = ssim(samples, gt).tolist()
+    ok = torch.isfinite(samples).flatten(1).all(dim=1)  # piq rejects NaN: score finite rows, NaN the rest
+    samples = torch.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+    bad = lambda vals: [v if good else float("nan") for v, good in zip(vals, ok.tolist())]  # noqa: E731
+    p = bad(psnr(samples, gt).tolist())
+    pt = bad(psnr(samples, twin).tolist())
+    s = bad(ssim(samples, gt).tolist())
     lp = lpips_distance(samples, gt) if use_lpips else None
-    lp = lp.tolist() if lp is not None else [None] * len(p)
+    lp = bad(lp.tolist()) if lp is not None else [None] * len(p)
     loss = [float(v) for v in losses.tolist()]
     finite = [i for i, v in enumerate(p) if math.isfinite(v) and math.isfinite(loss[i])]
     best = max(finite, key=lambda i: p[i]) if finite else None
