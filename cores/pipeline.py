@@ -203,6 +203,9 @@ def sample_images(cfg: DictConfig, todo: List[int], dataset: ImageFolder, folder
                   device: torch.device, show_progress: bool, start: str):
     """Build the model and sample `todo` batch by batch, writing each image as it finishes."""
     model = build_model(cfg.model, device)
+    from cores.speed import apply_speed
+
+    apply_speed(model, cfg.get("speed"))  # speed switches (all off = the exact path)
     if model.image_resolution != int(cfg.data.resolution):
         raise ConfigError(f"data.resolution={cfg.data.resolution} but model {cfg.model.name} renders "
                           f"{model.image_resolution} px images")

@@ -1,0 +1,519 @@
+"""Speed benchmark of the LatentDAPS sampler on the full-size FFHQ-LDM architecture.
+
+Workload W (issue "speed"): 1 image 256², FFHQ-LDM architecture with random weights (speed does
+not depend on weight values), 4 particles, 50 annealing steps × (2 PF-ODE + 100 Langevin).
+The real sampler (`sampler.latent_daps`) runs a few annealing steps after warm-up; the MCMC part
+of each step is timed on its own, so a step run with fewer Langevin steps than the workload is
+extrapolated linearly in the number of Langevin steps (every step does the same work: one
+decoder forward+backward plus elementwise updates):
+
+    s/step(W) = (s/step − s/MCMC) + s/MCMC · steps_W / steps_run
+
+Modes::
+
+    python scripts/benchmark.py                     # one config (switches from the flags), JSON with --json
+    python scripts/benchmark.py --matrix            # exact vs each switch vs all, 4/2 particles, 1/10 images
+    python scripts/benchmark.py --agreement         # fp32 vs fast: decode / gradient errors, final-sample PSNR
+    python scripts/benchmark.py --tiny --device cpu # smoke run on the tiny fixture LDM (64 px)
+
+The exact path (the baseline) is fp32 with PyTorch's default backend flags (as DAPS), one image
+(4 particles) per batch.  Needs PyYAML, diffusers, timm (for --repulsion); no Hydra/OmegaConf.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import sampler as S  # noqa: E402
+from cores.mcmc import MCMCConfig, data_gradient  # noqa: E402
+from cores.operators import get_operator  # noqa: E402
+from cores.speed import SpeedConfig, apply_speed, speed_config  # noqa: E402
+
+NUM_ANNEAL = 50
+ODE_STEPS = 2
+TINY_CFG = ROOT / "tests" / "fixtures" / "ldm_tiny_ffhq.yaml"
+TINY_CKPT = ROOT / "tests" / "fixtures" / "ldm_tiny_ffhq.pt"
+MCMC_DEFAULTS = {"langevin": dict(num_steps=100, lr=5e-5, lr_min_ratio=0.01),
+                 "hmc": dict(num_steps=65, lr=2.1e-5, lr_min_ratio=0.12, momentum=0.41)}
+
+
+class _Stop(Exception):
+    """Raised from the sampler callback once the timed steps are done."""
+
+
+# ---------------------------------------------------------------------- setup
+def build(tiny: bool, device: torch.device):
+    """(model, operator, clean image (1,3,R,R)) for the full-size architecture or the tiny fixture."""
+    import yaml
+
+    from cores.models.ldm import build_ldm, build_random_ldm
+
+    if tiny:
+        cfg = {"name": "ldm", "ldm_config": yaml.safe_load(TINY_CFG.read_text()), "diffusion_path": str(TINY_CKPT)}
+        model = build_ldm(cfg, device)
+    else:
+        cfg = yaml.safe_load((ROOT / "configs" / "model" / "ffhq256ldm.yaml").read_text())
+        model = build_random_ldm(cfg, device, seed=0)
+    res = model.image_resolution
+    operator = get_operator("phase_retrieval", oversample=2.0, resolution=res, sigma=0.05)
+    image = None
+    demo = sorted((ROOT / "dataset" / "demo-ffhq").glob("*.png"))
+    if demo:
+        from cores.data import load_image
+
+        image = load_image(demo[0], res)[None].to(device)
+    if image is None:
+        g = torch.Generator().manual_seed(0)
+        image = torch.nn.functional.interpolate(torch.rand(1, 3, res // 8, res // 8, generator=g) * 2 - 1,
+                                                size=(res, res), mode="bilinear").to(device)
+    return model, operator, image
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mcmc_config(algo: str, steps: int) -> MCMCConfig:
+    d = dict(MCMC_DEFAULTS[algo])
+    d["num_steps"] = steps
+    return MCMCConfig(algo=algo, **d)
+
+
+def make_batch(model, operator, image, images: int, particles: int, device, seed: int = 42):
+    from cores.rng import make_generator, stream_seed
+
+    ys = [operator.measure(image, make_generator(stream_seed(seed, i, 0, "measurement"), device))
+          for i in range(images)]
+    return S.initial_batch(model, torch.cat(ys), list(range(images)), particles, seed, 10.0, device)
+
+
+def reset_compiler() -> None:
+    try:
+        torch._dynamo.reset()
+    except Exception:  # pragma: no cover - no dynamo
+        pass
+
+
+# ---------------------------------------------------------------------- timing of the real sampler
+def time_sampler(model, operator, image, device, speed: SpeedConfig, particles: int, images: int,
+                 algo: str, steps_workload: int, steps_run: int, warmup: int, steps_to_time: int) -> Dict[str, Any]:
+    """Run `warmup + steps_to_time` annealing steps of `latent_daps` on a model that already has the
+    switches `speed` installed; per-step and per-MCMC times."""
+    mcmc_sec: List[float] = []
+    orig = S.run_mcmc
+
+    def timed_mcmc(*a, **k):
+        sync(device)
+        t = time.perf_counter()
+        out = orig(*a, **k)
+        sync(device)
+        mcmc_sec.append(time.perf_counter() - t)
+        return out
+
+    marks: List[float] = []
+
+    def callback(batch, ctx):
+        marks.append(time.perf_counter())
+        if len(marks) >= warmup + steps_to_time:
+            raise _Stop
+
+    out: Dict[str, Any] = {"config": speed.label(), "speed": asdict(speed), "particles": particles,
+                           "images_per_batch": images, "mcmc_algo": algo, "mcmc_steps_workload": steps_workload,
+                           "mcmc_steps_run": steps_run, "warmup_steps": warmup, "timed_steps": steps_to_time}
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        batch = make_batch(model, operator, image, images, particles, device)
+        daps = S.DAPSConfig(num_steps=NUM_ANNEAL, mcmc=mcmc_config(algo, steps_run))
+        S.run_mcmc = timed_mcmc
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            S.latent_daps(model, operator, batch, daps, callback=callback)
+        except _Stop:
+            pass
+        marks.insert(0, t0)
+        steps = [b - a for a, b in zip(marks[:-1], marks[1:])]
+        step_t = sum(steps[warmup:]) / steps_to_time
+        mc_t = sum(mcmc_sec[warmup:warmup + steps_to_time]) / steps_to_time
+        step_w = (step_t - mc_t) + mc_t * steps_workload / max(1, steps_run)
+        s_img = step_w * NUM_ANNEAL / images
+        out.update({
+            "warmup_sec": sum(steps[:warmup]),
+            "measured_step_sec": step_t, "measured_mcmc_sec": mc_t,
+            "s_per_anneal_step": step_w, "mcmc_step_sec": mc_t / max(1, steps_run),
+            "non_mcmc_sec_per_anneal_step": step_t - mc_t,
+            "s_per_image": s_img, "images_per_hour": 3600.0 / s_img,
+        })
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            out.update({"peak_vram_mb": peak, "peak_vram_mb_per_image": peak / images})
+    except torch.OutOfMemoryError as err:
+        out.update({"oom": True, "error": str(err).split("\n")[0][:160]})
+    finally:
+        S.run_mcmc = orig
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------------- isolated micro-benchmarks
+def timeit(fn: Callable[[], Any], device: torch.device, reps: int, warm: int = 2) -> float:
+    """Mean seconds per call (CUDA events on GPU, perf_counter on CPU), after `warm` calls."""
+    for _ in range(warm):
+        fn()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0 / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def random_dino(device: torch.device):
+    """DINO ViT-S/16 architecture (timm) with random weights, at 256² input."""
+    import functools
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=256, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=0,
+                            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+    return vit.to(device).eval().requires_grad_(False)
+
+
+def breakdown(model, operator, image, device, speed: SpeedConfig, rows: int, steps_workload: int,
+              step_sec: Optional[float], reps: int, repulsion: bool, images: int = 1) -> Dict[str, Any]:
+    """Per-annealing-step cost of each part, from isolated micro-benchmarks (seconds); the model
+    already has the switches `speed` installed."""
+    try:
+        g = torch.Generator(device=device).manual_seed(1)
+        z = torch.randn((rows, *model.get_in_shape()), generator=g, device=device)
+        v = torch.randn((rows, 3, model.image_resolution, model.image_resolution), generator=g, device=device)
+        y = operator(image).expand(rows, -1, -1, -1)
+        sigma = torch.tensor(1.0, device=device)
+
+        def dec():
+            with torch.enable_grad():
+                zz = z.detach().requires_grad_(True)
+                torch.autograd.grad(model.decode(zz), zz, v)
+
+        def op():
+            with torch.enable_grad():
+                xx = v.detach().requires_grad_(True)
+                torch.autograd.grad(operator.loss(xx, y).sum(), xx)
+
+        def unet():
+            with torch.no_grad():
+                model.tweedie(z, sigma)
+
+        def full_grad():
+            data_gradient(model, operator, z, y)
+
+        out = {"decoder_fwd_bwd_sec": timeit(dec, device, reps),
+               "operator_fwd_bwd_sec": timeit(op, device, reps),
+               "unet_fwd_sec": timeit(unet, device, reps),
+               "data_gradient_sec": timeit(full_grad, device, reps)}
+        per_step = {"decoder_fwd_bwd": steps_workload * out["decoder_fwd_bwd_sec"],
+                    "operator_fft": steps_workload * out["operator_fwd_bwd_sec"],
+                    "unet": ODE_STEPS * out["unet_fwd_sec"]}
+        if repulsion:
+            from repulsion import compute_repulsion_gradient
+
+            vit = random_dino(device)
+            groups = torch.arange(images, device=device).repeat_interleave(max(1, rows // images))[:rows]
+
+            def rep():
+                compute_repulsion_gradient(z, lambda zz: vit(model.decode(zz)), groups=groups.cpu())
+
+            out["repulsion_sec"] = timeit(rep, device, max(1, reps // 2))
+            # on only while σ ≥ σ_break = 1.0: steps 0…29 of 50
+            per_step["repulsion (avg, on 30/50 steps)"] = out["repulsion_sec"] * 30 / NUM_ANNEAL
+        if step_sec is not None:
+            per_step["other"] = max(0.0, step_sec - sum(per_step.values()))
+            per_step["total (s/anneal step)"] = step_sec
+        out["per_anneal_step_sec"] = per_step
+        return out
+    except torch.OutOfMemoryError as err:
+        return {"oom": True, "error": str(err).split("\n")[0][:160]}
+
+
+def run_config(args, model, operator, image, device, speed: SpeedConfig, particles: int, images: int,
+               with_breakdown: bool) -> Dict[str, Any]:
+    """Install `speed`, time the sampler (and the micro-benchmarks), restore the exact path."""
+    handle = apply_speed(model, speed)
+    try:
+        r = time_sampler(model, operator, image, device, speed, particles, images, args.mcmc_algo,
+                         args.mcmc_steps, args.time_mcmc_steps, args.warmup, args.steps_to_time)
+        if with_breakdown and not r.get("oom"):
+            r["breakdown"] = breakdown(model, operator, image, device, speed, particles * images, args.mcmc_steps,
+                                       r["s_per_anneal_step"], args.reps, args.repulsion, images)
+        return r
+    finally:
+        handle.restore()
+        if speed.compile:
+            reset_compiler()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- agreement
+def psnr(a: torch.Tensor, b: torch.Tensor) -> List[float]:
+    """Per-row PSNR in dB between images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return [float("inf") if m == 0 else 10 * math.log10(4.0 / m) for m in mse.tolist()]
+
+
+def agreement(model, operator, image, device, fast: SpeedConfig, particles: int, anneal_steps: int,
+              mcmc_steps: int, algo: str = "langevin") -> Dict[str, Any]:
+    """fp32 (exact) vs `fast`: decode output and gradient errors on latents, and the final samples
+    of a short complete run (`anneal_steps` annealing steps) from identical random streams."""
+    g = torch.Generator(device=device).manual_seed(3)
+    z = torch.randn((particles, *model.get_in_shape()), generator=g, device=device)
+    y = operator.measure(image, torch.Generator(device=device).manual_seed(4)).expand(particles, -1, -1, -1)
+
+    def probe():
+        with torch.no_grad():
+            x = model.decode(z)
+        graw, _ = data_gradient(model, operator, z, y, clamp=float("inf"))
+        gcl, _ = data_gradient(model, operator, z, y)
+        return x, graw, gcl
+
+    def run():
+        batch = make_batch(model, operator, image, 1, particles, device)
+        S.latent_daps(model, operator, batch, S.DAPSConfig(num_steps=anneal_steps, mcmc=mcmc_config(algo, mcmc_steps)))
+        return batch.x
+
+    x0, g0, c0 = probe()
+    s0 = run()
+    h = apply_speed(model, fast)
+    try:
+        x1, g1, c1 = probe()
+        s1 = run()
+    finally:
+        h.restore()
+        if fast.compile:
+            reset_compiler()
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    cos = torch.nn.functional.cosine_similarity(g1.flatten(1), g0.flatten(1)).min()
+    return {"fast": fast.label(), "particles": particles, "anneal_steps": anneal_steps, "mcmc_steps": mcmc_steps,
+            "decode_max_rel_err": rel(x1, x0), "grad_max_rel_err": rel(g1, g0),
+            "grad_min_cosine": float(cos), "clamped_grad_max_abs_err": float((c1 - c0).abs().max()),
+            "clamped_grad_sign_flip_frac": float(((c1 > 0) != (c0 > 0)).float().mean()),
+            "final_sample_psnr_db": psnr(s1, s0), "final_sample_psnr_db_min": min(psnr(s1, s0))}
+
+
+# ---------------------------------------------------------------------- matrix
+SWITCHES = {
+    "exact": SpeedConfig(),
+    "bf16": SpeedConfig(precision="bf16"),
+    "compile": SpeedConfig(compile=True),
+    "cudnn_benchmark": SpeedConfig(cudnn_benchmark=True),
+    "tf32": SpeedConfig(tf32=True),
+    "all": SpeedConfig(precision="bf16", compile=True, cudnn_benchmark=True, tf32=True),
+}
+
+
+def fmt(v: Optional[float], f: str = "{:.2f}") -> str:
+    return "n/a" if v is None else f.format(v)
+
+
+def table(results: List[Dict[str, Any]], base: Optional[Dict[str, Any]]) -> str:
+    lines = ["| config | particles | images/batch | s/anneal step | s/image | images/hour | × vs exact W | "
+             "peak VRAM GB | GB/image | warm-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    b = base.get("images_per_hour") if base else None
+    for r in results:
+        if r.get("oom"):
+            lines.append(f"| {r['name']} | {r['particles']} | {r['images_per_batch']} | OOM | | | | | | |")
+            continue
+        x = r["images_per_hour"] / b if b else None
+        pv = r.get("peak_vram_mb")
+        lines.append(f"| {r['name']} | {r['particles']} | {r['images_per_batch']} | {fmt(r['s_per_anneal_step'], '{:.3f}')} | "
+                     f"{fmt(r['s_per_image'], '{:.1f}')} | {fmt(r['images_per_hour'], '{:.1f}')} | {fmt(x, '{:.2f}×')} | "
+                     f"{fmt(None if pv is None else pv / 1024, '{:.2f}')} | "
+                     f"{fmt(None if pv is None else pv / 1024 / r['images_per_batch'], '{:.2f}')} | "
+                     f"{fmt(r.get('warmup_sec'), '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def pruned_hmc_estimate(r4: Dict[str, Any], r2: Dict[str, Any], hmc_steps: int = 65, prune_at: int = 30) -> Optional[Dict]:
+    """s/image for 4→2 pruning at step 29 (steps 0…29 at 4 particles, 30…49 at 2) with HMC-65, from the
+    measured per-Langevin-step and non-MCMC costs (HMC does the same decoder work per step)."""
+    if r4.get("oom") or r2.get("oom"):
+        return None
+    t4 = r4["non_mcmc_sec_per_anneal_step"] + hmc_steps * r4["mcmc_step_sec"]
+    t2 = r2["non_mcmc_sec_per_anneal_step"] + hmc_steps * r2["mcmc_step_sec"]
+    s_img = (prune_at * t4 + (NUM_ANNEAL - prune_at) * t2) / r4["images_per_batch"]
+    return {"s_per_image": s_img, "images_per_hour": 3600 / s_img}
+
+
+def matrix(args, model, operator, image, device) -> Dict[str, Any]:
+    results: List[Dict[str, Any]] = []
+    names = [n for n in args.matrix_switches.split(",") if n]
+    batch_names = [n for n in args.matrix_batch_configs.split(",") if n]
+    for n in names + batch_names:
+        if n not in SWITCHES:
+            raise SystemExit(f"unknown switch set {n!r}; known: {', '.join(SWITCHES)}")
+    plan = [(p, 1, name) for p in (4, 2) for name in names]
+    plan += [(p, args.matrix_images, name) for p in (4, 2) for name in batch_names]
+    t_start = time.perf_counter()
+    for particles, images, name in plan:
+        r = run_config(args, model, operator, image, device, SWITCHES[name], particles, images,
+                       images == 1 and not args.no_breakdown)
+        r["name"] = name
+        results.append(r)
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {name:16s} p={particles} imgs={images}: "
+              + ("OOM" if r.get("oom") else f"{r['s_per_anneal_step']:.3f} s/step, {r['s_per_image']:.1f} s/img"),
+              file=sys.stderr, flush=True)
+    base = next(r for r in results if r["name"] == "exact" and r["particles"] == 4 and r["images_per_batch"] == 1)
+    extra = {}
+    a4 = next((r for r in results if r["name"] == "all" and r["particles"] == 4 and r["images_per_batch"] == 1), None)
+    a2 = next((r for r in results if r["name"] == "all" and r["particles"] == 2 and r["images_per_batch"] == 1), None)
+    if a4 and a2:
+        est = pruned_hmc_estimate(a4, a2)
+        if est and not base.get("oom"):
+            est["x_vs_exact_W"] = est["images_per_hour"] / base["images_per_hour"]
+        extra["all_pruning4to2_hmc65_estimate"] = est
+    return {"results": results, "derived": extra}
+
+
+# ---------------------------------------------------------------------- main
+def header(device: torch.device) -> Dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": str(device), "card": name, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "cudnn_allow_tf32_default": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32_default": torch.backends.cuda.matmul.allow_tf32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny fixture LDM (64 px images), for CPU smoke runs")
+    p.add_argument("--particles", type=int, default=4)
+    p.add_argument("--images-per-batch", type=int, default=1)
+    p.add_argument("--mcmc-algo", choices=["langevin", "hmc"], default="langevin")
+    p.add_argument("--mcmc-steps", type=int, default=None, help="workload MCMC steps (default 100 Langevin / 65 HMC)")
+    p.add_argument("--time-mcmc-steps", type=int, default=None,
+                   help="MCMC steps actually run per annealing step (extrapolated linearly to --mcmc-steps); "
+                        "default: all of them (single mode), 10 (--matrix)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-unet", action="store_true")
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--tf32", choices=["default", "on", "off"], default="default")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--warmup", type=int, default=1, help="annealing steps run before timing (compile happens here)")
+    p.add_argument("--steps-to-time", type=int, default=2)
+    p.add_argument("--reps", type=int, default=10, help="repetitions per micro-benchmark")
+    p.add_argument("--repulsion", action="store_true", help="also time DINO ViT-S/16 repulsion (random weights)")
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--matrix", action="store_true")
+    p.add_argument("--matrix-switches", default=",".join(SWITCHES),
+                   help="switch sets run at 1 image per batch in --matrix (exact must be one of them)")
+    p.add_argument("--matrix-batch-configs", default="exact,bf16,all",
+                   help="switch sets run at --matrix-images images per batch in --matrix ('' = none)")
+    p.add_argument("--matrix-images", type=int, default=10)
+    p.add_argument("--agreement", action="store_true")
+    p.add_argument("--agreement-anneal-steps", type=int, default=3)
+    p.add_argument("--agreement-mcmc-steps", type=int, default=20)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.mcmc_steps is None:
+        args.mcmc_steps = MCMC_DEFAULTS[args.mcmc_algo]["num_steps"]
+    if args.time_mcmc_steps is None:
+        args.time_mcmc_steps = 10 if args.matrix else args.mcmc_steps
+    args.time_mcmc_steps = min(args.time_mcmc_steps, args.mcmc_steps)
+    return args
+
+
+def speed_from_args(args) -> SpeedConfig:
+    return speed_config(precision=args.precision, compile=args.compile, compile_unet=args.compile_unet,
+                        compile_mode=args.compile_mode, cudnn_benchmark=args.cudnn_benchmark,
+                        tf32={"default": None, "on": True, "off": False}[args.tf32], channels_last=args.channels_last)
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    try:
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = max(64, dynamo.config.cache_size_limit)
+    except Exception:  # pragma: no cover
+        pass
+    t0 = time.perf_counter()
+    model, operator, image = build(args.tiny, device)
+    report: Dict[str, Any] = {**header(device), "workload": {
+        "architecture": "tiny fixture LDM (64 px)" if args.tiny else "FFHQ-LDM (ffhq256ldm.yaml), random weights",
+        "anneal_steps": NUM_ANNEAL, "ode_steps": ODE_STEPS, "mcmc_algo": args.mcmc_algo,
+        "mcmc_steps": args.mcmc_steps, "mcmc_steps_run": args.time_mcmc_steps,
+        "extrapolation": "s/step = non-MCMC + MCMC·mcmc_steps/mcmc_steps_run (MCMC timed separately)"},
+        "build_sec": time.perf_counter() - t0}
+    speed = speed_from_args(args)
+    if args.agreement:
+        fast = speed if not speed.is_exact else SpeedConfig(precision="bf16")
+        report["agreement"] = agreement(model, operator, image, device, fast, args.particles,
+                                        args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
+        print(json.dumps(report["agreement"], indent=1))
+    elif args.matrix:
+        report.update(matrix(args, model, operator, image, device))
+        base = next((r for r in report["results"] if r["name"] == "exact" and r["particles"] == 4
+                     and r["images_per_batch"] == 1), None)
+        print(f"\n### Speed matrix on {report['card']} (torch {report['torch']}, {report['date']})\n")
+        print(f"Workload W: 1 image 256², {report['workload']['architecture']}, 50 annealing × (2 ODE + "
+              f"{args.mcmc_steps} Langevin). Timed: {args.steps_to_time} annealing step(s) after {args.warmup} "
+              f"warm-up step(s), {args.time_mcmc_steps} Langevin steps run per annealing step and extrapolated "
+              f"linearly to {args.mcmc_steps}.\n")
+        print(table(report["results"], base))
+        est = report["derived"].get("all_pruning4to2_hmc65_estimate")
+        if est:
+            print(f"\nall switches + pruning 4→2 at step 29 + HMC-65 (estimated from the 'all' rows): "
+                  f"{est['s_per_image']:.1f} s/image, {est['images_per_hour']:.1f} images/hour, "
+                  f"{fmt(est.get('x_vs_exact_W'), '{:.2f}×')} vs exact W")
+        for r in report["results"]:
+            if r.get("breakdown") and r["particles"] == 4 and not r["breakdown"].get("oom"):
+                parts = ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"]["per_anneal_step_sec"].items())
+                print(f"breakdown {r['name']} (4 particles, s per annealing step): {parts}")
+    else:
+        r = run_config(args, model, operator, image, device, speed, args.particles, args.images_per_batch,
+                       not args.no_breakdown)
+        r["name"] = speed.label()
+        report["results"] = [r]
+        print(table([r], None))
+        if r.get("breakdown") and not r["breakdown"].get("oom"):
+            print(json.dumps(r["breakdown"], indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
