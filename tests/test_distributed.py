@@ -64,3 +64,16 @@ def test_slurm_launcher_composes_and_shards_partition_the_range():
     blocks = [shard_ids(ids, s, 4) for s in shards]
     assert [len(b) for b in blocks] == [25, 25, 25, 25]
     assert sorted(i for b in blocks for i in b) == ids
+
+
+def test_submitit_local_multirun_shards_fill_one_folder(tmp_path):
+    """The launcher path a SLURM multirun takes, with local processes: jobs run concurrently,
+    without resume, into one run folder; the last one to finish leaves complete metrics."""
+    proc = subprocess.run([sys.executable, "posterior_sample.py", "-m", "hydra/launcher=local", "shard=0,1",
+                           "num_shards=2", *RUN, f"save_dir={tmp_path}", "name=sharded"],
+                          cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "sharded"
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert [r["image_idx"] for r in metrics["images"]] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (root / ".hydra_multirun").iterdir() if p.name.isdigit()) == ["0", "1"]
