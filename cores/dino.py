@@ -58,6 +58,25 @@ def _clean_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
     return sd
 
 
+RANDOM_VITS16 = "random:vit_small_patch16"
+
+
+def random_vits16_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Seeded random weights with the layout of `dino_deitsmall16_pretrain.pth` (ViT-S/16).
+
+    Only for speed/memory benchmarks on machines without the real file
+    (`dino.weights_path=random:vit_small_patch16`); features are meaningless.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    g = torch.Generator().manual_seed(seed)
+    vit = VisionTransformer(img_size=224, patch_size=16, num_classes=0, embed_dim=384, depth=12, num_heads=6,
+                            qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), weight_init="skip")
+    return {k: (torch.randn(v.shape, generator=g) * 0.02 if v.ndim > 1 else torch.zeros(v.shape)) + (
+        1.0 if k.endswith("norm1.weight") or k.endswith("norm2.weight") or k == "norm.weight" else 0.0)
+        for k, v in vit.state_dict().items()}
+
+
 def build_dino_vit(sd: Dict[str, torch.Tensor]) -> nn.Module:
     """A timm VisionTransformer with the architecture of DINO state dict `sd` (weights loaded,
     cast to float32 by `load_state_dict`'s copy)."""
@@ -154,8 +173,11 @@ class DinoFeatureExtractor(nn.Module):
 
     def load(self, device: Optional[torch.device | str] = None) -> nn.Module:
         if self.vit is None:
-            self.ensure_available()
-            sd = _clean_state_dict(torch.load(self._resolved_path(), map_location="cpu", weights_only=True))
+            if self.weights_path == RANDOM_VITS16:
+                sd = random_vits16_state_dict()
+            else:
+                self.ensure_available()
+                sd = _clean_state_dict(torch.load(self._resolved_path(), map_location="cpu", weights_only=True))
             vit = build_dino_vit(sd)
             self.patch_size = int(sd["patch_embed.proj.weight"].shape[-1])
             dev = device if device is not None else (self._device or self.mean.device)

@@ -22,7 +22,7 @@ def register_model(name: str):
     return deco
 
 
-_BUILTIN = {"toy": "toy", "ldm": "ldm"}  # name -> module, imported on first use (diffusers is heavy)
+_BUILTIN = {"toy": "toy", "ldm": "ldm", "ldm_random": "ldm"}  # name -> module, imported on first use (diffusers is heavy)
 
 
 def _import_builtin(name: str) -> None:

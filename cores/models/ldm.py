@@ -203,6 +203,13 @@ def build_random_ldm(model_cfg: Any, device: torch.device | str = "cpu", seed: i
                     class_label=_get(model_cfg, "class_label")).eval().requires_grad_(False)
 
 
+@register_model("ldm_random")
+def _build_random_registered(model_cfg: Any, device: torch.device) -> LDMModel:
+    """`model.name=ldm_random`: the configured architecture with seeded random weights and no
+    checkpoint — for speed/memory runs of the whole pipeline where the weights are not on disk."""
+    return build_random_ldm(model_cfg, device, seed=int(_get(model_cfg, "random_seed", 0)))
+
+
 @register_model("ldm")
 def _build_ldm_registered(model_cfg: Any, device: torch.device) -> LDMModel:
     return build_ldm(model_cfg, device)
