@@ -481,7 +481,13 @@ def main(argv=None) -> Dict[str, Any]:
         fast = speed if not speed.is_exact else SpeedConfig(precision="bf16")
         report["agreement"] = agreement(model, operator, image, device, fast, args.particles,
                                         args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
-        print(json.dumps(report["agreement"], indent=1))
+        # noise floor: how far DAPS' own default (cuDNN TF32 convs) is from strict fp32 (no-op on CPU)
+        report["agreement_reference_strict_fp32"] = agreement(
+            model, operator, image, device, SpeedConfig(tf32=False), args.particles,
+            args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
+        print(json.dumps({"fast_vs_exact": report["agreement"],
+                          "strict_fp32_vs_exact(DAPS default TF32 convs)": report["agreement_reference_strict_fp32"]},
+                         indent=1))
     elif args.matrix:
         report.update(matrix(args, model, operator, image, device))
         base = next((r for r in report["results"] if r["name"] == "exact" and r["particles"] == 4

@@ -1,0 +1,194 @@
+"""Speed switches give the exact path's results within stated tolerances (CPU), and the
+benchmark runs in its tiny configuration.
+
+Tolerances (CPU, float32 reference):
+* cudnn_benchmark / tf32: no-ops on CPU → bit-identical (on GPU they change conv algorithms /
+  matmul precision; the GPU agreement is measured by `scripts/benchmark.py --agreement`).
+* channels_last: same math, other summation order → ≤ 1e-4 relative.
+* compile: checked with the `aot_eager` backend (Dynamo tracing + AOT autograd, no code
+  generation), because Inductor's C++ compile of even the tiny decoder takes minutes on two
+  loaded cores; the Inductor path differs only in the kernels.  ≤ 1e-5 relative.
+* bf16 (autocast around decoder body and UNet): one decode ≤ 5e-2 relative (max error over
+  max output), decode gradient ≤ 1e-1 relative with cosine ≥ 0.99, denoiser ≤ 1e-2 relative;
+  on the toy prior autocast has nothing to convert (no conv/matmul) → bit-identical.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+import sampler as S
+from cores.mcmc import MCMCConfig, data_gradient, run_mcmc
+from cores.models import build_model
+from cores.operators import get_operator
+from cores.speed import SpeedConfig, apply_speed, speed_config
+
+from conftest import FIXTURES, ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_ldm():
+    from cores.models.ldm import build_ldm
+
+    cfg = {"name": "ldm", "ldm_config": yaml.safe_load((FIXTURES / "ldm_tiny_ffhq.yaml").read_text()),
+           "diffusion_path": str(FIXTURES / "ldm_tiny_ffhq.pt")}
+    return build_ldm(cfg, "cpu")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return build_model({"name": "toy", "prior_images": [str(ROOT / "dataset" / "demo-ffhq")], "std": 0.05}, "cpu")
+
+
+def _probe(model, res: int):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((2, *model.get_in_shape()), generator=g)
+    op = get_operator("phase_retrieval", resolution=res)
+    y = op(torch.rand(2, 3, res, res, generator=g) * 2 - 1)
+    with torch.no_grad():
+        x = model.decode(z)
+        d = model.tweedie(z, torch.tensor(1.0))
+    grad, loss = data_gradient(model, op, z, y, clamp=float("inf"))
+    return x, grad, d, loss
+
+
+def _run(model, res: int, anneal: int, mcmc: int, particles: int = 2):
+    op = get_operator("phase_retrieval", resolution=res)
+    img = torch.nn.functional.interpolate(torch.rand(1, 3, res // 8, res // 8, generator=torch.Generator().manual_seed(1)),
+                                          size=(res, res), mode="bilinear") * 2 - 1
+    y = op.measure(img, torch.Generator().manual_seed(2))
+    b = S.initial_batch(model, y, [0], particles, 42, 10.0, torch.device("cpu"))
+    S.latent_daps(model, op, b, S.DAPSConfig(num_steps=anneal, mcmc=MCMCConfig(num_steps=mcmc)))
+    return b.x
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _psnr_min(a, b):
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return min(float("inf") if m == 0 else 10 * math.log10(4 / m) for m in mse.tolist())
+
+
+EXACT_ON_CPU = [SpeedConfig(cudnn_benchmark=True), SpeedConfig(tf32=True), SpeedConfig(tf32=False)]
+
+
+def test_config_parsing_and_labels():
+    assert speed_config(None).is_exact and speed_config({}).label() == "exact"
+    s = speed_config({"precision": "bf16", "compile": True, "tf32": None})
+    assert s.label() == "bf16+compile" and not s.is_exact
+    with pytest.raises(ValueError, match="precision"):
+        speed_config({"precision": "fp16"})
+    with pytest.raises(ValueError, match="unknown"):
+        speed_config(None, turbo=True)
+
+
+def test_flags_restored_and_exact_path_untouched(tiny_ldm):
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    x0 = _probe(tiny_ldm, 64)[0]
+    h = apply_speed(tiny_ldm, SpeedConfig(precision="bf16", cudnn_benchmark=True, tf32=True))
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    assert "decode" in tiny_ldm.__dict__ and "eps_model" in tiny_ldm.__dict__
+    assert not torch.equal(_probe(tiny_ldm, 64)[0], x0)  # bf16 really changes the computation
+    h.restore()
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32) == flags
+    assert "decode" not in tiny_ldm.__dict__ and torch.equal(_probe(tiny_ldm, 64)[0], x0)
+
+
+def test_ldm_switches_single_calls(tiny_ldm):
+    x0, g0, d0, l0 = _probe(tiny_ldm, 64)
+    for cfg in EXACT_ON_CPU:
+        h = apply_speed(tiny_ldm, cfg)
+        x, g, d, loss = _probe(tiny_ldm, 64)
+        h.restore()
+        assert torch.equal(x, x0) and torch.equal(g, g0) and torch.equal(d, d0), cfg.label()
+    h = apply_speed(tiny_ldm, SpeedConfig(channels_last=True))
+    x, g, d, _ = _probe(tiny_ldm, 64)
+    h.restore()
+    assert _rel(x, x0) < 1e-4 and _rel(g, g0) < 1e-4 and torch.equal(d, d0)
+    h = apply_speed(tiny_ldm, SpeedConfig(precision="bf16"))
+    x, g, d, loss = _probe(tiny_ldm, 64)
+    h.restore()
+    assert x.dtype == g.dtype == d.dtype == loss.dtype == torch.float32  # the sampler's math stays fp32
+    assert 0 < _rel(x, x0) < 5e-2 and _rel(g, g0) < 1e-1 and _rel(d, d0) < 1e-2
+    assert torch.nn.functional.cosine_similarity(g.flatten(1), g0.flatten(1)).min() > 0.99
+
+
+def test_compile_switch_matches(tiny_ldm):
+    x0, g0, _, _ = _probe(tiny_ldm, 64)
+    h = apply_speed(tiny_ldm, SpeedConfig(compile=True, compile_backend="aot_eager"))
+    try:
+        x, g, _, _ = _probe(tiny_ldm, 64)
+    finally:
+        h.restore()
+        torch._dynamo.reset()
+    assert _rel(x, x0) < 1e-5 and _rel(g, g0) < 1e-5
+
+
+def test_ldm_short_run_agrees(tiny_ldm):
+    """2 annealing × 2 Langevin steps from identical streams: exact-on-CPU switches give the same
+    samples; bf16 stays within 20 dB PSNR of the exact samples (a VQ code that flips under bf16
+    rounding changes a 4×4 pixel patch, so agreement is not float-level after MCMC)."""
+    x0 = _run(tiny_ldm, 64, 2, 2, particles=1)
+    h = apply_speed(tiny_ldm, SpeedConfig(cudnn_benchmark=True, tf32=True))
+    x1 = _run(tiny_ldm, 64, 2, 2, particles=1)
+    h.restore()
+    assert torch.equal(x1, x0)
+    h = apply_speed(tiny_ldm, SpeedConfig(precision="bf16"))
+    x2 = _run(tiny_ldm, 64, 2, 2, particles=1)
+    h.restore()
+    assert _psnr_min(x2, x0) > 20.0
+
+
+def test_toy_switches(toy):
+    x0 = _run(toy, 64, 4, 4)
+    for cfg in EXACT_ON_CPU + [SpeedConfig(precision="bf16"), SpeedConfig(channels_last=True)]:
+        h = apply_speed(toy, cfg)
+        x = _run(toy, 64, 4, 4)
+        h.restore()
+        assert torch.equal(x, x0), cfg.label()
+    h = apply_speed(toy, SpeedConfig(compile=True, compile_backend="aot_eager"))
+    try:
+        x = _run(toy, 64, 4, 4)
+    finally:
+        h.restore()
+        torch._dynamo.reset()
+    assert _psnr_min(x, x0) > 100.0
+
+
+def test_mcmc_keeps_no_graphs(toy):
+    """Nothing the MCMC hands back holds an autograd graph, and no trajectory is kept unless recorded."""
+    op = get_operator("phase_retrieval", resolution=64)
+    b = S.initial_batch(toy, op(torch.zeros(1, 3, 64, 64)), [0], 2, 0, 10.0, torch.device("cpu"))
+    g, loss = data_gradient(toy, op, b.zt, b.y)
+    assert g.grad_fn is None and loss.grad_fn is None and not g.requires_grad
+    r = run_mcmc(toy, op, b.y, b.zt, b.zt.clone(), torch.tensor(1.0), 0.0, b.streams, MCMCConfig(num_steps=2))
+    assert r.z.grad_fn is None and r.loss.grad_fn is None
+    S.latent_daps(toy, op, b, S.DAPSConfig(num_steps=2, mcmc=MCMCConfig(num_steps=1)))
+    assert b.trajectory == [] and b.zt.grad_fn is None
+
+
+def test_benchmark_tiny_smoke(tmp_path):
+    """Single-config and agreement modes on the tiny fixture (no timing assertions)."""
+    import json
+
+    from scripts import benchmark
+
+    out = tmp_path / "b.json"
+    rep = benchmark.main(["--tiny", "--device", "cpu", "--particles", "1", "--mcmc-steps", "4",
+                          "--time-mcmc-steps", "1", "--steps-to-time", "1", "--reps", "1",
+                          "--precision", "bf16", "--json", str(out)])
+    r = rep["results"][0]
+    assert r["config"] == "bf16" and r["s_per_anneal_step"] > 0 and r["images_per_hour"] > 0
+    assert set(r["breakdown"]["per_anneal_step_sec"]) >= {"decoder_fwd_bwd", "operator_fft", "unet", "other"}
+    assert json.loads(out.read_text())["card"] == "cpu"
+    rep = benchmark.main(["--tiny", "--device", "cpu", "--agreement", "--particles", "1",
+                          "--agreement-anneal-steps", "1", "--agreement-mcmc-steps", "1"])
+    a = rep["agreement"]
+    assert a["fast"] == "bf16" and 0 < a["decode_max_rel_err"] < 5e-2
+    assert rep["agreement_reference_strict_fp32"]["decode_max_rel_err"] == 0.0  # no-op on CPU
