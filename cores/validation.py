@@ -102,12 +102,15 @@ def check_image_files(files: Sequence[Path]) -> None:
 
 def check_weights(cfg: DictConfig) -> None:
     """Weights named by the config exist (the loaders' one-line FileNotFoundError with the download hint)."""
-    if str(cfg.model.get("name")) == "ldm" and not bool(cfg.model.get("random_weights", False)):
+    if str(cfg.model.get("name")) == "ldm":  # (ldm_random needs no checkpoint)
         from cores.models.ldm import resolve_checkpoint_path
 
         resolve_checkpoint_path(str(cfg.model.diffusion_path))
     if float(cfg.repulsion_scale) > 0 and str(cfg.repulsion_feature) == "dino":
-        from cores.dino import DinoFeatureExtractor
+        from cores.dino import RANDOM_VITS16, DinoFeatureExtractor
+
+        if str(cfg.dino.weights_path) == RANDOM_VITS16:  # seeded random weights, nothing on disk
+            return
 
         DinoFeatureExtractor(weights_path=str(cfg.dino.weights_path)).ensure_available()
 

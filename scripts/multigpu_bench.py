@@ -12,9 +12,9 @@ reports the wall time of each and checks that every per-image metric is identica
     python scripts/multigpu_bench.py --device cpu --gpus 1,2 --images 2 --annealing 2 --mcmc 2 \
         --ldm-yaml tests/fixtures/ldm_tiny_ffhq.yaml
 
-Worker mode (`--worker`, what each torchrun rank runs) registers the model name `ldm_random`
-(cores.models.ldm.build_random_ldm, weights seeded by --weight-seed, identical on every rank)
-and calls `cores.pipeline.run` with the composed Hydra config.
+Worker mode (`--worker`, what each torchrun rank runs) composes the Hydra config with
+`model.name=ldm_random` (the architecture with weights seeded by `model.random_seed`, identical
+on every rank) and calls `cores.pipeline.run`.
 """
 from __future__ import annotations
 
@@ -37,18 +37,11 @@ METRIC_KEYS = ("particle_ids", "psnr", "ssim", "psnr_twin", "measurement_loss", 
                "non_finite_particles", "nan_events")
 
 
-def worker(overrides: List[str], weight_seed: int, ldm_yaml: str | None) -> None:
+def worker(overrides: List[str], ldm_yaml: str | None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cores.models import register_model
     from cores.pipeline import ConfigError, run
-
-    @register_model("ldm_random")
-    def _random(model_cfg, device):
-        from cores.models.ldm import build_random_ldm
-
-        return build_random_ldm(model_cfg, device, seed=weight_seed)
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -106,9 +99,10 @@ def main() -> None:
     base = [f"model={args.model}", "model.name=ldm_random", f"data={args.data}", "data.start_id=0",
             f"data.end_id={args.images}", f"num_samples={args.particles}", "batch_size=1",
             f"sampler.annealing.num_steps={args.annealing}", f"sampler.mcmc.num_steps={args.mcmc}",
-            "eval.lpips=false", "save_samples=true", f"device={args.device}", f"save_dir={args.save_dir}"]
+            "eval.lpips=false", "save_samples=true", f"device={args.device}", f"save_dir={args.save_dir}",
+            f"++model.random_seed={args.weight_seed}"]
     if args.worker:
-        worker(base + args.overrides, args.weight_seed, args.ldm_yaml)
+        worker(base + args.overrides, args.ldm_yaml)
         return
     counts = [int(n) for n in args.gpus.split(",")]
     report: Dict = {"images": args.images, "particles": args.particles, "annealing": args.annealing,
