@@ -43,16 +43,18 @@ def toy():
     return build_model({"name": "toy", "prior_images": [str(ROOT / "dataset" / "demo-ffhq")], "std": 0.05}, "cpu")
 
 
-def _probe(model, res: int):
+def _probe(model, res: int, denoise: bool = True):
+    """(decode(z), ∇_z L(decode(z), y) unclamped, D(z; 1), L) for one fixed latent."""
     g = torch.Generator().manual_seed(0)
-    z = torch.randn((2, *model.get_in_shape()), generator=g)
+    z = torch.randn((1, *model.get_in_shape()), generator=g).requires_grad_(True)
     op = get_operator("phase_retrieval", resolution=res)
-    y = op(torch.rand(2, 3, res, res, generator=g) * 2 - 1)
+    y = op(torch.rand(1, 3, res, res, generator=g) * 2 - 1)
+    x = model.decode(z)
+    loss = op.loss(x, y)
+    (grad,) = torch.autograd.grad(loss.sum(), z)
     with torch.no_grad():
-        x = model.decode(z)
-        d = model.tweedie(z, torch.tensor(1.0))
-    grad, loss = data_gradient(model, op, z, y, clamp=float("inf"))
-    return x, grad, d, loss
+        d = model.tweedie(z.detach(), torch.tensor(1.0)) if denoise else None
+    return x.detach(), grad, d, loss.detach()
 
 
 def _run(model, res: int, anneal: int, mcmc: int, particles: int = 2):
@@ -74,7 +76,12 @@ def _psnr_min(a, b):
     return min(float("inf") if m == 0 else 10 * math.log10(4 / m) for m in mse.tolist())
 
 
-EXACT_ON_CPU = [SpeedConfig(cudnn_benchmark=True), SpeedConfig(tf32=True), SpeedConfig(tf32=False)]
+EXACT_ON_CPU = SpeedConfig(cudnn_benchmark=True, tf32=True)
+
+
+@pytest.fixture(scope="module")
+def ldm_ref(tiny_ldm):
+    return _probe(tiny_ldm, 64)
 
 
 def test_config_parsing_and_labels():
@@ -87,43 +94,38 @@ def test_config_parsing_and_labels():
         speed_config(None, turbo=True)
 
 
-def test_flags_restored_and_exact_path_untouched(tiny_ldm):
+def test_ldm_switches_single_calls(tiny_ldm, ldm_ref):
+    x0, g0, d0, l0 = ldm_ref
     flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    x0 = _probe(tiny_ldm, 64)[0]
-    h = apply_speed(tiny_ldm, SpeedConfig(precision="bf16", cudnn_benchmark=True, tf32=True))
+    h = apply_speed(tiny_ldm, EXACT_ON_CPU)
     assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-    assert "decode" in tiny_ldm.__dict__ and "eps_model" in tiny_ldm.__dict__
-    assert not torch.equal(_probe(tiny_ldm, 64)[0], x0)  # bf16 really changes the computation
+    x, g, d, loss = _probe(tiny_ldm, 64)
     h.restore()
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
             torch.backends.cuda.matmul.allow_tf32) == flags
-    assert "decode" not in tiny_ldm.__dict__ and torch.equal(_probe(tiny_ldm, 64)[0], x0)
-
-
-def test_ldm_switches_single_calls(tiny_ldm):
-    x0, g0, d0, l0 = _probe(tiny_ldm, 64)
-    for cfg in EXACT_ON_CPU:
-        h = apply_speed(tiny_ldm, cfg)
-        x, g, d, loss = _probe(tiny_ldm, 64)
-        h.restore()
-        assert torch.equal(x, x0) and torch.equal(g, g0) and torch.equal(d, d0), cfg.label()
+    assert torch.equal(x, x0) and torch.equal(g, g0) and torch.equal(d, d0)
     h = apply_speed(tiny_ldm, SpeedConfig(channels_last=True))
-    x, g, d, _ = _probe(tiny_ldm, 64)
+    x, g, _, _ = _probe(tiny_ldm, 64, denoise=False)
     h.restore()
-    assert _rel(x, x0) < 1e-4 and _rel(g, g0) < 1e-4 and torch.equal(d, d0)
+    assert _rel(x, x0) < 1e-4 and _rel(g, g0) < 1e-4
     h = apply_speed(tiny_ldm, SpeedConfig(precision="bf16"))
+    assert "decode" in tiny_ldm.__dict__ and "eps_model" in tiny_ldm.__dict__
     x, g, d, loss = _probe(tiny_ldm, 64)
     h.restore()
     assert x.dtype == g.dtype == d.dtype == loss.dtype == torch.float32  # the sampler's math stays fp32
-    assert 0 < _rel(x, x0) < 5e-2 and _rel(g, g0) < 1e-1 and _rel(d, d0) < 1e-2
+    assert 0 < _rel(x, x0) < 5e-2 and _rel(g, g0) < 1e-1 and 0 < _rel(d, d0) < 1e-2
     assert torch.nn.functional.cosine_similarity(g.flatten(1), g0.flatten(1)).min() > 0.99
+    # restore() brings back the class methods: the exact path, bit for bit
+    assert "decode" not in tiny_ldm.__dict__ and "eps_model" not in tiny_ldm.__dict__
+    x, g, _, _ = _probe(tiny_ldm, 64, denoise=False)
+    assert torch.equal(x, x0) and torch.equal(g, g0)
 
 
-def test_compile_switch_matches(tiny_ldm):
-    x0, g0, _, _ = _probe(tiny_ldm, 64)
+def test_compile_switch_matches(tiny_ldm, ldm_ref):
+    x0, g0, _, _ = ldm_ref
     h = apply_speed(tiny_ldm, SpeedConfig(compile=True, compile_backend="aot_eager"))
     try:
-        x, g, _, _ = _probe(tiny_ldm, 64)
+        x, g, _, _ = _probe(tiny_ldm, 64, denoise=False)
     finally:
         h.restore()
         torch._dynamo.reset()
@@ -131,14 +133,10 @@ def test_compile_switch_matches(tiny_ldm):
 
 
 def test_ldm_short_run_agrees(tiny_ldm):
-    """2 annealing × 2 Langevin steps from identical streams: exact-on-CPU switches give the same
-    samples; bf16 stays within 20 dB PSNR of the exact samples (a VQ code that flips under bf16
-    rounding changes a 4×4 pixel patch, so agreement is not float-level after MCMC)."""
+    """A complete 2-annealing-step run (2 Langevin steps each) from identical streams: bf16 samples
+    are within 20 dB PSNR of the exact ones (a VQ code that flips under bf16 rounding changes a
+    4×4 pixel patch, so after MCMC the agreement is not float-level; measured ≈ 26 dB)."""
     x0 = _run(tiny_ldm, 64, 2, 2, particles=1)
-    h = apply_speed(tiny_ldm, SpeedConfig(cudnn_benchmark=True, tf32=True))
-    x1 = _run(tiny_ldm, 64, 2, 2, particles=1)
-    h.restore()
-    assert torch.equal(x1, x0)
     h = apply_speed(tiny_ldm, SpeedConfig(precision="bf16"))
     x2 = _run(tiny_ldm, 64, 2, 2, particles=1)
     h.restore()
@@ -146,15 +144,15 @@ def test_ldm_short_run_agrees(tiny_ldm):
 
 
 def test_toy_switches(toy):
-    x0 = _run(toy, 64, 4, 4)
-    for cfg in EXACT_ON_CPU + [SpeedConfig(precision="bf16"), SpeedConfig(channels_last=True)]:
+    x0 = _run(toy, 64, 3, 3)
+    for cfg in [EXACT_ON_CPU, SpeedConfig(precision="bf16", channels_last=True)]:
         h = apply_speed(toy, cfg)
-        x = _run(toy, 64, 4, 4)
+        x = _run(toy, 64, 3, 3)
         h.restore()
         assert torch.equal(x, x0), cfg.label()
     h = apply_speed(toy, SpeedConfig(compile=True, compile_backend="aot_eager"))
     try:
-        x = _run(toy, 64, 4, 4)
+        x = _run(toy, 64, 3, 3)
     finally:
         h.restore()
         torch._dynamo.reset()
