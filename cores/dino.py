@@ -165,6 +165,8 @@ class DinoFeatureExtractor(nn.Module):
 
     def ensure_available(self) -> None:
         """Raise the download hint now if the weights file is missing (reads nothing)."""
+        if self.weights_path == RANDOM_VITS16:
+            return
         path = self._resolved_path()
         if not os.path.isfile(path):
             from cores.models.ldm_convert import missing_file_error
