@@ -344,10 +344,11 @@ def fmt(v: Optional[float], f: str = "{:.2f}") -> str:
 def table(results: List[Dict[str, Any]], base: Optional[Dict[str, Any]]) -> str:
     lines = ["| config | particles | images/batch | s/anneal step | s/image | images/hour | × vs exact W | "
              "peak VRAM GB | GB/image | warm-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    b = base.get("images_per_hour") if base else None
+    b = base.get("images_per_hour") if base and not base.get("skipped") else None
     for r in results:
-        if r.get("oom"):
-            lines.append(f"| {r['name']} | {r['particles']} | {r['images_per_batch']} | OOM | | | | | | |")
+        if r.get("oom") or r.get("skipped"):
+            what = "OOM" if r.get("oom") else "skipped (time budget)"
+            lines.append(f"| {r['name']} | {r['particles']} | {r['images_per_batch']} | {what} | | | | | | |")
             continue
         x = r["images_per_hour"] / b if b else None
         pv = r.get("peak_vram_mb")
@@ -362,7 +363,7 @@ def table(results: List[Dict[str, Any]], base: Optional[Dict[str, Any]]) -> str:
 def pruned_hmc_estimate(r4: Dict[str, Any], r2: Dict[str, Any], hmc_steps: int = 65, prune_at: int = 30) -> Optional[Dict]:
     """s/image for 4→2 pruning at step 29 (steps 0…29 at 4 particles, 30…49 at 2) with HMC-65, from the
     measured per-Langevin-step and non-MCMC costs (HMC does the same decoder work per step)."""
-    if r4.get("oom") or r2.get("oom"):
+    if r4.get("oom") or r2.get("oom") or r4.get("skipped") or r2.get("skipped"):
         return None
     t4 = r4["non_mcmc_sec_per_anneal_step"] + hmc_steps * r4["mcmc_step_sec"]
     t2 = r2["non_mcmc_sec_per_anneal_step"] + hmc_steps * r2["mcmc_step_sec"]
@@ -379,8 +380,14 @@ def matrix(args, model, operator, image, device) -> Dict[str, Any]:
             raise SystemExit(f"unknown switch set {n!r}; known: {', '.join(SWITCHES)}")
     plan = [(p, 1, name) for p in (4, 2) for name in names]
     plan += [(p, args.matrix_images, name) for p in (4, 2) for name in batch_names]
+    # compiled configs last (their warm-up compiles for minutes): the cheap rows always finish
+    plan.sort(key=lambda c: SWITCHES[c[2]].compile)
     t_start = time.perf_counter()
     for particles, images, name in plan:
+        if time.perf_counter() - t_start > args.budget_s:
+            results.append({"name": name, "particles": particles, "images_per_batch": images, "skipped": True})
+            print(f"skipped {name} p={particles} imgs={images}: over --budget-s {args.budget_s}", file=sys.stderr)
+            continue
         r = run_config(args, model, operator, image, device, SWITCHES[name], particles, images,
                        images == 1 and not args.no_breakdown)
         r["name"] = name
@@ -389,12 +396,13 @@ def matrix(args, model, operator, image, device) -> Dict[str, Any]:
               + ("OOM" if r.get("oom") else f"{r['s_per_anneal_step']:.3f} s/step, {r['s_per_image']:.1f} s/img"),
               file=sys.stderr, flush=True)
     base = next(r for r in results if r["name"] == "exact" and r["particles"] == 4 and r["images_per_batch"] == 1)
+    base = None if base.get("oom") or base.get("skipped") else base
     extra = {}
     a4 = next((r for r in results if r["name"] == "all" and r["particles"] == 4 and r["images_per_batch"] == 1), None)
     a2 = next((r for r in results if r["name"] == "all" and r["particles"] == 2 and r["images_per_batch"] == 1), None)
     if a4 and a2:
         est = pruned_hmc_estimate(a4, a2)
-        if est and not base.get("oom"):
+        if est and base:
             est["x_vs_exact_W"] = est["images_per_hour"] / base["images_per_hour"]
         extra["all_pruning4to2_hmc65_estimate"] = est
     return {"results": results, "derived": extra}
@@ -428,7 +436,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--warmup", type=int, default=1, help="annealing steps run before timing (compile happens here)")
-    p.add_argument("--steps-to-time", type=int, default=2)
+    p.add_argument("--steps-to-time", type=int, default=None, help="timed annealing steps (default 2; 1 with --matrix)")
     p.add_argument("--reps", type=int, default=10, help="repetitions per micro-benchmark")
     p.add_argument("--repulsion", action="store_true", help="also time DINO ViT-S/16 repulsion (random weights)")
     p.add_argument("--no-breakdown", action="store_true")
@@ -438,6 +446,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matrix-batch-configs", default="exact,bf16,all",
                    help="switch sets run at --matrix-images images per batch in --matrix ('' = none)")
     p.add_argument("--matrix-images", type=int, default=10)
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="--matrix: configs not started within this many seconds are reported as skipped")
     p.add_argument("--agreement", action="store_true")
     p.add_argument("--agreement-anneal-steps", type=int, default=3)
     p.add_argument("--agreement-mcmc-steps", type=int, default=20)
@@ -445,6 +455,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.mcmc_steps is None:
         args.mcmc_steps = MCMC_DEFAULTS[args.mcmc_algo]["num_steps"]
+    if args.steps_to_time is None:
+        args.steps_to_time = 1 if args.matrix else 2
     if args.time_mcmc_steps is None:
         args.time_mcmc_steps = 10 if args.matrix else args.mcmc_steps
     args.time_mcmc_steps = min(args.time_mcmc_steps, args.mcmc_steps)
@@ -504,7 +516,7 @@ def main(argv=None) -> Dict[str, Any]:
                   f"{est['s_per_image']:.1f} s/image, {est['images_per_hour']:.1f} images/hour, "
                   f"{fmt(est.get('x_vs_exact_W'), '{:.2f}×')} vs exact W")
         for r in report["results"]:
-            if r.get("breakdown") and r["particles"] == 4 and not r["breakdown"].get("oom"):
+            if r.get("breakdown") and r["particles"] == 4 and not r["breakdown"].get("oom") and r["images_per_batch"] == 1:
                 parts = ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"]["per_anneal_step_sec"].items())
                 print(f"breakdown {r['name']} (4 particles, s per annealing step): {parts}")
     else:
