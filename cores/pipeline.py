@@ -290,6 +290,8 @@ def run_metadata(cfg, device, start: str, hooks, repulsion) -> Dict:
         if hasattr(obj, "run_summary"):
             meta.update(obj.run_summary())
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    if peak is not None and segments:  # hooks reset the peak counter at their segment boundaries
+        peak = max([peak] + [v for v in segments.values() if v is not None])
     return {"vram": {"peak_memory_mb": peak, "segments": segments}, "metadata": meta}
 
 
