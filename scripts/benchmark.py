@@ -191,13 +191,13 @@ def timeit(fn: Callable[[], Any], device: torch.device, reps: int, warm: int = 2
     return (time.perf_counter() - t) / reps
 
 
-def random_dino(device: torch.device):
-    """DINO ViT-S/16 architecture (timm) with random weights, at 256² input."""
+def random_dino(device: torch.device, res: int = 256):
+    """DINO ViT-S/16 architecture (timm) with random weights, at res² input (256² for W)."""
     import functools
 
     from timm.models.vision_transformer import VisionTransformer
 
-    vit = VisionTransformer(img_size=256, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=0,
+    vit = VisionTransformer(img_size=res, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=0,
                             norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
     return vit.to(device).eval().requires_grad_(False)
 
@@ -237,10 +237,13 @@ def breakdown(model, operator, image, device, speed: SpeedConfig, rows: int, ste
         per_step = {"decoder_fwd_bwd": steps_workload * out["decoder_fwd_bwd_sec"],
                     "operator_fft": steps_workload * out["operator_fwd_bwd_sec"],
                     "unet": ODE_STEPS * out["unet_fwd_sec"]}
-        if repulsion:
+        if step_sec is not None:
+            per_step["other"] = max(0.0, step_sec - sum(per_step.values()))
+            per_step["total (s/anneal step)"] = step_sec
+        if repulsion:  # not in the timed sampler run (repulsion_scale 0): an added cost
             from repulsion import compute_repulsion_gradient
 
-            vit = random_dino(device)
+            vit = random_dino(device, model.image_resolution)
             groups = torch.arange(images, device=device).repeat_interleave(max(1, rows // images))[:rows]
 
             def rep():
@@ -249,9 +252,8 @@ def breakdown(model, operator, image, device, speed: SpeedConfig, rows: int, ste
             out["repulsion_sec"] = timeit(rep, device, max(1, reps // 2))
             # on only while σ ≥ σ_break = 1.0: steps 0…29 of 50
             per_step["repulsion (avg, on 30/50 steps)"] = out["repulsion_sec"] * 30 / NUM_ANNEAL
-        if step_sec is not None:
-            per_step["other"] = max(0.0, step_sec - sum(per_step.values()))
-            per_step["total (s/anneal step)"] = step_sec
+            if step_sec is not None:
+                per_step["total with repulsion"] = step_sec + per_step["repulsion (avg, on 30/50 steps)"]
         out["per_anneal_step_sec"] = per_step
         return out
     except torch.OutOfMemoryError as err:
