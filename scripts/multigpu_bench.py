@@ -120,7 +120,8 @@ def main() -> None:
         cmd += args.overrides + [f"name={name}"]
         print(f"[bench] {n} process(es): {' '.join(cmd)}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             sys.exit(f"[bench] the {n}-process run failed (exit {proc.returncode})")
