@@ -36,6 +36,8 @@ def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
         except ImportError:
             raise ConfigError("use_tpu=true but torch_xla is not installed") from None
         raise ConfigError("use_tpu=true: TPU execution is not implemented yet")
+    if cfg.get("deterministic", False):
+        set_deterministic()
     dev = str(cfg.get("device", "auto"))
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={dev} requested but CUDA is not available on this machine")
@@ -47,6 +49,17 @@ def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
         return torch.device(dev)
     except RuntimeError:
         raise ConfigError(f"device={dev}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def set_deterministic() -> None:
+    """Deterministic cuDNN/cuBLAS kernels: a GPU result then does not vary between runs or
+    processes (CPU results are deterministic anyway).  Must run before the first CUDA call."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def daps_config(sampler_cfg: DictConfig, record_trajectory: bool) -> DAPSConfig:
