@@ -60,6 +60,9 @@ def set_deterministic() -> None:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # the decoder's attention backward defaults to memory-efficient SDPA, which is not deterministic
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(False)
 
 
 def daps_config(sampler_cfg: DictConfig, record_trajectory: bool) -> DAPSConfig:
