@@ -62,10 +62,13 @@ class SpeedConfig:
     cudnn_benchmark: bool = False
     tf32: Optional[bool] = None
     channels_last: bool = False
+    attention: str = "default"  # default | math: SDPA backend of the decoder's attention
 
     def __post_init__(self) -> None:
         if self.precision not in _PRECISIONS:
             raise ValueError(f"speed.precision={self.precision!r}: expected fp32 or bf16")
+        if self.attention not in ("default", "math"):
+            raise ValueError(f"speed.attention={self.attention!r}: expected default or math")
 
     @property
     def is_exact(self) -> bool:
@@ -84,6 +87,8 @@ class SpeedConfig:
             on.append(f"tf32={'on' if self.tf32 else 'off'}")
         if self.channels_last:
             on.append("channels_last")
+        if self.attention != "default":
+            on.append(f"attn_{self.attention}")
         return "+".join(on) or "exact"
 
 
@@ -154,6 +159,23 @@ def _autocast(fn: Callable, device_type: str, dtype: Optional[torch.dtype]) -> C
     return wrapped
 
 
+def _math_attention(fn: Callable) -> Callable:
+    """Run `fn` with the plain-matmul SDPA backend.
+
+    The VQ decoder's mid-block attention has one 512-channel head over 64×64 tokens: too wide
+    for flash attention, so PyTorch falls back to the memory-efficient kernel, whose backward
+    took 9–15 ms of a 37–53 ms decoder step on an H200 (scripts/profile_decoder.py).  Two
+    cuBLAS GEMMs and a softmax do the same work in far less time at 4096 tokens.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def wrapped(*args, **kwargs):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def _compile(fn: Callable, cfg: SpeedConfig) -> Callable:
     return torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
                          backend=cfg.compile_backend, dynamic=False)
@@ -188,6 +210,8 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
         body = _autocast(body, dev, dtype)
         if cfg.compile:
             body = _compile(body, cfg)
+        if cfg.attention == "math":
+            body = _math_attention(body)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             zq, _ = model.quantize(z)  # fp32, outside autocast: the same codes as the exact path

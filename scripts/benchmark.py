@@ -335,7 +335,8 @@ SWITCHES = {
     "compile": SpeedConfig(compile=True),
     "cudnn_benchmark": SpeedConfig(cudnn_benchmark=True),
     "tf32": SpeedConfig(tf32=True),
-    "all": SpeedConfig(precision="bf16", compile=True, cudnn_benchmark=True, tf32=True),
+    "attn_math": SpeedConfig(attention="math"),
+    "all": SpeedConfig(precision="bf16", compile=True, cudnn_benchmark=True, tf32=True, attention="math"),
 }
 
 
@@ -437,6 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cudnn-benchmark", action="store_true")
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--attention", choices=["default", "math"], default="default")
     p.add_argument("--warmup", type=int, default=1, help="annealing steps run before timing (compile happens here)")
     p.add_argument("--steps-to-time", type=int, default=None, help="timed annealing steps (default 2; 1 with --matrix)")
     p.add_argument("--reps", type=int, default=10, help="repetitions per micro-benchmark")
@@ -468,7 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def speed_from_args(args) -> SpeedConfig:
     return speed_config(precision=args.precision, compile=args.compile, compile_unet=args.compile_unet,
                         compile_mode=args.compile_mode, cudnn_benchmark=args.cudnn_benchmark,
-                        tf32={"default": None, "on": True, "off": False}[args.tf32], channels_last=args.channels_last)
+                        tf32={"default": None, "on": True, "off": False}[args.tf32], channels_last=args.channels_last,
+                        attention=args.attention)
 
 
 def main(argv=None) -> Dict[str, Any]:

@@ -121,6 +121,18 @@ def test_ldm_switches_single_calls(tiny_ldm, ldm_ref):
     assert torch.equal(x, x0) and torch.equal(g, g0)
 
 
+def test_math_attention_switch_matches(tiny_ldm, ldm_ref):
+    """attention=math computes the decoder's mid-block attention with plain matmuls: same function."""
+    x0, g0, _, _ = ldm_ref
+    h = apply_speed(tiny_ldm, SpeedConfig(attention="math"))
+    assert "decode" in tiny_ldm.__dict__
+    x, g, _, _ = _probe(tiny_ldm, 64, denoise=False)
+    h.restore()
+    assert _rel(x, x0) < 1e-5 and _rel(g, g0) < 1e-4
+    with pytest.raises(ValueError, match="speed.attention"):
+        SpeedConfig(attention="flash3")
+
+
 def test_compile_switch_matches(tiny_ldm, ldm_ref):
     x0, g0, _, _ = ldm_ref
     h = apply_speed(tiny_ldm, SpeedConfig(compile=True, compile_backend="aot_eager"))
