@@ -18,7 +18,7 @@ from cores.evaluation import image_record
 from cores.mcmc import MCMCConfig
 from cores.models import build_model
 from cores.operators import get_operator
-from cores.outputs import to_uint8, write_text
+from cores.outputs import to_uint8
 from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
 from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps

@@ -17,7 +17,6 @@ Rules (one folder = one experiment; several jobs may fill it):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 

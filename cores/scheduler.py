@@ -7,7 +7,6 @@ repulsion term enters the drift (score' = score + λ·r, SPEC §4.1).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Dict, Optional, Union
 
 import numpy as np

@@ -24,6 +24,16 @@ def compose(overrides: List[str]):
         return hcompose(config_name="config", overrides=list(overrides))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process runs on one thread: two OpenMP threads on a loaded 2-core box are ~20x slower
+    for these tiny tensors (and torchrun workers run with one thread too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = ["sampler.annealing.num_steps=6", "sampler.mcmc.num_steps=4", "data.end_id=2", "num_samples=2",
         "eval.lpips=false"]
 

@@ -18,12 +18,7 @@ SMALL = ["sampler.annealing.num_steps=3", "sampler.mcmc.num_steps=3", "num_sampl
          "data.end_id=2", "eval.lpips=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cfg(overrides):

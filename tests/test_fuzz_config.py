@@ -5,7 +5,6 @@ import importlib.util
 import itertools
 
 import pytest
-import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from conftest import compose
@@ -15,12 +14,7 @@ NUM_STEPS = 3
 _counter = itertools.count()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -12,18 +12,11 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-import torch
 
 from conftest import ROOT, compose
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process runs on one thread: two OpenMP threads on a loaded 2-core box are ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Per-image metrics that must not depend on interruption, resumption or process layout.
 METRIC_KEYS = ("particle_ids", "psnr", "ssim", "psnr_twin", "measurement_loss", "best_idx", "selected_idx",
