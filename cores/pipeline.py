@@ -255,6 +255,48 @@ def numerics_summary(records: List[Dict]) -> Dict:
     }
 
 
+def hook_summaries(records: List[Dict]) -> Dict:
+    """Run totals of repulsion / pruning / optimisation recomputed from every image record on disk,
+    so a resumed, sharded or multi-rank run reports all its images, not one process's share.
+    Settings (scale, lr, …) stay those of the hooks' own `run_summary()`."""
+    out: Dict = {}
+    rep = [r["repulsion"] for r in records if isinstance(r.get("repulsion"), dict)]
+    if rep:
+        out["repulsion"] = {"images": len(rep),
+                            "active_steps_per_image": sum(x["active_steps"] for x in rep) / len(rep),
+                            "total_time_sec": float(sum(x["total_time_sec"] for x in rep))}
+    pru = [r["pruning"] for r in records if isinstance(r.get("pruning"), dict)]
+    if pru:
+        from cores.evaluation import wilson_ci
+
+        regret = [bool(p["pruning_regret"]) for p in pru if p.get("pruning_regret") is not None]
+        out["pruning"] = {"num_pruned_images": sum(bool(p.get("did_prune")) for p in pru)}
+        if regret:
+            out["pruning"].update({"regret_images": sum(regret), "regret_rate": sum(regret) / len(regret),
+                                   "regret_rate_ci95": wilson_ci(sum(regret), len(regret))})
+    opt = [r["optimization"] for r in records if isinstance(r.get("optimization"), dict)]
+    if opt:
+        iters = [i for o in opt for i in o["final_iters"]]
+        accepted = sum(bool(a) for o in opt for a in o["accepted_mask"])
+        reasons: Dict[str, int] = {}
+        for o in opt:
+            for why in o["termination_reasons"]:
+                reasons[why] = reasons.get(why, 0) + 1
+        out["optimization"] = {"num_images": len(opt), "num_particles": len(iters), "total_iters": sum(iters),
+                               "mean_iters": sum(iters) / max(1, len(iters)), "num_accepted": accepted,
+                               "accepted_rate": accepted / len(iters) if iters else None,
+                               "total_time_sec": float(sum(o["total_time_seconds"] for o in opt)),
+                               "termination_counts": reasons}
+    return out
+
+
+def _merge_summaries(meta: Dict, totals: Dict) -> Dict:
+    merged = dict(meta)
+    for name, block in totals.items():
+        merged[name] = {**(meta.get(name) or {}), **block}
+    return merged
+
+
 def write_summary(folder: RunFolder, extra: Dict, grid_max_images: int) -> Dict:
     """metrics.json and the grid from every record on disk, rewritten until no other job (a
     concurrent shard writing the same folder) added a record meanwhile, so the last writer wins
@@ -263,7 +305,9 @@ def write_summary(folder: RunFolder, extra: Dict, grid_max_images: int) -> Dict:
 
     for _ in range(20):
         sig = records_signature(folder)
-        metrics = folder.write_metrics({**extra, "numerics": numerics_summary(folder.records())})
+        records = folder.records()
+        metrics = folder.write_metrics({**extra, "metadata": _merge_summaries(extra["metadata"], hook_summaries(records)),
+                                        "numerics": numerics_summary(records)})
         folder.write_grid(grid_max_images)
         if records_signature(folder) == sig:
             break
