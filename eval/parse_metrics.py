@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from cores.evaluation import summarize, wilson_ci  # noqa: E402
+from cores.resume import read_jsonl_latest  # noqa: E402
 
 SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
 
@@ -61,19 +62,6 @@ class Run:
 
 
 # --- loading -------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> List[Dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line torn by an interrupted run
-    return rows
-
-
 def _read_config(path: Path) -> Dict:
     if not path.is_file():
         return {}
@@ -93,9 +81,12 @@ def run_label(path: Path) -> str:
 def load_run(path: Path) -> Run:
     path = Path(path)
     m = json.loads((path / "metrics.json").read_text())
-    return Run(label=run_label(path), paths=[path], images=sorted(m.get("images", []), key=lambda r: r["image_idx"]),
-               vram=m.get("vram") or {}, metadata=m.get("metadata") or {},
-               config=_read_config(path / "config.yaml"), repulsion=_read_jsonl(path / "repulsion.jsonl"))
+    images = sorted(m.get("images", []), key=lambda r: r["image_idx"])
+    # the log's last line per (image, step) for the images metrics.json reports (a redone image
+    # after a resume appends its lines again)
+    repulsion = read_jsonl_latest(path / "repulsion.jsonl", images=[r["image_idx"] for r in images])
+    return Run(label=run_label(path), paths=[path], images=images, vram=m.get("vram") or {},
+               metadata=m.get("metadata") or {}, config=_read_config(path / "config.yaml"), repulsion=repulsion)
 
 
 def find_run_dirs(args: Iterable[str]) -> List[Path]:
