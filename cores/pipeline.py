@@ -238,8 +238,7 @@ def sample_images(cfg: DictConfig, todo: List[int], dataset: ImageFolder, folder
             run_batch(cfg, model, operator, dataset, chunk, daps, repulsion, hooks, folder, device,
                       lambda n, c=len(chunk): pbar.update(n * c))
             if show_progress:  # one writer of the intermediate summary (rank 0)
-                folder.write_metrics(run_metadata(cfg, device, start, hooks, repulsion))
-                folder.write_grid(int(cfg.grid_max_images))
+                write_summary(folder, run_metadata(cfg, device, start, hooks, repulsion), int(cfg.grid_max_images))
     return model, repulsion, hooks
 
 
@@ -306,9 +305,9 @@ def write_summary(folder: RunFolder, extra: Dict, grid_max_images: int) -> Dict:
     for _ in range(20):
         sig = records_signature(folder)
         records = folder.records()
-        metrics = folder.write_metrics({**extra, "metadata": _merge_summaries(extra["metadata"], hook_summaries(records)),
-                                        "numerics": numerics_summary(records)})
-        folder.write_grid(grid_max_images)
+        metadata = _merge_summaries(extra["metadata"], hook_summaries(records))
+        metrics = folder.write_metrics({**extra, "metadata": metadata, "numerics": numerics_summary(records)}, records)
+        folder.write_grid(grid_max_images, records=records)
         if records_signature(folder) == sig:
             break
     return metrics

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -37,25 +37,20 @@ class RunFolder:
 
     # --- state -------------------------------------------------------------------
     def finished_images(self) -> List[int]:
-        d = self.root / RECORD_DIR
-        if not d.is_dir():
-            return []
-        done = []
-        for p in sorted(d.glob("*.json")):
-            try:
-                rec = json.loads(p.read_text())
-            except (json.JSONDecodeError, OSError):
-                continue  # a torn file cannot exist (atomic writes) but never trust it
-            if self._outputs_complete(rec):
-                done.append(int(rec["image_idx"]))
-        return done
+        return [int(r["image_idx"]) for r in self.records() if self._outputs_complete(r)]
 
     def _outputs_complete(self, rec: Dict) -> bool:
         return all(self.sample_path(rec["image_idx"], p).exists() for p in rec.get("saved_particles", []))
 
     def records(self) -> List[Dict]:
+        """Every readable record, by image index."""
         d = self.root / RECORD_DIR
-        recs = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+        recs = []
+        for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+            try:
+                recs.append(json.loads(p.read_text()))
+            except (json.JSONDecodeError, OSError):
+                continue  # a torn file cannot exist (atomic writes) but never trust it
         return sorted(recs, key=lambda r: r["image_idx"])
 
     # --- writing -----------------------------------------------------------------
@@ -77,17 +72,18 @@ class RunFolder:
             save_png(self.root / sub / f"{image_idx:05d}_sample{particle:02d}.png",
                      np.concatenate(frames, axis=1))
 
-    def write_metrics(self, extra: Dict) -> Dict:
-        images = self.records()
+    def write_metrics(self, extra: Dict, records: Optional[List[Dict]] = None) -> Dict:
+        """metrics.json from `records` (default: read from disk)."""
+        images = [dict(r) for r in (self.records() if records is None else records)]
         for r in images:
             r.pop("saved_particles", None)
         metrics = {"images": images, "summary": summarize(images), **extra}
         write_json(self.root / "metrics.json", metrics)
         return metrics
 
-    def write_grid(self, max_images: int, size: int = 128) -> None:
+    def write_grid(self, max_images: int, size: int = 128, records: Optional[List[Dict]] = None) -> None:
         rows = []
-        for rec in self.records()[:max_images]:
+        for rec in (self.records() if records is None else records)[:max_images]:
             idx = rec["image_idx"]
             tiles = [self.root / "gt" / f"{idx:05d}.png", self.root / "measurement" / f"{idx:05d}.png"]
             tiles += [self.sample_path(idx, p) for p in rec.get("saved_particles", [])]

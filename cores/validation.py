@@ -107,12 +107,9 @@ def check_weights(cfg: DictConfig) -> None:
 
         resolve_checkpoint_path(str(cfg.model.diffusion_path))
     if float(cfg.repulsion_scale) > 0 and str(cfg.repulsion_feature) == "dino":
-        from cores.dino import RANDOM_VITS16, DinoFeatureExtractor
+        from cores.dino import DinoFeatureExtractor
 
-        if str(cfg.dino.weights_path) == RANDOM_VITS16:  # seeded random weights, nothing on disk
-            return
-
-        DinoFeatureExtractor(weights_path=str(cfg.dino.weights_path)).ensure_available()
+        DinoFeatureExtractor(weights_path=str(cfg.dino.weights_path)).ensure_available()  # random: needs no file
 
 
 def validate_inputs(cfg: DictConfig, dataset) -> None:
