@@ -1,4 +1,4 @@
-"""Entry point: `python posterior_sample.py [hydra overrides]` (SPEC §8).
+"""Entry point: `python posterior_sample.py [hydra overrides]`.
 
 Wires config → objects → run → outputs; everything else lives in `cores/`.
 """
@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from cores.pipeline import ConfigError, run
+    from cores.errors import ConfigError
+    from cores.pipeline import run
 
     try:
         run(cfg)

@@ -43,17 +43,22 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["compute_repulsion_gradient", "RepulsionModule", "schedule_factor", "logged_step",
+from cores.config import RepulsionConfig
+from sampler import ImageOutput, ParticleBatch, SamplerHook, ScoreFn, StepContext
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+__all__ = ["compute_repulsion_gradient", "RepulsionHook", "feature_statistics", "summarize", "schedule_factor", "logged_step",
            "REPULSION_FIELDS", "DinoFeatureExtractor", "WEIGHT_NONZERO_TOL"]
 
 WEIGHT_NONZERO_TOL = 1e-6
 RATIO_WARN = 10.0
 
-#: the exact fields of one repulsion.jsonl line (SPEC §4.1)
+#: the exact fields of one repulsion.jsonl line (the original study's names, plus `feature`)
 REPULSION_FIELDS = ("image_idx", "step", "sigma", "repulsion_on", "repulsion_scale_used", "score_base_norm",
                     "repulsion_norm", "scaled_repulsion_norm", "ratio_scaled_to_score", "repulsion_cleared",
                     "mean_pairwise_dino_dist", "weights_mean", "weights_max", "weights_nonzero_frac",
-                    "repulsion_time_sec")
+                    "repulsion_time_sec", "feature")
 
 
 def __getattr__(name: str):
@@ -178,185 +183,204 @@ def logged_step(step: int) -> bool:
     return step % 5 == 0 if step < 50 else step % 25 == 0
 
 
-# ----------------------------------------------------------------------------- module
-class RepulsionModule:
-    """Decides when and how much repulsion enters the PF-ODE, computes it, logs it.
+# ----------------------------------------------------------------------------- hook
+class RepulsionHook(SamplerHook):
+    """Adds λ·r to the PF-ODE score while σ ≥ σ_break, and logs repulsion.jsonl.
 
-    Per annealing step (`update`, called by the sampler before the PF-ODE solve):
-    ON while σ ≥ σ_break and λ = scale·schedule(σ) > 0 → r is computed once for the
-    whole batch (images never interact: `batch.image_ids` are the groups), with grad
-    enabled only inside that computation, and handed over with `pfode.set_repulsion(r, λ)`;
-    OFF → `pfode.set_repulsion(None, 0.0)`.  `after_ode` (called after the solve) writes
-    the step's repulsion.jsonl lines, using the score norm of the step's first Euler
-    evaluation.  Norms in the log are per-particle L2 norms averaged over the image's
-    particles (comparable between 2 and 4 particles); the ratio is their quotient.
+    Per annealing step (`wrap_score`): ON while λ = scale·schedule(σ) > 0 → r is computed
+    once for the whole batch (images never interact: `batch.image_ids` are the groups) and
+    the returned score function is `score + λ·r`.  It measures the score norm of the step's
+    first Euler evaluation (σ_i) for the log.  On logged OFF steps (below σ_break, or at
+    scale 0 with `log_baseline`) the score is returned unchanged; the feature distances and
+    kernel statistics are still logged, computed under no_grad, so a scale-0 run gives the
+    baseline curve with bit-identical samples.  Norms in the log are per-particle L2 norms
+    averaged over the image's particles; the ratio is their quotient.
 
-    Latent used for the features (`repulsion_latent`): `z_t` (default, RLSD's and the
-    original study's choice) or `z0hat` = the denoiser's estimate D(z_t; σ) (one extra
-    denoiser call, no grad); for `z0hat` the feature gradient w.r.t. that estimate is
-    used as the z_t direction as is (straight-through, ∂z0hat/∂z_t ≈ I), which avoids a
-    backward pass through the denoiser.
+    Latent decoded for the features (`latent`): `z_t` (default, the original study's
+    `compute_repulsion(zt)`); `z_t_vp` = z_t/√(1+σ²), the VP-scaled noisy latent that RLSD
+    decodes, with the chain-rule factor 1/√(1+σ²) on the gradient; `z0hat` = D(z_t; σ)
+    (one extra denoiser call, no grad) with ∂z0hat/∂z_t taken as the identity.
     """
 
-    def __init__(self, model, scale: float, sigma_break: float = 1.0, sigma_max: float = 10.0,
-                 schedule: str = "constant", feature: str = "pixel", latent: str = "z_t",
-                 feature_extractor: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 jsonl_path=None, eps: float = 1e-6):
-        if feature not in ("dino", "pixel", "latent"):
-            raise ValueError(f"repulsion_feature={feature!r}: expected dino, pixel or latent")
-        if latent not in ("z_t", "z0hat"):
-            raise ValueError(f"repulsion_latent={latent!r}: expected z_t or z0hat")
-        schedule_factor(sigma_max, sigma_break, sigma_max, schedule)  # validates the name
-        self.model, self.scale, self.sigma_break, self.sigma_max = model, float(scale), float(sigma_break), float(sigma_max)
-        self.schedule, self.feature, self.latent, self.eps = schedule, feature, latent, eps
-        self._extractor = feature_extractor
-        self.jsonl_path = jsonl_path
-        self._pending: Optional[Dict[str, Any]] = None
-        self._warned: set = set()
-        self._summary: Dict[int, Dict[str, Any]] = {}
+    def __init__(self, cfg: RepulsionConfig, model, feature_extractor: Optional[FeatureFn] = None):
+        self.cfg, self.model, self._extractor = cfg, model, feature_extractor
+        self._images: Dict[int, Dict[str, Any]] = {}   # image -> lines, active steps, time, distances
+        self._pending: Optional[Dict[str, Any]] = None  # this step's log, completed in on_step
 
     @classmethod
-    def from_config(cls, cfg, model, device, folder) -> "RepulsionModule":
+    def from_config(cls, cfg: RepulsionConfig, model, device) -> Optional["RepulsionHook"]:
+        """None at scale 0 without baseline logging: plain DAPS constructs nothing."""
+        if not cfg.needs_hook:
+            return None
         extractor = None
-        if str(cfg.repulsion_feature) == "dino":
+        if cfg.feature == "dino":
             from cores.dino import DinoFeatureExtractor
 
-            d = cfg.get("dino", {}) or {}
-            extractor = DinoFeatureExtractor(weights_path=str(d.get("weights_path")), resize=d.get("resize"),
-                                             normalize=bool(d.get("normalize", False)), device=device)
+            extractor = DinoFeatureExtractor(weights_path=cfg.dino.weights_path, resize=cfg.dino.resize,
+                                             normalize=cfg.dino.normalize, device=device)
             extractor.ensure_available()  # fail before heavy work, with the download hint
-        return cls(model, float(cfg.repulsion_scale), float(cfg.repulsion_sigma_break),
-                   float(cfg.sampler.annealing.sigma_max), str(cfg.repulsion_schedule), str(cfg.repulsion_feature),
-                   str(cfg.get("repulsion_latent", "z_t")), extractor,
-                   folder.jsonl("repulsion") if folder is not None else None)
+        return cls(cfg, model, extractor)
 
     # ------------------------------------------------------------------ features
     def features(self, z: torch.Tensor) -> torch.Tensor:
         """φ(z): (B, D) features of latents in the configured space."""
-        if self.feature == "latent":
+        if self.cfg.feature == "latent":
             return z.flatten(1)
         x = self.model.decode(z)
-        if self.feature == "pixel":
+        if self.cfg.feature == "pixel":
             return x.flatten(1)
         return self._extractor(x)
 
-    def _feature_latent(self, batch, sigma: float) -> torch.Tensor:
-        if self.latent == "z0hat":
-            with torch.no_grad():
-                return self.model.tweedie(batch.zt, torch.tensor(sigma, device=batch.zt.device, dtype=batch.zt.dtype))
-        return batch.zt
-
     def factor(self, sigma: float) -> float:
-        return self.scale * schedule_factor(sigma, self.sigma_break, self.sigma_max, self.schedule)
+        return self.cfg.scale * schedule_factor(sigma, self.cfg.sigma_break, self.cfg.sigma_max, self.cfg.schedule)
+
+    def _feature_latent(self, zt: torch.Tensor, sigma: float) -> Tuple[torch.Tensor, float]:
+        """(latent the features see, d latent / d z_t as a scalar)."""
+        if self.cfg.latent == "z0hat":
+            with torch.no_grad():
+                return self.model.tweedie(zt, torch.tensor(sigma, device=zt.device, dtype=zt.dtype)), 1.0
+        if self.cfg.latent == "z_t_vp":
+            c = 1.0 / math.sqrt(1.0 + sigma ** 2)
+            return zt * c, c
+        return zt, 1.0
+
+    def repulsion(self, zt: torch.Tensor, sigma: float, groups: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """r w.r.t. z_t (chain rule applied) and the kernel diagnostics."""
+        u, du_dz = self._feature_latent(zt, sigma)
+        r, diag = compute_repulsion_gradient(u, self.features, groups)
+        return (r * du_dz if du_dz != 1.0 else r), diag
 
     # ------------------------------------------------------------------ sampler interface
-    def update(self, pfode, batch, ctx) -> None:
-        """Install (ON) or clear (OFF) the repulsion for this step's PF-ODE solve."""
-        t0 = time.perf_counter()
+    def wrap_score(self, score_fn: ScoreFn, batch: ParticleBatch, ctx: StepContext) -> ScoreFn:
         lam = self.factor(ctx.sigma)
-        image_ids = batch.image_ids.detach().cpu()
         on = lam > 0 and len(batch) > 0
-        diag: Dict[str, Any] = {"per_group": {}}
-        r = None
+        logged = logged_step(ctx.step) and len(batch) > 0
+        if not (on or logged):
+            return score_fn
+        t0 = time.perf_counter()
+        groups = batch.image_ids.detach().cpu()
         if on:
-            r, diag = compute_repulsion_gradient(self._feature_latent(batch, ctx.sigma), self.features,
-                                                 image_ids, self.eps)
-            pfode.set_repulsion(r, lam)
+            r, diag = self.repulsion(batch.zt, ctx.sigma, groups)
+            if not torch.isfinite(r).all():
+                raise AssertionError("repulsion direction is not finite")
         else:
-            pfode.set_repulsion(None, 0.0)
-            lam = 0.0
+            r, lam = None, 0.0
+            with torch.no_grad():
+                diag = feature_statistics(self._feature_latent(batch.zt, ctx.sigma)[0], self.features, groups)
         if batch.zt.is_cuda:
             torch.cuda.synchronize(batch.zt.device)
-        elapsed = time.perf_counter() - t0
-        pfode.track_score_norm = True
-        pfode.on_ratio = self._ratio_callback(image_ids, ctx.step)
-        uniq = list(dict.fromkeys(image_ids.tolist()))
-        share = elapsed / max(1, len(uniq))
-        if on:
-            for img in uniq:
-                s = self._summary.setdefault(img, {"active_steps": 0, "total_time_sec": 0.0, "dists": []})
+        images = list(dict.fromkeys(groups.tolist()))
+        share = (time.perf_counter() - t0) / len(images)
+        for img in images:
+            s = self._image(img)
+            if on:
                 s["active_steps"] += 1
                 s["total_time_sec"] += share
                 dist = diag["per_group"].get(img, {}).get("mean_pairwise_dist")
                 if dist is not None:
                     s["dists"].append(dist)
+        score_norm: List[torch.Tensor] = []
         self._pending = {"step": ctx.step, "sigma": ctx.sigma, "on": on, "lam": lam, "r": r, "diag": diag,
-                         "image_ids": image_ids, "share": share} if logged_step(ctx.step) else None
-        if self._pending is not None and not on:
-            self._pending["off_dist"] = self._off_distances(batch, ctx.sigma, image_ids)
+                         "groups": groups, "share": share, "score_norm": score_norm} if logged else None
 
-    def _off_distances(self, batch, sigma: float, image_ids: torch.Tensor) -> Dict[int, Optional[float]]:
-        """Mean pairwise feature distance per image on logged OFF steps (no grad, diagnostics only)."""
-        with torch.no_grad():
-            f = self.features(self._feature_latent(batch, sigma)).flatten(1)
-        out: Dict[int, Optional[float]] = {}
-        for img in dict.fromkeys(image_ids.tolist()):
-            rows = (image_ids == img).nonzero().flatten().to(f.device)
-            fi = f[rows]
-            fi = fi[torch.isfinite(fi).all(1)]
-            n = fi.shape[0]
-            if n < 2:
-                out[img] = None
-                continue
-            d = torch.cdist(fi.double(), fi.double())
-            out[img] = float(d.sum() / (n * (n - 1)))
-        return out
+        def score_with_repulsion(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            score = score_fn(z, sigma)
+            first = not score_norm
+            if first:  # the step's first Euler evaluation, at σ_i
+                score_norm.append(score.flatten(1).norm(dim=1))
+            if r is None:
+                return score
+            if r.shape != score.shape:
+                raise AssertionError(f"repulsion shape {tuple(r.shape)} != score {tuple(score.shape)}")
+            push = lam * r
+            if first:
+                self._warn_ratio(push, score, groups, ctx.step)
+            return score + push
 
-    def _ratio_callback(self, image_ids: torch.Tensor, step: int) -> Callable[[torch.Tensor], None]:
-        def check(ratio: torch.Tensor) -> None:
-            bad = (ratio > RATIO_WARN).cpu()
-            for img in dict.fromkeys(image_ids[bad].tolist()):
-                if img not in self._warned:
-                    self._warned.add(img)
-                    warnings.warn(f"repulsion: image {img}, step {step}: ||λ·r|| / ||score|| = "
-                                  f"{float(ratio[(image_ids == img).to(ratio.device)].max()):.3g} > {RATIO_WARN:g} "
-                                  "(repulsion dominates the score; expect collapse)", RuntimeWarning, stacklevel=2)
-        return check
+        return score_with_repulsion
 
-    def after_ode(self, pfode, batch, ctx) -> None:
-        """Write this step's repulsion.jsonl lines (logged steps only), one per image."""
+    def on_step(self, batch: ParticleBatch, ctx: StepContext) -> None:
+        """Turn this step's pending measurements into repulsion.jsonl lines, one per image."""
         p, self._pending = self._pending, None
-        if p is None or p["step"] != ctx.step:
+        if p is None:
             return
-        score_norm = getattr(pfode, "first_score_norm", None)
-        ids = p["image_ids"]
-        for img in dict.fromkeys(ids.tolist()):
-            rows = (ids == img).nonzero().flatten()
-            sn = float(score_norm[rows.to(score_norm.device)].mean()) if score_norm is not None else None
-            if p["on"]:
-                rn = float(p["r"][rows.to(p["r"].device)].flatten(1).norm(dim=1).mean())
-                g = p["diag"]["per_group"].get(img, {})
-                dist, wm, wx, wnz = (g.get(k) for k in ("mean_pairwise_dist", "weights_mean", "weights_max",
-                                                         "weights_nonzero_frac"))
-            else:
-                rn, dist, wm, wx, wnz = 0.0, p["off_dist"].get(img), None, None, None
+        groups = p["groups"]
+        norms = p["score_norm"][0] if p["score_norm"] else None
+        for img in dict.fromkeys(groups.tolist()):
+            rows = (groups == img).nonzero().flatten()
+            sn = float(norms[rows.to(norms.device)].mean()) if norms is not None else None
+            g = p["diag"]["per_group"].get(img, {})
+            rn = float(p["r"][rows.to(p["r"].device)].flatten(1).norm(dim=1).mean()) if p["on"] else 0.0
             scaled = p["lam"] * rn
             line = {"image_idx": int(img), "step": int(p["step"]), "sigma": float(p["sigma"]),
                     "repulsion_on": bool(p["on"]), "repulsion_scale_used": float(p["lam"]),
                     "score_base_norm": sn, "repulsion_norm": rn, "scaled_repulsion_norm": scaled,
-                    "ratio_scaled_to_score": (scaled / sn) if sn else None,
-                    "repulsion_cleared": not p["on"], "mean_pairwise_dino_dist": dist, "weights_mean": wm,
-                    "weights_max": wx, "weights_nonzero_frac": wnz,
-                    "repulsion_time_sec": float(p["share"])}
-            if self.jsonl_path is not None:
-                from cores.outputs import append_jsonl
+                    "ratio_scaled_to_score": (scaled / sn) if sn else None, "repulsion_cleared": not p["on"],
+                    "mean_pairwise_dino_dist": g.get("mean_pairwise_dist"), "weights_mean": g.get("weights_mean"),
+                    "weights_max": g.get("weights_max"), "weights_nonzero_frac": g.get("weights_nonzero_frac"),
+                    "repulsion_time_sec": float(p["share"]), "feature": self.cfg.feature}
+            self._image(img)["lines"].append({k: _finite(v) for k, v in line.items()})
 
-                append_jsonl(self.jsonl_path, {k: _finite(v) for k, v in line.items()})
-
-    # ------------------------------------------------------------------ summaries
-    def image_summary(self, image_idx: int) -> Dict[str, Any]:
-        s = self._summary.get(int(image_idx), {"active_steps": 0, "total_time_sec": 0.0, "dists": []})
+    def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
+        s = self._images.pop(int(image_idx), None) or self._new_image()
         d = s["dists"]
-        return {"repulsion": {"active_steps": int(s["active_steps"]), "total_time_sec": float(s["total_time_sec"]),
-                              "mean_pairwise_dist": (sum(d) / len(d)) if d else None}}
+        summary = {"active_steps": int(s["active_steps"]), "total_time_sec": float(s["total_time_sec"]),
+                   "mean_pairwise_dist": (sum(d) / len(d)) if d else None, "ratio_warning": s["ratio_warning"]}
+        return ImageOutput(record={"repulsion": summary}, jsonl={"repulsion": s["lines"]})
 
-    def run_summary(self) -> Dict[str, Any]:
-        steps = [s["active_steps"] for s in self._summary.values()]
-        return {"repulsion": {"scale": self.scale, "sigma_break": self.sigma_break, "schedule": self.schedule,
-                              "feature": self.feature, "latent": self.latent, "images": len(self._summary),
-                              "active_steps_per_image": (sum(steps) / len(steps)) if steps else None,
-                              "total_time_sec": float(sum(s["total_time_sec"] for s in self._summary.values())),
-                              "ratio_warnings": sorted(self._warned)}}
+    def run_summary(self, records: List[Dict]) -> Dict:
+        c = self.cfg
+        return {"repulsion": {"scale": c.scale, "sigma_break": c.sigma_break, "schedule": c.schedule,
+                              "feature": c.feature, "latent": c.latent, "normalizer": c.normalizer,
+                              "log_baseline": c.log_baseline, **summarize(records)}}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _new_image() -> Dict[str, Any]:
+        return {"lines": [], "active_steps": 0, "total_time_sec": 0.0, "dists": [], "ratio_warning": False}
+
+    def _image(self, img: int) -> Dict[str, Any]:
+        return self._images.setdefault(int(img), self._new_image())
+
+    def _warn_ratio(self, push: torch.Tensor, score: torch.Tensor, groups: torch.Tensor, step: int) -> None:
+        """One warning per image when ||λ·r|| / ||score|| > RATIO_WARN (repulsion dominates the score)."""
+        ratio = (push.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)).cpu()
+        for img in dict.fromkeys(groups[ratio > RATIO_WARN].tolist()):
+            s = self._image(img)
+            if not s["ratio_warning"]:
+                s["ratio_warning"] = True
+                warnings.warn(f"repulsion: image {img}, step {step}: ||λ·r|| / ||score|| = "
+                              f"{float(ratio[groups == img].max()):.3g} > {RATIO_WARN:g} "
+                              "(repulsion dominates the score; expect collapse)", RuntimeWarning, stacklevel=2)
+
+
+def feature_statistics(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],
+                       groups: torch.Tensor, eps: float = 1e-6) -> Dict[str, Any]:
+    """The kernel diagnostics of `compute_repulsion_gradient` without any force (logged OFF steps)."""
+    f = feature_fn(latents).reshape(latents.shape[0], -1).detach()
+    labels = groups.tolist()
+    diag: Dict[str, Any] = {"per_group": {}}
+    for lab in dict.fromkeys(labels):
+        rows = [k for k, l in enumerate(labels) if l == lab]
+        good = [k for k in rows if bool(torch.isfinite(f[k]).all())]
+        bad = [k for k in rows if k not in good]
+        if len(good) < 2:
+            diag["per_group"][lab] = _empty_stats(len(rows), bad)
+            continue
+        _, _, stats = _group_kernel(f[torch.as_tensor(good, device=f.device)], eps)
+        diag["per_group"][lab] = {"num_particles": len(rows), "nonfinite_rows": bad, **stats}
+    return diag
+
+
+def summarize(records: List[Dict]) -> Dict[str, Any]:
+    """Run totals of repulsion from the image records (all images of the run, whoever computed them)."""
+    rep = [r["repulsion"] for r in records if isinstance(r.get("repulsion"), dict)]
+    if not rep:
+        return {"images": 0}
+    return {"images": len(rep), "active_steps_per_image": sum(x["active_steps"] for x in rep) / len(rep),
+            "total_time_sec": float(sum(x["total_time_sec"] for x in rep)),
+            "ratio_warnings": sorted(r["image_idx"] for r in records
+                                     if isinstance(r.get("repulsion"), dict) and r["repulsion"].get("ratio_warning"))}
 
 
 def _finite(v):

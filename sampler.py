@@ -1,18 +1,19 @@
 """LatentDAPS (Zhang et al., CVPR 2025) with hook points for the research additions.
 
-The loop below is the whole algorithm (SPEC §2); read it next to the paper:
+The loop in `latent_daps` is the whole algorithm; read it next to the paper:
 
     z_T ~ N(0, σ_max² I)                                    (one draw per particle)
     for i = 0 … N−1, σ = σ_i:
-        1. z0hat = PF-ODE(z_t; σ → 0.001), 2 Euler steps   (+ λ·r repulsion, SPEC §4.1)
+        1. z0hat = PF-ODE(z_t; σ → 0.001), 2 Euler steps   (hooks may add to the score: repulsion)
         2. z0y   = MCMC on p(z0 | z_t, y) started at z0hat
         3. z_t   = z0y + σ_{i+1}·ε                          (no noise after the last step)
     x = D_vae(z_t)
 
 Rows of the batch are (image, particle) pairs; every row owns its random
 stream (`cores.rng`), so a particle's path is independent of batching.
-Hooks observe or change the batch after each MCMC step (pruning may shrink
-it) and once at the end (latent optimisation); `callback` only observes.
+Hooks (`SamplerHook`) wrap the score, act after each MCMC step (pruning may
+shrink the batch) and once at the end (latent optimisation); `callback` only
+observes (timing, progress).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from cores.mcmc import MCMCConfig, run_mcmc
+from cores.config import DAPSConfig
+from cores.mcmc import run_mcmc
 from cores.rng import ParticleStreams
 from cores.scheduler import DiffusionPFODE, EDMScheduler
 
@@ -47,6 +49,11 @@ class ParticleBatch:
 
     def rows_of_image(self, image_id: int) -> torch.Tensor:
         return (self.image_ids == image_id).nonzero().flatten()
+
+    def log_nan_rows(self, rows: Sequence[int], step: int) -> None:
+        """Remember the MCMC's non-finite resets (reported per image in the record)."""
+        self.nan_events += [{"step": step, "image_idx": int(self.image_ids[r]), "particle": int(self.particle_ids[r]),
+                             "stage": "mcmc"} for r in rows]
 
     def keep(self, rows: Sequence[int]) -> "ParticleBatch":
         """Keep `rows` (in this order); returns the dropped rows as their own batch."""
@@ -81,74 +88,103 @@ class StepContext:
     operator: object
 
 
-class SamplerHook:
-    """Base hook: override what you need.  Hooks run in the order given."""
-
-    def on_step(self, batch: ParticleBatch, ctx: StepContext) -> None:  # after MCMC, before re-noising
-        pass
-
-    def on_end(self, batch: ParticleBatch, ctx: StepContext) -> None:  # after the last step, before decoding
-        pass
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
-class DAPSConfig:
-    num_steps: int = 50
-    sigma_max: float = 10.0
-    sigma_min: float = 0.1
-    ode_steps: int = 2
-    ode_sigma_min: float = 1e-3
-    timestep: str = "poly-7"
-    mcmc: MCMCConfig = field(default_factory=MCMCConfig)
-    record_trajectory: bool = False
+class ImageOutput:
+    """What a hook hands over for one finished image; the run folder writes it."""
+
+    record: Dict = field(default_factory=dict)                      # fields added to records/<idx>.json
+    jsonl: Dict[str, List[Dict]] = field(default_factory=dict)      # log name -> lines
+    trajectories: Dict[str, Dict[int, List[torch.Tensor]]] = field(default_factory=dict)  # folder -> particle -> z0y
+    scored_images: Dict[str, torch.Tensor] = field(default_factory=dict)  # name -> images scored as `psnr_<name>`
 
 
-def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, repulsion=None,
-                hooks: Sequence[SamplerHook] = (), callback: Optional[Callable] = None,
-                progress: Optional[Callable[[int], None]] = None) -> Dict:
-    """Run LatentDAPS in place on `batch`; returns timing records.  `batch.x` holds the result."""
-    anneal = EDMScheduler(cfg.num_steps, cfg.sigma_max, cfg.sigma_min, cfg.timestep)
-    sigmas = anneal.sigma_steps
-    sync = torch.cuda.synchronize if batch.zt.is_cuda else (lambda: None)
-    per_step_sec: List[float] = []
-    for i in range(cfg.num_steps):
-        t0 = time.perf_counter()
-        sigma = sigmas[i].to(batch.zt.device)
+class SamplerHook:
+    """The one interface of the research additions; every method has a no-op default.
+
+    The sampler calls `wrap_score` before each PF-ODE solve (guidance-style: return a new
+    score function), `on_step` after MCMC (the hook may shrink the batch with
+    `batch.keep`), and `on_end` before the final decode.  The pipeline then asks
+    `image_output` once per finished image and `run_summary` for the run totals.
+    """
+
+    def wrap_score(self, score_fn: ScoreFn, batch: ParticleBatch, ctx: StepContext) -> ScoreFn:
+        return score_fn
+
+    def on_step(self, batch: ParticleBatch, ctx: StepContext) -> None:
+        pass
+
+    def on_end(self, batch: ParticleBatch, ctx: StepContext) -> None:
+        pass
+
+    def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
+        """Record fields, log lines and trajectories of a finished image (`record` holds its metrics)."""
+        return ImageOutput()
+
+    def run_summary(self, records: List[Dict]) -> Dict:
+        """Run totals for metrics.json `metadata`, from every image record of the run."""
+        return {}
+
+
+Callback = Callable[[Dict], None]
+
+
+def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, hooks: Sequence[SamplerHook] = (),
+                callback: Optional[Callback] = None) -> None:
+    """Run LatentDAPS in place on `batch`; `batch.x` holds the decoded result.
+
+    `callback` observes: it gets {"stage", "step", "sigma", "time", "batch"} after each stage
+    ("start", "ode", "mcmc", "step"; "end" after the final decode)."""
+    a = cfg.annealing
+    sigmas = EDMScheduler(a.num_steps, a.sigma_max, a.sigma_min, a.timestep).sigma_steps
+    observe = _observer(callback, batch)
+    for i in range(a.num_steps if cfg.max_steps is None else min(cfg.max_steps, a.num_steps)):
         ctx = StepContext(i, float(sigmas[i]), float(sigmas[i - 1]) if i else None, float(sigmas[i + 1]),
-                          cfg.num_steps, model, operator)
-        # 1. reverse diffusion: z0hat from the PF-ODE (repulsion, when on, enters its drift)
-        pfode = DiffusionPFODE(model, EDMScheduler(cfg.ode_steps, sigmas[i], cfg.ode_sigma_min, cfg.timestep))
-        if repulsion is not None:
-            repulsion.update(pfode, batch, ctx)
-        batch.z0hat = pfode.sample(batch.zt)
-        if repulsion is not None and hasattr(repulsion, "after_ode"):
-            repulsion.after_ode(pfode, batch, ctx)  # logs with the score norm of this solve
-        # 2. MCMC on p(z0 | z_t, y), started at z0hat (DAPS: ratio = i / number of time points)
-        result = run_mcmc(model, operator, batch.y, batch.zt, batch.z0hat, sigma, i / anneal.num_steps,
-                          batch.streams, cfg.mcmc)
-        batch.z0y = result.z
-        batch.nan_events += [{"step": i, "image_idx": int(batch.image_ids[r]),
-                              "particle": int(batch.particle_ids[r]), "stage": "mcmc"} for r in result.nan_rows]
+                          a.num_steps, model, operator)
+        observe("start", ctx)
+        # 1. reverse diffusion: z0hat = PF-ODE(z_t; σ_i → σ_min^ode); hooks may add to the score (repulsion)
+        score = model.score
+        for hook in hooks:
+            score = hook.wrap_score(score, batch, ctx)
+        ode_sigmas = EDMScheduler(cfg.ode.num_steps, sigmas[i], cfg.ode.sigma_min, a.timestep)
+        batch.z0hat = DiffusionPFODE(score, ode_sigmas).sample(batch.zt)
+        observe("ode", ctx)
+        # 2. MCMC on p(z0 | z_t, y) started at z0hat (DAPS: lr ratio = i / number of time points)
+        mcmc = run_mcmc(model, operator, batch.y, batch.zt, batch.z0hat, sigmas[i].to(batch.zt.device),
+                        i / (a.num_steps + 1), batch.streams, cfg.mcmc)
+        batch.z0y = mcmc.z
+        batch.log_nan_rows(mcmc.nan_rows, i)
         if cfg.record_trajectory:
             batch.trajectory.append(batch.z0y.detach().cpu())
+        observe("mcmc", ctx)
         for hook in hooks:
             hook.on_step(batch, ctx)
-        # 3. forward diffusion to the next noise level
-        if i < cfg.num_steps - 1:
+        # 3. forward diffusion to the next noise level (no noise after the last step)
+        if i < a.num_steps - 1:
             batch.zt = batch.z0y + sigmas[i + 1].to(batch.zt.device) * batch.streams.randn_like(batch.z0y)
         else:
             batch.zt = batch.z0y
-        sync()
-        per_step_sec.append(time.perf_counter() - t0)
-        if callback is not None:
-            callback(batch, ctx)
-        if progress is not None:
-            progress(1)
+        observe("step", ctx)
     for hook in hooks:
         hook.on_end(batch, ctx)
     with torch.no_grad():
         batch.x = model.decode(batch.zt)
-    return {"per_step_sec": per_step_sec}
+    observe("end", ctx)
+
+
+def _observer(callback: Optional[Callback], batch: ParticleBatch) -> Callable[[str, StepContext], None]:
+    """Calls `callback` with a timestamp taken after the GPU finished the stage (no-op without one)."""
+    if callback is None:
+        return lambda stage, ctx: None
+    sync = torch.cuda.synchronize if batch.zt.is_cuda else (lambda: None)
+
+    def observe(stage: str, ctx: StepContext) -> None:
+        sync()
+        callback({"stage": stage, "step": ctx.step, "sigma": ctx.sigma, "time": time.perf_counter(),
+                  "batch": batch})
+    return observe
 
 
 def initial_batch(model, y_per_image: torch.Tensor, image_ids: Sequence[int], num_particles: int,

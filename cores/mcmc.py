@@ -1,4 +1,4 @@
-"""MCMC on p(z0 | z_t, y) with DAPS semantics (SPEC §2, step 2).
+"""MCMC on p(z0 | z_t, y) with DAPS semantics (DAPS, step 2 of the loop in `sampler.py`).
 
     log p(z0 | z_t, y) = −L(D_vae(z0), y) / (2τ²) − ||z0 − z0hat||² / (2σ²) + const
 
@@ -29,6 +29,14 @@ class MCMCConfig:
     momentum: float = 0.41  # HMC only
     grad_clamp: float = 1.0
 
+    def __post_init__(self) -> None:
+        from cores.errors import ConfigError
+
+        if self.algo not in ("langevin", "hmc"):
+            raise ConfigError(f"sampler.mcmc.algo={self.algo}: expected langevin or hmc")
+        if self.num_steps < 0:
+            raise ConfigError(f"sampler.mcmc.num_steps={self.num_steps} must be >= 0")
+
     def lr_at(self, ratio: float) -> float:
         return self.lr * (1.0 + ratio * (self.lr_min_ratio - 1.0))
 
@@ -36,7 +44,6 @@ class MCMCConfig:
 @dataclass
 class MCMCResult:
     z: torch.Tensor
-    loss: torch.Tensor  # (B,) data loss at the last gradient evaluation
     nan_rows: List[int] = field(default_factory=list)  # rows reset to z0hat this call
 
 
@@ -58,8 +65,6 @@ def run_mcmc(model, operator, y: torch.Tensor, zt: torch.Tensor, z0hat: torch.Te
              sigma: torch.Tensor, ratio: float, streams: ParticleStreams, cfg: MCMCConfig) -> MCMCResult:
     """Sample z0y starting at z0hat.  A particle whose state turns non-finite is reset
     to its z0hat and frozen for the rest of this call; the other rows go on untouched."""
-    if cfg.algo not in ("langevin", "hmc"):
-        raise ValueError(f"sampler.mcmc.algo={cfg.algo!r}: expected 'langevin' or 'hmc'")
     lr = cfg.lr_at(ratio)
     z0hat = z0hat.detach()
     prior_score = (z0hat - zt) / sigma ** 2
@@ -67,9 +72,8 @@ def run_mcmc(model, operator, y: torch.Tensor, zt: torch.Tensor, z0hat: torch.Te
     velocity = streams.randn_like(z) if cfg.algo == "hmc" else None
     alive = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     nan_rows: List[int] = []
-    loss = torch.zeros(z.shape[0], device=z.device)
     for _ in range(cfg.num_steps):
-        grad, loss = data_gradient(model, operator, z, y, cfg.grad_clamp)
+        grad, _ = data_gradient(model, operator, z, y, cfg.grad_clamp)
         score = -grad / cfg.tau ** 2 + (zt - z) / sigma ** 2 + prior_score
         eps = streams.randn_like(z)
         if velocity is None:
@@ -84,4 +88,4 @@ def run_mcmc(model, operator, y: torch.Tensor, zt: torch.Tensor, z0hat: torch.Te
             alive &= ~bad
             z = torch.where(bad.view(-1, 1, 1, 1), z0hat, z)
         z = torch.where(alive.view(-1, 1, 1, 1), z_new, z)
-    return MCMCResult(z.detach(), loss, nan_rows)
+    return MCMCResult(z.detach(), nan_rows)

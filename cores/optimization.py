@@ -1,4 +1,4 @@
-"""ReSample-style hard data consistency on the final latents (SPEC §4.3, Exp4).
+"""ReSample-style hard data consistency on the final latents (Exp4).
 
 After the last annealing step every particle's latent z is optimised with
 AdamW on its own loss `mean((A(D_vae(z)) − y)²)`.  Iteration t evaluates the
@@ -31,19 +31,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from cores.outputs import append_jsonl
-from sampler import ParticleBatch, SamplerHook, StepContext
+from cores.config import OptimizationConfig
+from cores.vram import VramMeter
+from sampler import ImageOutput, ParticleBatch, SamplerHook, StepContext
 
-PLATEAU_WINDOW = 200
-
-
-@dataclass
-class OptimizationConfig:
-    lr: float = 5e-3
-    eps: float = 1e-3
-    max_iters: int = 500
-    weight_decay: float = 0.01
-    plateau_window: int = PLATEAU_WINDOW
+__all__ = ["OptimizationConfig", "OptimizationHook", "optimize_latents", "per_particle_mse", "summarize"]
 
 
 @dataclass
@@ -55,11 +47,16 @@ class OptimizationResult:
     reasons: List[str]
     accepted: List[bool]
     time_sec: float
+    x_init: Optional[torch.Tensor] = None   # decoded starting latents (CPU), the first loss evaluation's decode
 
 
 def per_particle_mse(model, operator, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """mean((A(D_vae(z)) − y)²) over the non-batch dims, one value per row."""
-    return (operator(model.decode(z)) - y).pow(2).flatten(1).mean(-1)
+    return _mse(operator, model.decode(z), y)
+
+
+def _mse(operator, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (operator(x) - y).pow(2).flatten(1).mean(-1)
 
 
 def optimize_latents(model, operator, z0: torch.Tensor, y: torch.Tensor,
@@ -77,6 +74,7 @@ def optimize_latents(model, operator, z0: torch.Tensor, y: torch.Tensor,
     iters = [0] * B
     reasons = [""] * B
     frozen = z0.clone()                        # rows' values at the moment they stopped
+    x_init: Optional[torch.Tensor] = None
     eps2 = cfg.eps ** 2
 
     def stop(rows: torch.Tensor, why: str, losses: torch.Tensor) -> None:
@@ -90,7 +88,10 @@ def optimize_latents(model, operator, z0: torch.Tensor, y: torch.Tensor,
     for t in range(cfg.max_iters + 1):
         opt.zero_grad(set_to_none=True)
         with torch.set_grad_enabled(t < cfg.max_iters):  # the last evaluation only measures
-            losses_dev = per_particle_mse(model, operator, z, y)
+            x = model.decode(z)
+            if t == 0:
+                x_init = x.detach().float().cpu()
+            losses_dev = _mse(operator, x, y)
             if t < cfg.max_iters:
                 # sum, not mean: each row's gradient is its own; non-finite rows contribute nothing
                 finite_dev = torch.isfinite(losses_dev)
@@ -119,45 +120,31 @@ def optimize_latents(model, operator, z0: torch.Tensor, y: torch.Tensor,
         z_out = torch.where(accepted.to(z.device).view(-1, *[1] * (z.dim() - 1)), frozen, z0)
     num = lambda v: float(v) if math.isfinite(float(v)) else None  # noqa: E731
     return OptimizationResult(z_out.detach(), [num(v) for v in init], [num(v) for v in final], iters, reasons,
-                              accepted.tolist(), time.perf_counter() - t0)
+                              accepted.tolist(), time.perf_counter() - t0, x_init)
 
 
 class OptimizationHook(SamplerHook):
-    """on_end: optimise every particle's final latent; logs `optimization.jsonl` and a run summary."""
+    """on_end: optimise every particle's final latent; logs `optimization.jsonl` and the PSNR before."""
 
-    def __init__(self, cfg: OptimizationConfig, folder=None):
+    def __init__(self, cfg: OptimizationConfig, vram: Optional[VramMeter] = None):
         self.cfg = cfg
-        self.folder = folder
-        self.records: Dict[int, Dict] = {}
-        self.vram_segments: Dict[str, float] = {}
-        self._totals = {"images": 0, "particles": 0, "iters": 0, "accepted": 0, "time": 0.0}
-        self._reasons: Counter = Counter()
-        self.last_result: Optional[OptimizationResult] = None
+        self.vram = vram or VramMeter(torch.device("cpu"))
+        self._images: Dict[int, Dict] = {}   # image_idx -> optimization.jsonl line + particle ids + x_init
 
     @classmethod
-    def from_config(cls, cfg, folder=None) -> "OptimizationHook":
-        return cls(OptimizationConfig(lr=float(cfg.optimization_lr), eps=float(cfg.optimization_eps),
-                                      max_iters=int(cfg.optimization_max_iters),
-                                      weight_decay=float(cfg.get("optimization_weight_decay", 0.01))), folder)
+    def from_config(cls, cfg: OptimizationConfig, vram: Optional[VramMeter] = None) -> Optional["OptimizationHook"]:
+        return cls(cfg, vram) if cfg.enabled else None
 
     def on_end(self, batch: ParticleBatch, ctx: StepContext) -> None:
-        dev = batch.zt.device
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        self.vram.mark()  # the sampling phase's peak goes to the run peak; the segment starts here
         res = optimize_latents(ctx.model, ctx.operator, batch.zt, batch.y, self.cfg)
         batch.zt = res.z
-        self.last_result = res
-        if dev.type == "cuda":
-            mb = torch.cuda.max_memory_allocated(dev) / 2 ** 20
-            self.vram_segments["optimization"] = max(mb, self.vram_segments.get("optimization", 0.0))
-        images: List[int] = []
-        for v in batch.image_ids.tolist():
-            if int(v) not in images:
-                images.append(int(v))
+        self.vram.mark("optimization")
+        images = list(dict.fromkeys(batch.image_ids.tolist()))
         for img in images:
             rows = sorted(batch.rows_of_image(img).tolist(), key=lambda r: int(batch.particle_ids[r]))
             acc = [res.accepted[r] for r in rows]
-            rec = {
+            line = {
                 "image_idx": img,
                 "init_losses": [res.init_losses[r] for r in rows],
                 "final_losses": [res.final_losses[r] for r in rows],
@@ -169,31 +156,35 @@ class OptimizationHook(SamplerHook):
                 "total_time_seconds": res.time_sec / len(images),  # images of a batch share its time
                 "lr": self.cfg.lr, "eps": self.cfg.eps, "max_iters": self.cfg.max_iters,
             }
-            self.records[img] = {**rec, "particle_ids": [int(batch.particle_ids[r]) for r in rows]}
-            if self.folder is not None:
-                append_jsonl(self.folder.jsonl("optimization"), rec)
-            self._totals["images"] += 1
-        self._totals["particles"] += len(batch)
-        self._totals["iters"] += sum(res.final_iters)
-        self._totals["accepted"] += sum(res.accepted)
-        self._totals["time"] += res.time_sec
-        self._reasons.update(res.reasons)
+            self._images[img] = {"line": line, "particle_ids": [int(batch.particle_ids[r]) for r in rows],
+                                 "x_init": res.x_init[rows] if res.x_init is not None else None}
 
-    def image_summary(self, image_idx: int) -> Dict:
-        r = self.records.get(int(image_idx))
-        if r is None:
-            return {}
-        keys = ("particle_ids", "init_losses", "final_losses", "final_iters", "termination_reasons",
-                "accepted_mask", "total_time_seconds")
-        return {"optimization": {k: r[k] for k in keys}}
+    def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
+        s = self._images.pop(int(image_idx), None)
+        if s is None:
+            return ImageOutput()
+        keys = ("init_losses", "final_losses", "final_iters", "termination_reasons", "accepted_mask",
+                "total_time_seconds")
+        summary = {"particle_ids": s["particle_ids"], **{k: s["line"][k] for k in keys}}
+        # scored against the ground truth by the pipeline, in the order of the record's particles
+        order = [s["particle_ids"].index(p) for p in record["particle_ids"]]
+        before = {"before_optimization": s["x_init"][order]} if s["x_init"] is not None else {}
+        return ImageOutput(record={"optimization": summary}, jsonl={"optimization": [s["line"]]},
+                           scored_images=before)
 
-    def run_summary(self) -> Dict:
-        t = self._totals
-        n = max(1, t["particles"])
-        return {"optimization": {
-            "lr": self.cfg.lr, "eps": self.cfg.eps, "max_iters": self.cfg.max_iters,
-            "weight_decay": self.cfg.weight_decay, "num_images": t["images"], "num_particles": t["particles"],
-            "total_iters": t["iters"], "mean_iters": t["iters"] / n, "num_accepted": t["accepted"],
-            "accepted_rate": t["accepted"] / n if t["particles"] else None,
-            "total_time_sec": t["time"], "termination_counts": dict(self._reasons),
-        }}
+    def run_summary(self, records: List[Dict]) -> Dict:
+        c = self.cfg
+        return {"optimization": {"lr": c.lr, "eps": c.eps, "max_iters": c.max_iters,
+                                 "weight_decay": c.weight_decay, **summarize(records)}}
+
+
+def summarize(records: List[Dict]) -> Dict:
+    """Run totals of the optimisation from the image records."""
+    opt = [r["optimization"] for r in records if isinstance(r.get("optimization"), dict)]
+    iters = [i for o in opt for i in o["final_iters"]]
+    accepted = sum(bool(a) for o in opt for a in o["accepted_mask"])
+    return {"num_images": len(opt), "num_particles": len(iters), "total_iters": sum(iters),
+            "mean_iters": sum(iters) / max(1, len(iters)), "num_accepted": accepted,
+            "accepted_rate": accepted / len(iters) if iters else None,
+            "total_time_sec": float(sum(o["total_time_seconds"] for o in opt)),
+            "termination_counts": dict(Counter(w for o in opt for w in o["termination_reasons"]))}

@@ -1,8 +1,17 @@
-"""Config → objects → run → outputs.  `posterior_sample.py` calls `run(cfg)`."""
+"""Config → objects → loop → records → files.  `posterior_sample.py` calls `run(cfg)`.
+
+1. `build_run_config` + `validate_config`: typed settings, one-line errors, before any work.
+2. `prepare_folder`: the run folder (resume, shards, ranks).
+3. `build_model`, `get_operator`, `build_hooks`: the objects.
+4. per batch of images: `latent_daps` (the loop) → `image_record` + each hook's
+   `image_output` (record fields, log lines, trajectories) → `RunFolder` writes them.
+5. `write_summary`: metrics.json and the grid rebuilt from every record on disk.
+"""
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,32 +22,32 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from cores.config import RunConfig, build_run_config
 from cores.data import ImageFolder
-from cores.evaluation import image_record
-from cores.mcmc import MCMCConfig
+from cores.errors import ConfigError
+from cores.evaluation import finite_or_none, image_record, psnr
 from cores.models import build_model
 from cores.operators import get_operator
 from cores.outputs import to_uint8
 from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
-from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps
+from cores.vram import VramMeter
+from sampler import SamplerHook, initial_batch, latent_daps
+
+__all__ = ["ConfigError", "run", "build_hooks", "measure_images", "shard_ids", "resolve_device", "write_summary"]
 
 
-class ConfigError(ValueError):
-    """A bad setting, reported as one line before any heavy work."""
-
-
-def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
-    """The configured device; under torchrun `auto`/`cuda` mean cuda:LOCAL_RANK."""
-    if cfg.get("use_tpu", False):
+def resolve_device(config: RunConfig, local_rank: int = 0) -> torch.device:
+    """The configured device; under torchrun `auto`/`cuda` mean cuda:LOCAL_RANK; `use_tpu` → XLA."""
+    if config.use_tpu:
         try:
-            import torch_xla.core.xla_model as xm  # noqa: F401
+            import torch_xla.core.xla_model as xm
         except ImportError:
-            raise ConfigError("use_tpu=true but torch_xla is not installed") from None
-        raise ConfigError("use_tpu=true: TPU execution is not implemented yet")
-    if cfg.get("deterministic", False):
+            raise ConfigError("use_tpu=true needs torch_xla (pip install torch_xla), which is not installed") from None
+        return torch.device(xm.xla_device())
+    if config.deterministic:
         set_deterministic()
-    dev = str(cfg.get("device", "auto"))
+    dev = config.device
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={dev} requested but CUDA is not available on this machine")
     if dev == "auto" and not torch.cuda.is_available():
@@ -54,8 +63,6 @@ def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
 def set_deterministic() -> None:
     """Deterministic cuDNN/cuBLAS kernels: a GPU result then does not vary between runs or
     processes (CPU results are deterministic anyway).  Must run before the first CUDA call."""
-    import os
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -65,18 +72,6 @@ def set_deterministic() -> None:
     torch.backends.cuda.enable_flash_sdp(False)
 
 
-def daps_config(sampler_cfg: DictConfig, record_trajectory: bool) -> DAPSConfig:
-    a, o, m = sampler_cfg.annealing, sampler_cfg.ode, sampler_cfg.mcmc
-    return DAPSConfig(
-        num_steps=int(a.num_steps), sigma_max=float(a.sigma_max), sigma_min=float(a.sigma_min),
-        timestep=str(a.timestep), ode_steps=int(o.num_steps), ode_sigma_min=float(o.sigma_min),
-        mcmc=MCMCConfig(algo=str(m.algo), num_steps=int(m.num_steps), lr=float(m.lr), tau=float(m.tau),
-                        lr_min_ratio=float(m.lr_min_ratio), momentum=float(m.momentum),
-                        grad_clamp=float(m.grad_clamp)),
-        record_trajectory=record_trajectory,
-    )
-
-
 def shard_ids(ids: Sequence[int], shard: int, num_shards: int) -> List[int]:
     """Contiguous block `shard` of `num_shards` (cluster multiruns sweep `shard`, not start/end ids)."""
     n = len(ids)
@@ -84,23 +79,37 @@ def shard_ids(ids: Sequence[int], shard: int, num_shards: int) -> List[int]:
     return list(ids[lo:hi])
 
 
-def build_extras(cfg: DictConfig, model, device: torch.device, folder: RunFolder):
-    """Repulsion module and sampler hooks named by the config (None / [] when off)."""
-    repulsion = None
-    if float(cfg.repulsion_scale) != 0.0:
-        from repulsion import RepulsionModule
+def build_hooks(config: RunConfig, model, device: torch.device, vram: VramMeter) -> List[SamplerHook]:
+    """The research additions that are on, in loop order (none: plain DAPS)."""
+    from cores.optimization import OptimizationHook
+    from cores.pruning import PruningHook
+    from repulsion import RepulsionHook
 
-        repulsion = RepulsionModule.from_config(cfg, model, device, folder)
-    hooks: List[SamplerHook] = []
-    if int(cfg.pruning_step) >= 0:
-        from cores.pruning import PruningHook
+    hooks = [RepulsionHook.from_config(config.repulsion, model, device),
+             PruningHook.from_config(config.pruning, vram),
+             OptimizationHook.from_config(config.optimization, vram)]
+    return [h for h in hooks if h is not None]
 
-        hooks.append(PruningHook.from_config(cfg, folder))
-    if int(cfg.hard_data_consistency) == 1:
-        from cores.optimization import OptimizationHook
 
-        hooks.append(OptimizationHook.from_config(cfg, folder))
-    return repulsion, hooks
+def feature_totals(config: RunConfig, records: List[Dict]) -> Dict:
+    """Run totals of each addition that is on (its settings + its own `summarize(records)`)."""
+    from cores import optimization, pruning
+    import repulsion
+
+    out: Dict = {}
+    r, p, o = config.repulsion, config.pruning, config.optimization
+    if r.needs_hook:
+        out["repulsion"] = {"scale": r.scale, "sigma_break": r.sigma_break, "schedule": r.schedule,
+                            "feature": r.feature, "latent": r.latent, "normalizer": r.normalizer,
+                            "log_baseline": r.log_baseline, **repulsion.summarize(records)}
+    if p.on:
+        out["pruning"] = {"mode": p.mode, "criterion": p.criterion, "keep": p.keep, "step": p.step,
+                          "diversity_tol": p.diversity_tol, "feature": p.feature,
+                          "sigma_break_trigger": p.sigma_break, **pruning.summarize(records)}
+    if o.enabled:
+        out["optimization"] = {"lr": o.lr, "eps": o.eps, "max_iters": o.max_iters, "weight_decay": o.weight_decay,
+                               **optimization.summarize(records)}
+    return out
 
 
 def git_commit() -> Optional[str]:
@@ -119,15 +128,44 @@ def measure_images(operator, gt: torch.Tensor, image_ids: Sequence[int], seed: i
     return torch.cat(ys)
 
 
-def run_batch(cfg, model, operator, dataset: ImageFolder, image_ids: List[int], daps: DAPSConfig,
-              repulsion, hooks, folder: RunFolder, device, progress) -> None:
+def decode_frames(model, latents: List[torch.Tensor], every: int, device) -> List:
+    """Decode recorded z0y latents (every `every`-th step and the last) into uint8 frames."""
+    every = max(1, every)
+    picked = latents[::every] + ([latents[-1]] if (len(latents) - 1) % every else [])
+    with torch.no_grad():
+        return [to_uint8(model.decode(z.unsqueeze(0).to(device))[0]) for z in picked]
+
+
+class StepTimer:
+    """The sampler callback of a run: per-step wall time, progress bar, XLA step marker."""
+
+    def __init__(self, pbar: tqdm, images: int, xla_mark_step=None):
+        self.pbar, self.images, self.mark_step = pbar, images, xla_mark_step
+        self.per_step_sec: List[float] = []
+        self._t0 = 0.0
+
+    def __call__(self, info: Dict) -> None:
+        if info["stage"] == "start":
+            self._t0 = info["time"]
+        elif info["stage"] == "step":
+            if self.mark_step is not None:
+                self.mark_step()
+            self.per_step_sec.append(info["time"] - self._t0)
+            self.pbar.update(self.images)
+
+
+def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_ids: List[int],
+              hooks: List[SamplerHook], folder: RunFolder, device, pbar: tqdm) -> None:
+    """Sample one batch of images and write each image's files and record."""
     x = torch.stack([dataset[i - dataset.start_id] for i in image_ids]).to(device)
     with torch.no_grad():
         gt = model.reference_image(x)
-    y = measure_images(operator, gt, image_ids, int(cfg.seed))
-    batch = initial_batch(model, y, image_ids, int(cfg.num_samples), int(cfg.seed), daps.sigma_max, device)
+    y = measure_images(operator, gt, image_ids, config.seed)
+    batch = initial_batch(model, y, image_ids, config.num_samples, config.seed, config.sampler.annealing.sigma_max,
+                          device)
+    timer = StepTimer(pbar, len(image_ids), _xla_mark_step() if config.use_tpu else None)
     t0 = time.perf_counter()
-    timing = latent_daps(model, operator, batch, daps, repulsion=repulsion, hooks=hooks, progress=progress)
+    latent_daps(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
     elapsed = time.perf_counter() - t0
     with torch.no_grad():
         losses = operator.loss(batch.x, batch.y)
@@ -135,33 +173,34 @@ def run_batch(cfg, model, operator, dataset: ImageFolder, image_ids: List[int], 
     for k, idx in enumerate(image_ids):
         rows = batch.rows_of_image(idx)
         pids = batch.particle_ids[rows].tolist()
-        rec = image_record(idx, batch.x[rows].cpu(), gt[k].cpu(), losses[rows].cpu(), pids,
-                           float(cfg.eval.success_psnr), bool(cfg.eval.lpips))
+        ev = config.eval
+        rec = image_record(idx, batch.x[rows].cpu(), gt[k].cpu(), losses[rows].cpu(), pids, ev.success_psnr,
+                           ev.lpips)
         rec["time_sec"] = elapsed * share
-        rec["timing"] = {"per_step_sec": [t * share for t in timing["per_step_sec"]],
-                         "batch_images": len(image_ids)}
+        rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}
         rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
-        for hook in hooks + ([repulsion] if repulsion is not None else []):
-            if hasattr(hook, "image_summary"):
-                rec.update(hook.image_summary(idx))
-        for hook in hooks:  # e.g. pruning regret, which needs the final per-particle PSNRs
-            if hasattr(hook, "finalize_record"):
-                hook.finalize_record(rec)
-        if cfg.save_traj and batch.trajectory:
-            save_trajectory(folder, "trajectory", model, batch.trajectory, rows, idx, pids,
-                            int(cfg.traj_every), device)
-        folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), bool(cfg.save_samples))
+        logs: Dict[str, List[Dict]] = {}
+        frames: Dict[str, Dict[int, List]] = {}
+        if config.save_traj and batch.trajectory:
+            frames["trajectory"] = {p: decode_frames(model, [t[int(r)] for t in batch.trajectory], config.traj_every,
+                                                     device) for p, r in zip(pids, rows.tolist())}
+        for hook in hooks:
+            out = hook.image_output(idx, rec)
+            rec.update(out.record)
+            for name, lines in out.jsonl.items():
+                logs.setdefault(name, []).extend(lines)
+            for sub, per_particle in out.trajectories.items():
+                frames[sub] = {p: decode_frames(model, z, config.traj_every, device) for p, z in per_particle.items()}
+            for name, images in out.scored_images.items():
+                rec[f"psnr_{name}"] = [finite_or_none(v) for v in psnr(torch.nan_to_num(images), gt[k].cpu()).tolist()]
+        folder.write_logs_and_trajectories(idx, logs, frames)
+        folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), config.save_samples)
 
 
-def save_trajectory(folder: RunFolder, sub: str, model, trajectory: List[torch.Tensor], rows,
-                    image_idx: int, particle_ids: List[int], every: int, device) -> None:
-    """Decode the recorded z0y latents (only here, only every `every` steps) into one strip per particle."""
-    picked = trajectory[::max(1, every)] + ([trajectory[-1]] if (len(trajectory) - 1) % max(1, every) else [])
-    with torch.no_grad():
-        for j, p in enumerate(particle_ids):
-            r = int(rows[j])
-            frames = [to_uint8(model.decode(z[r:r + 1].to(device))[0]) for z in picked]
-            folder.write_trajectory(sub, image_idx, p, frames)
+def _xla_mark_step():
+    import torch_xla.core.xla_model as xm
+
+    return xm.mark_step
 
 
 def run(cfg: DictConfig) -> Dict:
@@ -175,16 +214,18 @@ def run(cfg: DictConfig) -> Dict:
     from cores.resume import prepare_folder
     from cores.validation import validate_config, validate_inputs
 
-    validate_config(cfg)
+    config = build_run_config(cfg)
+    validate_config(config)
     rank = distributed.env_info()
-    device = resolve_device(cfg, rank.local_rank)
-    folder = RunFolder(Path(cfg.save_dir) / str(cfg.name))
-    dataset = ImageFolder(cfg.data.root, int(cfg.data.resolution), int(cfg.data.start_id), cfg.data.end_id)
-    validate_inputs(cfg, dataset)
-    ids = shard_ids(dataset.indices, int(cfg.shard), int(cfg.num_shards))
+    device = resolve_device(config, rank.local_rank)
+    folder = RunFolder(Path(config.save_dir) / config.name)
+    d = config.data
+    dataset = ImageFolder(d.root, d.resolution, d.start_id, d.end_id)
+    validate_inputs(config, dataset)
+    ids = shard_ids(dataset.indices, config.shard, config.num_shards)
     if not ids:
-        raise ConfigError(f"shard={cfg.shard}, num_shards={cfg.num_shards}: the {len(dataset)} image(s) of "
-                          f"data.start_id={cfg.data.start_id}..data.end_id={cfg.data.end_id} leave this shard empty")
+        raise ConfigError(f"shard={config.shard}, num_shards={config.num_shards}: the {len(dataset)} image(s) of "
+                          f"data.start_id={d.start_id}..data.end_id={d.end_id} leave this shard empty")
     distributed.setup(device)
     try:
         verdict = None
@@ -198,15 +239,17 @@ def run(cfg: DictConfig) -> Dict:
             raise ConfigError(verdict[1])
         todo = shard_ids(verdict[1], rank.rank, rank.world_size)
         start, t_start = _dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
-        model, repulsion, hooks = None, None, []
+        vram = VramMeter(device)
         if todo:
-            model, repulsion, hooks = sample_images(cfg, todo, dataset, folder, device, rank.is_main, start)
-        meta = run_metadata(cfg, device, start, hooks, repulsion)
+            sample_images(config, cfg, todo, dataset, folder, device, vram, rank.is_main, start)
+        meta = run_metadata(device, start, vram)
         meta["metadata"]["wall_time_sec"] = time.perf_counter() - t_start
         metas = distributed.gather(meta)  # also waits until every rank has written its records
         if rank.is_main:
-            metrics = write_summary(folder, merge_metadata(metas), int(cfg.grid_max_images))
-            print(summary_table(metrics, folder.root))
+            metrics = write_summary(folder, config, merge_metadata(metas))
+            from cores.console import format_summary
+
+            print(format_summary(metrics, folder.root))
         distributed.barrier()
         if not rank.is_main:
             metrics = json.loads((folder.root / "metrics.json").read_text())
@@ -215,88 +258,40 @@ def run(cfg: DictConfig) -> Dict:
         distributed.teardown()
 
 
-def sample_images(cfg: DictConfig, todo: List[int], dataset: ImageFolder, folder: RunFolder,
-                  device: torch.device, show_progress: bool, start: str):
-    """Build the model and sample `todo` batch by batch, writing each image as it finishes."""
-    model = build_model(cfg.model, device)
+def sample_images(config: RunConfig, cfg: DictConfig, todo: List[int], dataset: ImageFolder, folder: RunFolder,
+                  device: torch.device, vram: VramMeter, show_progress: bool, start: str) -> None:
+    """Build the objects and sample `todo` batch by batch, writing each image as it finishes."""
     from cores.speed import apply_speed
 
-    apply_speed(model, cfg.get("speed"))  # speed switches (all off = the exact path)
-    if model.image_resolution != int(cfg.data.resolution):
-        raise ConfigError(f"data.resolution={cfg.data.resolution} but model {cfg.model.name} renders "
+    model = build_model(cfg.model, device)
+    apply_speed(model, config.speed)  # speed switches (all off = the exact path)
+    if model.image_resolution != config.data.resolution:
+        raise ConfigError(f"data.resolution={config.data.resolution} but model {config.model.get('name')} renders "
                           f"{model.image_resolution} px images")
-    operator = get_operator(**OmegaConf.to_container(cfg.task, resolve=True))
-    daps = daps_config(cfg.sampler, bool(cfg.save_traj))
-    repulsion, hooks = build_extras(cfg, model, device, folder)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bs = max(1, int(cfg.batch_size))
-    with tqdm(total=len(todo) * daps.num_steps, desc=str(cfg.name), unit="img·step", file=sys.stderr,
+    operator = get_operator(**config.task)
+    hooks = build_hooks(config, model, device, vram)
+    vram.start()
+    bs = config.batch_size
+    steps = config.sampler.annealing.num_steps
+    with tqdm(total=len(todo) * steps, desc=config.name, unit="img·step", file=sys.stderr,
               disable=not show_progress) as pbar:
         for k in range(0, len(todo), bs):
-            chunk = todo[k:k + bs]
-            run_batch(cfg, model, operator, dataset, chunk, daps, repulsion, hooks, folder, device,
-                      lambda n, c=len(chunk): pbar.update(n * c))
+            run_batch(config, model, operator, dataset, todo[k:k + bs], hooks, folder, device, pbar)
             if show_progress:  # one writer of the intermediate summary (rank 0)
-                write_summary(folder, run_metadata(cfg, device, start, hooks, repulsion), int(cfg.grid_max_images))
-    return model, repulsion, hooks
+                write_summary(folder, config, run_metadata(device, start, vram))
 
 
 def numerics_summary(records: List[Dict]) -> Dict:
     """Counts of non-finite events (MCMC resets, non-finite final particles) over the run."""
-    nan_images = [r["image_idx"] for r in records if r.get("nan_events")]
-    bad_images = [r["image_idx"] for r in records if r.get("non_finite_particles")]
     return {
         "nan_events": sum(len(r.get("nan_events", [])) for r in records),
-        "images_with_nan_events": nan_images,
+        "images_with_nan_events": [r["image_idx"] for r in records if r.get("nan_events")],
         "non_finite_particles": sum(len(r.get("non_finite_particles", [])) for r in records),
-        "images_with_non_finite_particles": bad_images,
+        "images_with_non_finite_particles": [r["image_idx"] for r in records if r.get("non_finite_particles")],
     }
 
 
-def hook_summaries(records: List[Dict]) -> Dict:
-    """Run totals of repulsion / pruning / optimisation recomputed from every image record on disk,
-    so a resumed, sharded or multi-rank run reports all its images, not one process's share.
-    Settings (scale, lr, …) stay those of the hooks' own `run_summary()`."""
-    out: Dict = {}
-    rep = [r["repulsion"] for r in records if isinstance(r.get("repulsion"), dict)]
-    if rep:
-        out["repulsion"] = {"images": len(rep),
-                            "active_steps_per_image": sum(x["active_steps"] for x in rep) / len(rep),
-                            "total_time_sec": float(sum(x["total_time_sec"] for x in rep))}
-    pru = [r["pruning"] for r in records if isinstance(r.get("pruning"), dict)]
-    if pru:
-        from cores.evaluation import wilson_ci
-
-        regret = [bool(p["pruning_regret"]) for p in pru if p.get("pruning_regret") is not None]
-        out["pruning"] = {"num_pruned_images": sum(bool(p.get("did_prune")) for p in pru)}
-        if regret:
-            out["pruning"].update({"regret_images": sum(regret), "regret_rate": sum(regret) / len(regret),
-                                   "regret_rate_ci95": wilson_ci(sum(regret), len(regret))})
-    opt = [r["optimization"] for r in records if isinstance(r.get("optimization"), dict)]
-    if opt:
-        iters = [i for o in opt for i in o["final_iters"]]
-        accepted = sum(bool(a) for o in opt for a in o["accepted_mask"])
-        reasons: Dict[str, int] = {}
-        for o in opt:
-            for why in o["termination_reasons"]:
-                reasons[why] = reasons.get(why, 0) + 1
-        out["optimization"] = {"num_images": len(opt), "num_particles": len(iters), "total_iters": sum(iters),
-                               "mean_iters": sum(iters) / max(1, len(iters)), "num_accepted": accepted,
-                               "accepted_rate": accepted / len(iters) if iters else None,
-                               "total_time_sec": float(sum(o["total_time_seconds"] for o in opt)),
-                               "termination_counts": reasons}
-    return out
-
-
-def _merge_summaries(meta: Dict, totals: Dict) -> Dict:
-    merged = dict(meta)
-    for name, block in totals.items():
-        merged[name] = {**(meta.get(name) or {}), **block}
-    return merged
-
-
-def write_summary(folder: RunFolder, extra: Dict, grid_max_images: int) -> Dict:
+def write_summary(folder: RunFolder, config: RunConfig, extra: Dict) -> Dict:
     """metrics.json and the grid from every record on disk, rewritten until no other job (a
     concurrent shard writing the same folder) added a record meanwhile, so the last writer wins
     with the complete set."""
@@ -305,9 +300,9 @@ def write_summary(folder: RunFolder, extra: Dict, grid_max_images: int) -> Dict:
     for _ in range(20):
         sig = records_signature(folder)
         records = folder.records()
-        metadata = _merge_summaries(extra["metadata"], hook_summaries(records))
+        metadata = {**extra["metadata"], **feature_totals(config, records)}
         metrics = folder.write_metrics({**extra, "metadata": metadata, "numerics": numerics_summary(records)}, records)
-        folder.write_grid(grid_max_images, records=records)
+        folder.write_grid(config.grid_max_images, records=records)
         if records_signature(folder) == sig:
             break
     return metrics
@@ -333,8 +328,7 @@ def merge_metadata(per_rank: List[Dict]) -> Dict:
     return merged
 
 
-def run_metadata(cfg, device, start: str, hooks, repulsion) -> Dict:
-    segments: Dict[str, float] = {}
+def run_metadata(device: torch.device, start: str, vram: VramMeter) -> Dict:
     meta: Dict = {
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
@@ -344,34 +338,5 @@ def run_metadata(cfg, device, start: str, hooks, repulsion) -> Dict:
         "end_time": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    for obj in hooks + ([repulsion] if repulsion is not None else []):
-        segments.update(getattr(obj, "vram_segments", {}) or {})
-        if hasattr(obj, "run_summary"):
-            meta.update(obj.run_summary())
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    if peak is not None and segments:  # hooks reset the peak counter at their segment boundaries
-        peak = max([peak] + [v for v in segments.values() if v is not None])
-    return {"vram": {"peak_memory_mb": peak, "segments": segments}, "metadata": meta}
+    return {"vram": vram.summary(), "metadata": meta}
 
-
-def summary_table(metrics: Dict, root: Path) -> str:
-    s = metrics["summary"]
-
-    def f(v, fmt="{:.2f}"):
-        return "n/a" if v is None else fmt.format(v)
-
-    bp = s["best_psnr"]
-    lines = [
-        f"\nResults in {root}",
-        "| images | best PSNR | mean-of-means PSNR | selected PSNR | best SSIM | best LPIPS | success | both orient. | s/image |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {s['num_images']} | {f(bp['mean'])} ± {f(bp['std'])} | {f(s['mean_of_mean_psnr'])} | "
-        f"{f(s['selected_psnr_mean'])} | {f(s['best_ssim_mean'], '{:.3f}')} | {f(s['best_lpips_mean'], '{:.3f}')} | "
-        f"{f(s['success_rate'], '{:.0%}')} | {f(s['both_orientations_rate'], '{:.0%}')} | "
-        f"{f(s['time_per_image_sec'], '{:.1f}')} |",
-    ]
-    num = metrics.get("numerics") or {}
-    if num.get("nan_events") or num.get("non_finite_particles"):
-        lines.append(f"warning: {num['nan_events']} NaN/inf MCMC reset(s) in image(s) {num['images_with_nan_events']}, "
-                     f"{num['non_finite_particles']} non-finite final particle(s) (metrics.json: numerics)")
-    return "\n".join(lines)

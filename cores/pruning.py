@@ -1,9 +1,10 @@
-"""Once-only particle pruning as a sampler hook (SPEC §4.2, Exp2).
+"""Once-only particle pruning as a sampler hook (Exp2).
 
-The hook fires once per image, at the first annealing step where
-`step == pruning_step` or the σ_break transition `prev_sigma ≥ σ_break > sigma`
-happens (whichever comes first; with the default poly-7 grid and σ_break 1.0
-the transition is step 30, so `pruning_step > 30` prunes at 30).
+The hook fires once per image, at `step == pruning_step`, or — only while
+repulsion is on — at the σ_break transition `prev_sigma ≥ σ_break > sigma`
+if that comes first (with the default poly-7 grid and σ_break 1.0 the
+transition is step 30).  With repulsion off, pruning happens exactly at
+`pruning_step`.  `pruning.jsonl`'s `trigger` says which fired.
 
 Criteria, evaluated per image on the current `z0y` (after MCMC):
 - `loss`: keep the `keep` particles with the smallest measurement loss
@@ -20,36 +21,25 @@ Criteria, evaluated per image on the current `z0y` (after MCMC):
 
 Modes: `slicing` cuts every per-row tensor of the batch (`ParticleBatch.keep`),
 so later steps run on fewer particles; `masking` only flags the particles, and
-`finalize_record` reports the pruning regret (did the flagged particles include
-the one that ended best by PSNR?).
+the image's record reports the pruning regret (did the flagged particles
+include the one that ended best by PSNR?).
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from cores.outputs import append_jsonl
-from sampler import ParticleBatch, SamplerHook, StepContext
+from cores.config import PruningConfig
+from cores.vram import VramMeter
+from sampler import ImageOutput, ParticleBatch, SamplerHook, StepContext
+
+__all__ = ["PruningConfig", "PruningHook", "select_by_loss", "select_by_diversity", "pruning_regret", "summarize"]
 
 FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z0y, decoded x) -> (B, D)
-
-
-@dataclass
-class PruningConfig:
-    step: int = 29
-    keep: int = 2
-    mode: str = "slicing"          # slicing | masking
-    criterion: str = "loss"        # loss | diversity
-    diversity_tol: float = 0.5     # diversity: candidates within (1 + tol)·best loss
-    sigma_break: Optional[float] = 1.0  # None: no transition trigger
-    feature: str = "pixel"         # diversity feature space: pixel | latent | dino
-    save_traj: bool = False
-    traj_every: int = 5
 
 
 def select_by_loss(losses: torch.Tensor, keep: int) -> List[int]:
@@ -101,37 +91,24 @@ def pruning_regret(psnr: Sequence[Optional[float]], particle_ids: Sequence[int],
 
 
 class PruningHook(SamplerHook):
-    """Prune each image of the batch once (see module doc); writes `pruning.jsonl` via `folder`."""
+    """Prune each image of the batch once (see module doc)."""
 
-    def __init__(self, cfg: PruningConfig, folder=None, feature_fn: Optional[FeatureFn] = None):
-        if cfg.mode not in ("slicing", "masking"):
-            raise ValueError(f"pruning_mode={cfg.mode!r}: expected slicing or masking")
-        if cfg.criterion not in ("loss", "diversity"):
-            raise ValueError(f"pruning_criterion={cfg.criterion!r}: expected loss or diversity")
+    def __init__(self, cfg: PruningConfig, feature_fn: Optional[FeatureFn] = None, vram: Optional[VramMeter] = None):
         self.cfg = cfg
-        self.folder = folder
         self.feature_fn = feature_fn
-        self.records: Dict[int, Dict] = {}       # image_idx -> pruning.jsonl line
-        self.vram_segments: Dict[str, float] = {}
-        self._did_prune = False                  # for the batch in flight
-        self._pending_traj: List[tuple] = []     # (image_idx, particle_ids, trajectory, rows) to save at on_end
-        self._regret: List[bool] = []
-        self.prune_time_sec = 0.0
+        self.vram = vram or VramMeter(torch.device("cpu"))
+        self._lines: Dict[int, Dict] = {}             # image_idx -> pruning.jsonl line
+        self._pruned_traj: Dict[int, Dict[int, List[torch.Tensor]]] = {}  # image -> particle -> z0y latents
+        self._did_prune = False                       # for the batch in flight
 
     @classmethod
-    def from_config(cls, cfg, folder=None) -> "PruningHook":
-        feat = str(cfg.get("repulsion_feature", "pixel"))
-        feature_fn = None
-        if str(cfg.pruning_criterion) == "diversity" and feat == "dino":
-            feature_fn = _dino_feature_fn(cfg)
-        brk = cfg.get("repulsion_sigma_break", None)
-        return cls(PruningConfig(
-            step=int(cfg.pruning_step), keep=int(cfg.pruning_keep), mode=str(cfg.pruning_mode),
-            criterion=str(cfg.pruning_criterion), diversity_tol=float(cfg.get("pruning_diversity_tol", 0.5)),
-            sigma_break=None if brk is None else float(brk),
-            feature="latent" if feat == "latent" else ("dino" if feature_fn is not None else "pixel"),
-            save_traj=bool(cfg.get("save_traj", False)), traj_every=int(cfg.get("traj_every", 5)),
-        ), folder, feature_fn)
+    def from_config(cls, cfg: PruningConfig, vram: Optional[VramMeter] = None) -> Optional["PruningHook"]:
+        if not cfg.on:
+            return None
+        feature_fn = _dino_feature_fn(cfg.dino_weights_path) if cfg.criterion == "diversity" and cfg.feature == "dino" else None
+        if cfg.feature == "dino" and feature_fn is None:
+            cfg.feature = "pixel"
+        return cls(cfg, feature_fn, vram)
 
     # ------------------------------------------------------------------ trigger
     def trigger(self, ctx: StepContext) -> Optional[str]:
@@ -147,7 +124,6 @@ class PruningHook(SamplerHook):
     def on_step(self, batch: ParticleBatch, ctx: StepContext) -> None:
         if ctx.step == 0:
             self._did_prune = False
-            self._pending_traj = []
         if self._did_prune:
             return
         trigger = self.trigger(ctx)
@@ -155,13 +131,14 @@ class PruningHook(SamplerHook):
             return
         self._did_prune = True
         t0 = time.perf_counter()
-        self._record_vram("pre_pruning", batch.zt.device, reset=True)
+        self.vram.mark("pre_pruning")
         with torch.no_grad():
             x = ctx.model.decode(batch.z0y)
             losses = ctx.operator.loss(x, batch.y).detach()
             feats = self._features(batch.z0y, x) if self.cfg.criterion == "diversity" else None
         keep_rows: List[int] = []
-        for img in _unique_in_order(batch.image_ids.tolist()):
+        images = list(dict.fromkeys(batch.image_ids.tolist()))
+        for img in images:
             rows = _rows_by_particle(batch, img)
             l = losses[rows].cpu()
             if self.cfg.criterion == "loss":
@@ -170,80 +147,61 @@ class PruningHook(SamplerHook):
                 local = select_by_diversity(l, feats[rows].cpu(), self.cfg.keep, self.cfg.diversity_tol)
             pids = batch.particle_ids[rows].tolist()
             kept_ids = [pids[i] for i in local]
-            pruned_ids = [p for p in pids if p not in kept_ids]
+            pruned = [i for i in range(len(rows)) if i not in local]
             keep_rows += [int(rows[i]) for i in sorted(local)]
-            self.records[img] = {
+            self._lines[img] = {
                 "image_idx": int(img), "prune_step": ctx.step, "prev_sigma": ctx.prev_sigma,
                 "curr_sigma": ctx.sigma, "repulsion_sigma_break": self.cfg.sigma_break,
                 "losses": [_num(v) for v in l.tolist()], "kept_indices": kept_ids,
-                "pruned_indices": pruned_ids, "kept_losses": [_num(l[i]) for i in local],
+                "pruned_indices": [pids[i] for i in pruned], "kept_losses": [_num(l[i]) for i in local],
                 "batch_before": len(pids),
                 "batch_after": len(kept_ids) if self.cfg.mode == "slicing" else len(pids),
                 "did_prune": True, "trigger": trigger, "mode": self.cfg.mode,
             }
             if self.cfg.save_traj and batch.trajectory:
-                prow = [int(rows[i]) for i in range(len(rows)) if i not in local]
-                self._pending_traj.append((img, [pids[i] for i in range(len(rows)) if i not in local],
-                                           [t[prow] for t in batch.trajectory]))
+                self._pruned_traj[img] = {pids[i]: [t[int(rows[i])] for t in batch.trajectory] for i in pruned}
+                self._lines[img]["pruned_trajectories"] = [
+                    f"trajectory_pruned/{img:05d}_pruned{pids[i]:02d}.png" for i in pruned]
+        share = (time.perf_counter() - t0) / max(1, len(images))
+        for img in images:
+            self._lines[img]["prune_time_sec"] = share
         if self.cfg.mode == "slicing":
             batch.keep(sorted(keep_rows))
-        self.prune_time_sec += time.perf_counter() - t0
 
     def on_end(self, batch: ParticleBatch, ctx: StepContext) -> None:
-        self._record_vram("post_pruning" if self._did_prune else "pre_pruning", batch.zt.device, reset=True)
-        for img in _unique_in_order(batch.image_ids.tolist()):
-            if img not in self.records or not self._did_prune:
+        self.vram.mark("post_pruning" if self._did_prune else "pre_pruning")
+        for img in dict.fromkeys(batch.image_ids.tolist()):
+            if img not in self._lines or not self._did_prune:
                 n = len(batch.rows_of_image(img))
-                self.records[img] = {
+                self._lines[img] = {
                     "image_idx": int(img), "prune_step": None, "prev_sigma": None, "curr_sigma": None,
                     "repulsion_sigma_break": self.cfg.sigma_break, "losses": [], "kept_indices": [],
                     "pruned_indices": [], "kept_losses": [], "batch_before": n, "batch_after": n,
-                    "did_prune": False, "trigger": None, "mode": self.cfg.mode,
+                    "did_prune": False, "trigger": None, "mode": self.cfg.mode, "prune_time_sec": 0.0,
                 }
-            if self.folder is not None:
-                append_jsonl(self.folder.jsonl("pruning"), self.records[img])
-        if self._pending_traj and self.folder is not None:
-            from cores.pipeline import save_trajectory
 
-            for img, pids, traj in self._pending_traj:
-                save_trajectory(self.folder, "trajectory_pruned", ctx.model, traj, list(range(len(pids))),
-                                img, pids, self.cfg.traj_every, batch.zt.device)
-        self._pending_traj = []
+    def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
+        line = self._lines.pop(int(image_idx), None)
+        if line is None:
+            return ImageOutput()
+        keys = ("did_prune", "trigger", "mode", "prune_step", "kept_indices", "pruned_indices", "batch_before",
+                "batch_after", "prune_time_sec")
+        summary = {k: line.get(k) for k in keys} | {"criterion": self.cfg.criterion}
+        if line["did_prune"]:
+            if self.cfg.mode == "masking":
+                summary.update(pruning_regret(record["psnr"], record["particle_ids"], line["pruned_indices"]))
+            else:  # slicing cannot know what the pruned particles would have become
+                summary.update({"pruning_regret": None, "best_kept_psnr": None, "best_pruned_psnr": None,
+                                "pruning_regret_db": None})
+        traj = self._pruned_traj.pop(int(image_idx), {})
+        return ImageOutput(record={"pruning": summary}, jsonl={"pruning": [line]},
+                           trajectories={"trajectory_pruned": traj} if traj else {})
 
-    # ------------------------------------------------------------------ pipeline interface
-    def image_summary(self, image_idx: int) -> Dict:
-        rec = self.records.get(int(image_idx))
-        if rec is None:
-            return {}
-        return {"pruning": {k: rec[k] for k in ("did_prune", "trigger", "mode", "prune_step", "kept_indices",
-                                                  "pruned_indices", "batch_before", "batch_after")}
-                | {"criterion": self.cfg.criterion}}
-
-    def finalize_record(self, rec: Dict) -> None:
-        """Add the pruning regret to a finished image's record (masking mode; slicing cannot know it)."""
-        p = rec.get("pruning")
-        if not p or not p.get("did_prune"):
-            return
-        if self.cfg.mode != "masking":
-            p.update({"pruning_regret": None, "best_kept_psnr": None, "best_pruned_psnr": None,
-                      "pruning_regret_db": None})
-            return
-        p.update(pruning_regret(rec["psnr"], rec["particle_ids"], p["pruned_indices"]))
-        if p["pruning_regret"] is not None:
-            self._regret.append(bool(p["pruning_regret"]))
-
-    def run_summary(self) -> Dict:
-        out = {"pruning": {"mode": self.cfg.mode, "criterion": self.cfg.criterion, "keep": self.cfg.keep,
-                           "step": self.cfg.step, "diversity_tol": self.cfg.diversity_tol,
-                           "feature": self.cfg.feature,
-                           "num_pruned_images": sum(r["did_prune"] for r in self.records.values()),
-                           "prune_time_sec": self.prune_time_sec}}
-        if self._regret:
-            from cores.evaluation import wilson_ci
-
-            n, k = len(self._regret), sum(self._regret)
-            out["pruning"].update({"regret_images": k, "regret_rate": k / n, "regret_rate_ci95": wilson_ci(k, n)})
-        return out
+    def run_summary(self, records: List[Dict]) -> Dict:
+        c = self.cfg
+        return {"pruning": {"mode": c.mode, "criterion": c.criterion, "keep": c.keep, "step": c.step,
+                            "diversity_tol": c.diversity_tol, "feature": c.feature,
+                            "sigma_break_trigger": c.sigma_break, **summarize(records)}}
 
     # ------------------------------------------------------------------ helpers
     def _features(self, z0y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -251,14 +209,19 @@ class PruningHook(SamplerHook):
             return self.feature_fn(z0y, x)
         return (z0y if self.cfg.feature == "latent" else x).flatten(1)
 
-    def _record_vram(self, name: str, device: torch.device, reset: bool) -> None:
-        """Peak since the last reset → segment `name` (max over batches); CUDA only."""
-        if device.type != "cuda":
-            return
-        mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        self.vram_segments[name] = max(mb, self.vram_segments.get(name, 0.0))
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
+
+def summarize(records: List[Dict]) -> Dict:
+    """Run totals of pruning from the image records: images pruned, time, regret (masking mode)."""
+    from cores.evaluation import wilson_ci
+
+    pru = [r["pruning"] for r in records if isinstance(r.get("pruning"), dict)]
+    out: Dict = {"num_pruned_images": sum(bool(p.get("did_prune")) for p in pru),
+                 "prune_time_sec": float(sum(p.get("prune_time_sec") or 0.0 for p in pru))}
+    regret = [bool(p["pruning_regret"]) for p in pru if p.get("pruning_regret") is not None]
+    if regret:
+        out.update({"regret_images": sum(regret), "regret_rate": sum(regret) / len(regret),
+                    "regret_rate_ci95": wilson_ci(sum(regret), len(regret))})
+    return out
 
 
 def _num(v) -> Optional[float]:
@@ -266,26 +229,16 @@ def _num(v) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
-def _unique_in_order(values: Sequence[int]) -> List[int]:
-    seen: List[int] = []
-    for v in values:
-        if int(v) not in seen:
-            seen.append(int(v))
-    return seen
-
-
 def _rows_by_particle(batch: ParticleBatch, image_idx: int) -> List[int]:
     rows = batch.rows_of_image(image_idx).tolist()
     return sorted(rows, key=lambda r: int(batch.particle_ids[r]))
 
 
-def _dino_feature_fn(cfg) -> Optional[FeatureFn]:
+def _dino_feature_fn(weights_path: str) -> Optional[FeatureFn]:
     """DINO CLS features of the decoded images, or None (pixel fallback, one warning) without weights."""
     from cores.dino import DinoFeatureExtractor
 
-    d = cfg.get("dino", {}) or {}
-    ext = DinoFeatureExtractor(weights_path=str(d.get("weights_path", "checkpoints/dino_deitsmall16_pretrain.pth")),
-                               resize=d.get("resize", None), normalize=bool(d.get("normalize", False)))
+    ext = DinoFeatureExtractor(weights_path=weights_path)
     try:
         ext.ensure_available()
     except (FileNotFoundError, OSError) as err:

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from cores.errors import ConfigError
 from cores.outputs import read_jsonl, write_text
 from cores.run_folder import RECORD_DIR, RunFolder
 
@@ -72,8 +73,6 @@ def prepare_folder(cfg: DictConfig, folder: RunFolder, image_ids: List[int]) -> 
 
     Raises ConfigError (one line) before anything is written when the folder cannot take this run.
     """
-    from cores.pipeline import ConfigError
-
     cfg_path = folder.root / "config.yaml"
     current = OmegaConf.to_container(cfg, resolve=True)
     recorded = recorded_images(folder)

@@ -1,4 +1,4 @@
-"""The run folder of SPEC §5: per-image records, samples, grid, metrics.json.
+"""The run folder: per-image records, samples, logs, trajectories, grid, metrics.json.
 
 Each finished image gets `records/<idx>.json`; `metrics.json` and
 `grid_results.png` are always rebuilt from what is on disk, so an
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .evaluation import summarize
-from .outputs import make_grid, measurement_view, save_png, to_uint8, write_json
+from .outputs import append_jsonl, make_grid, measurement_view, save_png, to_uint8, write_json
 
 RECORD_DIR = "records"
 
@@ -68,9 +68,21 @@ class RunFolder:
         write_json(self.record_path(idx), {**record, "saved_particles": saved})
 
     def write_trajectory(self, sub: str, image_idx: int, particle: int, frames: List[np.ndarray]) -> None:
+        """One strip per particle: `trajectory/00000_sample00.png`, `trajectory_pruned/00000_pruned00.png`."""
+        tag = "pruned" if sub == "trajectory_pruned" else "sample"
         if frames:
-            save_png(self.root / sub / f"{image_idx:05d}_sample{particle:02d}.png",
-                     np.concatenate(frames, axis=1))
+            save_png(self.root / sub / f"{image_idx:05d}_{tag}{particle:02d}.png", np.concatenate(frames, axis=1))
+
+    def write_logs_and_trajectories(self, image_idx: int, logs: Dict[str, List[Dict]],
+                                    trajectories: Dict[str, Dict[int, List[np.ndarray]]]) -> None:
+        """An image's log lines (appended to `<name>.jsonl`) and trajectory strips; called before
+        its record, so a record on disk means these are complete too."""
+        for sub, per_particle in trajectories.items():
+            for particle, frames in per_particle.items():
+                self.write_trajectory(sub, image_idx, particle, frames)
+        for name, lines in logs.items():
+            for line in lines:
+                append_jsonl(self.jsonl(name), line)
 
     def write_metrics(self, extra: Dict, records: Optional[List[Dict]] = None) -> Dict:
         """metrics.json from `records` (default: read from disk)."""

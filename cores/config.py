@@ -1,0 +1,376 @@
+"""Typed configuration, built in one place from the Hydra config (`build_run_config`).
+
+The YAML keeps the flat top-level names the experiment scripts use (`num_samples`,
+`repulsion_scale`, `pruning_step`, `hard_data_consistency`, …); here they are grouped into
+one dataclass per part, each checking its own values in `__post_init__`.  Every value is
+converted strictly (an integer key refuses 2.7 and "abc"), and a key that no part reads
+(`+repulsion_scael=1`) is refused with the closest known name, so a bad override stops
+with one line before any work.  Cross-field checks live in `cores/validation.py`.
+Every default lives in the YAML (`configs/`); the dataclass defaults only serve direct
+Python use (tests, scripts).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from cores.errors import ConfigError
+from cores.mcmc import MCMCConfig
+
+
+def _check_choice(key: str, value: str, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value}: expected one of {', '.join(choices)}")
+
+
+def _check_range(key: str, value: float, lo: Optional[float] = None, hi: Optional[float] = None,
+                 lo_open: bool = False) -> None:
+    ok = math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        lo_s = "" if lo is None else (f"> {lo:g}" if lo_open else f">= {lo:g}")
+        hi_s = "" if hi is None else f"<= {hi:g}"
+        raise ConfigError(f"{key}={value}: must be a finite number {' and '.join(s for s in (lo_s, hi_s) if s)}")
+
+
+# ----------------------------------------------------------------------------- sampler
+@dataclass
+class AnnealingConfig:
+    num_steps: int = 50
+    sigma_max: float = 10.0
+    sigma_min: float = 0.1
+    timestep: str = "poly-7"
+
+    def __post_init__(self) -> None:
+        _check_range("sampler.annealing.num_steps", self.num_steps, 1)
+        _check_range("sampler.annealing.sigma_min", self.sigma_min, 0, lo_open=True)
+        if not self.sigma_min < self.sigma_max:
+            raise ConfigError(f"sampler.annealing.sigma_min={self.sigma_min}, sigma_max={self.sigma_max}: "
+                              "need 0 < sigma_min < sigma_max")
+        if not (self.timestep.startswith("poly-") and self.timestep[5:].isdigit()):
+            raise ConfigError(f"sampler.annealing.timestep={self.timestep}: expected poly-<p>, e.g. poly-7")
+
+
+@dataclass
+class ODEConfig:
+    num_steps: int = 2
+    sigma_min: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_range("sampler.ode.num_steps", self.num_steps, 1)
+        _check_range("sampler.ode.sigma_min", self.sigma_min, 0, lo_open=True)
+
+
+@dataclass
+class DAPSConfig:
+    """Shaped like `configs/sampler/*.yaml`."""
+
+    name: str = "latent_daps"
+    annealing: AnnealingConfig = field(default_factory=AnnealingConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    mcmc: MCMCConfig = field(default_factory=MCMCConfig)
+    record_trajectory: bool = False   # not in the YAML: set by the pipeline from save_traj
+    max_steps: Optional[int] = None   # not in the YAML: run only the first k steps (benchmarks)
+
+
+# ----------------------------------------------------------------------------- additions
+@dataclass
+class DinoConfig:
+    weights_path: str = "checkpoints/dino_deitsmall16_pretrain.pth"
+    resize: Optional[int] = None
+    normalize: bool = False
+
+
+@dataclass
+class RepulsionConfig:
+    """DINO-SVGD repulsion in the PF-ODE score (PROJECT.md §5 "Repulsion")."""
+
+    scale: float = 0.0
+    sigma_break: float = 1.0
+    schedule: str = "constant"
+    feature: str = "dino"
+    latent: str = "z_t"
+    normalizer: str = "rlsd"
+    log_baseline: bool = False
+    sigma_max: float = 10.0           # the annealing σ_max (schedules decay from it); from the sampler
+    dino: DinoConfig = field(default_factory=DinoConfig)
+
+    def __post_init__(self) -> None:
+        _check_range("repulsion_scale", self.scale, 0)
+        _check_range("repulsion_sigma_break", self.sigma_break)
+        _check_choice("repulsion_schedule", self.schedule, ("constant", "linear", "cosine"))
+        _check_choice("repulsion_feature", self.feature, ("dino", "pixel", "latent"))
+        _check_choice("repulsion_latent", self.latent, ("z_t", "z_t_vp", "z0hat"))
+        _check_choice("repulsion_normalizer", self.normalizer, ("rlsd", "density"))
+
+    @property
+    def on(self) -> bool:
+        return self.scale > 0
+
+    @property
+    def needs_hook(self) -> bool:
+        """Scale 0 without baseline logging constructs nothing (plain DAPS, bit-identical)."""
+        return self.on or self.log_baseline
+
+
+@dataclass
+class PruningConfig:
+    """Once-only pruning (PROJECT.md §5 "Pruning"); `step < 0` = off."""
+
+    step: int = -1
+    keep: int = 2
+    mode: str = "slicing"
+    criterion: str = "loss"
+    diversity_tol: float = 0.5
+    sigma_break: Optional[float] = None   # σ-transition trigger; set only while repulsion is on
+    feature: str = "pixel"                # diversity distances: pixel | latent | dino
+    save_traj: bool = False
+    traj_every: int = 5
+    dino_weights_path: str = "checkpoints/dino_deitsmall16_pretrain.pth"
+
+    def __post_init__(self) -> None:
+        _check_choice("pruning_mode", self.mode, ("slicing", "masking"))
+        _check_choice("pruning_criterion", self.criterion, ("loss", "diversity"))
+        _check_range("pruning_diversity_tol", self.diversity_tol, 0)
+        _check_range("pruning_keep", self.keep, 1)
+
+    @property
+    def on(self) -> bool:
+        return self.step >= 0
+
+
+@dataclass
+class OptimizationConfig:
+    """ReSample-style hard data consistency (PROJECT.md §5)."""
+
+    enabled: bool = False
+    lr: float = 5e-3
+    eps: float = 1e-3
+    max_iters: int = 500
+    weight_decay: float = 0.01
+    plateau_window: int = 200
+
+    def __post_init__(self) -> None:
+        _check_range("optimization_lr", self.lr, 0, lo_open=True)
+        _check_range("optimization_eps", self.eps, 0)
+        _check_range("optimization_max_iters", self.max_iters, 0)
+        _check_range("optimization_weight_decay", self.weight_decay, 0)
+
+
+@dataclass
+class EvalConfig:
+    success_psnr: float = 20.0
+    orientation_margin_db: float = 1.0
+    lpips: bool = True
+
+    def __post_init__(self) -> None:
+        _check_range("eval.success_psnr", self.success_psnr)
+        _check_range("eval.orientation_margin_db", self.orientation_margin_db, 0)
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo-ffhq"
+    root: str = "dataset/demo-ffhq"
+    resolution: int = 256
+    start_id: int = 0
+    end_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_range("data.resolution", self.resolution, 1)
+        _check_range("data.start_id", self.start_id, 0)
+        if self.end_id is not None and self.end_id <= self.start_id:
+            raise ConfigError(f"data.start_id={self.start_id}, data.end_id={self.end_id}: the image range is empty")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, typed.  `model` and `task` stay mappings: they are handed to the
+    model and operator registries as they are."""
+
+    seed: int
+    batch_size: int
+    num_samples: int
+    device: str
+    use_tpu: bool
+    deterministic: bool
+    save_dir: str
+    name: str
+    resume: bool
+    save_traj: bool
+    traj_every: int
+    save_samples: bool
+    grid_max_images: int
+    num_shards: int
+    shard: int
+    sampler: DAPSConfig
+    repulsion: RepulsionConfig
+    pruning: PruningConfig
+    optimization: OptimizationConfig
+    eval: EvalConfig
+    data: DataConfig
+    speed: Any
+    model: Dict[str, Any]
+    task: Dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _check_range("num_samples", self.num_samples, 1)
+        _check_range("batch_size", self.batch_size, 1)
+        _check_range("num_shards", self.num_shards, 1)
+        _check_range("traj_every", self.traj_every, 1)
+        _check_range("grid_max_images", self.grid_max_images, 0)
+        if not 0 <= self.shard < self.num_shards:
+            raise ConfigError(f"shard={self.shard} must lie in [0, num_shards={self.num_shards})")
+
+
+# ----------------------------------------------------------------------------- strict conversion
+def _base_type(tp: Any) -> Tuple[Any, bool]:
+    """(type, optional) of an annotation such as Optional[int]."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else Any), True
+    return tp, False
+
+
+def convert(key: str, value: Any, tp: Any) -> Any:
+    """`value` as type `tp`, or a ConfigError naming `key`, the value and what is allowed."""
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional or base is Any:
+            return None
+        raise ConfigError(f"{key}=null: a value is required ({getattr(base, '__name__', base)})")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value}: expected true or false")
+    if base is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}={value}: expected an integer")
+        return int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value}: expected a number")
+        if math.isnan(float(value)):
+            raise ConfigError(f"{key}={value}: expected a number, not NaN")
+        return float(value)
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value}: expected a single value")
+        return str(value)
+    return value
+
+
+def build_dataclass(cls, values: Mapping[str, Any], prefix: str = "", names: Optional[Dict[str, str]] = None):
+    """`cls(**values)` with every field converted strictly; nested dataclasses recurse.
+
+    `names` maps a field to the config key it came from (for messages); unknown keys in
+    `values` are refused."""
+    names = names or {}
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ConfigError(unknown_key_message(prefix + str(unknown[0]), [prefix + k for k in known]))
+    kwargs: Dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        key = names.get(f.name, prefix + f.name)
+        v = values[f.name]
+        if is_dataclass(hints[f.name]):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{key}={v}: expected a group of settings")
+            kwargs[f.name] = build_dataclass(hints[f.name], v, key + ".")
+        else:
+            kwargs[f.name] = convert(key, v, hints[f.name])
+    return cls(**kwargs)
+
+
+def unknown_key_message(key: str, known: List[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown setting {key}: no part of the run reads it{hint}"
+
+
+#: flat top-level keys → (part, field)
+FLAT_KEYS: Dict[str, Tuple[str, str]] = {
+    "repulsion_scale": ("repulsion", "scale"),
+    "repulsion_sigma_break": ("repulsion", "sigma_break"),
+    "repulsion_schedule": ("repulsion", "schedule"),
+    "repulsion_feature": ("repulsion", "feature"),
+    "repulsion_latent": ("repulsion", "latent"),
+    "repulsion_normalizer": ("repulsion", "normalizer"),
+    "repulsion_log_baseline": ("repulsion", "log_baseline"),
+    "pruning_step": ("pruning", "step"),
+    "pruning_keep": ("pruning", "keep"),
+    "pruning_mode": ("pruning", "mode"),
+    "pruning_criterion": ("pruning", "criterion"),
+    "pruning_diversity_tol": ("pruning", "diversity_tol"),
+    "hard_data_consistency": ("optimization", "enabled"),
+    "optimization_lr": ("optimization", "lr"),
+    "optimization_eps": ("optimization", "eps"),
+    "optimization_max_iters": ("optimization", "max_iters"),
+    "optimization_weight_decay": ("optimization", "weight_decay"),
+}
+_RUN_SCALARS = ("seed", "batch_size", "num_samples", "device", "use_tpu", "deterministic", "save_dir", "name",
+                "resume", "save_traj", "traj_every", "save_samples", "grid_max_images", "num_shards", "shard")
+_GROUPS = ("sampler", "eval", "data", "dino", "speed", "model", "task", "hydra")
+TOP_LEVEL_KEYS = set(_RUN_SCALARS) | set(FLAT_KEYS) | set(_GROUPS)
+
+
+def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """The typed config of a composed Hydra config (a resolved plain dict or a DictConfig)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigError(unknown_key_message(str(unknown[0]), sorted(TOP_LEVEL_KEYS - {"hydra"})))
+    hints = typing.get_type_hints(RunConfig)
+    run = {k: convert(k, cfg[k], hints[k]) for k in _RUN_SCALARS if k in cfg}
+    sampler = build_dataclass(DAPSConfig, cfg.get("sampler", {}), "sampler.")
+    parts: Dict[str, Dict[str, Any]] = {"repulsion": {}, "pruning": {}, "optimization": {}}
+    names: Dict[str, Dict[str, str]] = {"repulsion": {}, "pruning": {}, "optimization": {}}
+    for key, (part, fname) in FLAT_KEYS.items():
+        if key in cfg:
+            parts[part][fname] = cfg[key]
+            names[part][fname] = key
+    hdc = parts["optimization"].get("enabled")
+    if hdc is not None:  # the seed's switch: 1 = on, -1 = off
+        if convert("hard_data_consistency", hdc, int) not in (-1, 1):
+            raise ConfigError(f"hard_data_consistency={hdc}: expected 1 (on) or -1 (off)")
+        parts["optimization"]["enabled"] = int(hdc) == 1
+    parts["repulsion"]["dino"] = cfg.get("dino", {})
+    parts["repulsion"]["sigma_max"] = sampler.annealing.sigma_max
+    repulsion = build_dataclass(RepulsionConfig, parts["repulsion"], names=names["repulsion"])
+    pruning = build_dataclass(PruningConfig, parts["pruning"], names=names["pruning"])
+    # the σ-transition trigger belongs to repulsion: with repulsion off, pruning fires at its step
+    pruning.sigma_break = repulsion.sigma_break if repulsion.on else None
+    pruning.feature = repulsion.feature if repulsion.feature != "dino" or pruning.criterion == "diversity" else "pixel"
+    pruning.dino_weights_path = repulsion.dino.weights_path
+    pruning.save_traj, pruning.traj_every = bool(run.get("save_traj", False)), int(run.get("traj_every", 5))
+    optimization = build_dataclass(OptimizationConfig, parts["optimization"], names=names["optimization"])
+    from cores.speed import speed_config
+
+    try:
+        speed = speed_config(cfg.get("speed"))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(" ".join(str(err).split())) from None
+    sampler.record_trajectory = bool(run.get("save_traj", False))
+    missing = [k for k in _RUN_SCALARS if k not in run]
+    if missing:
+        raise ConfigError(f"setting {missing[0]} is missing from the config")
+    return RunConfig(**run, sampler=sampler, repulsion=repulsion, pruning=pruning, optimization=optimization,
+                     eval=build_dataclass(EvalConfig, cfg.get("eval", {}), "eval."),
+                     data=build_dataclass(DataConfig, cfg.get("data", {}), "data."), speed=speed,
+                     model=dict(cfg.get("model", {})), task=dict(cfg.get("task", {})))
+
