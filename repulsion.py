@@ -266,7 +266,8 @@ class RepulsionHook(SamplerHook):
         else:
             r, lam = None, 0.0
             with torch.no_grad():
-                diag = feature_statistics(self._feature_latent(batch.zt, ctx.sigma)[0], self.features, groups)
+                diag = feature_statistics(self._feature_latent(batch.zt, ctx.sigma)[0], self.features, groups,
+                                          weights=not self.cfg.on)
         if batch.zt.is_cuda:
             torch.cuda.synchronize(batch.zt.device)
         images = list(dict.fromkeys(groups.tolist()))
@@ -355,8 +356,11 @@ class RepulsionHook(SamplerHook):
 
 
 def feature_statistics(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],
-                       groups: torch.Tensor, eps: float = 1e-6) -> Dict[str, Any]:
-    """The kernel diagnostics of `compute_repulsion_gradient` without any force (logged OFF steps)."""
+                       groups: torch.Tensor, eps: float = 1e-6, weights: bool = True) -> Dict[str, Any]:
+    """The kernel diagnostics of `compute_repulsion_gradient` without any force (logged OFF steps).
+
+    `weights=False` keeps only the distance (the OFF steps of a run whose repulsion is on
+    above σ_break log its weights only while it acts); the scale-0 baseline logs all."""
     f = feature_fn(latents).reshape(latents.shape[0], -1).detach()
     labels = groups.tolist()
     diag: Dict[str, Any] = {"per_group": {}}
@@ -368,6 +372,8 @@ def feature_statistics(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor
             diag["per_group"][lab] = _empty_stats(len(rows), bad)
             continue
         _, _, stats = _group_kernel(f[torch.as_tensor(good, device=f.device)], eps)
+        if not weights:
+            stats = {**stats, "weights_mean": None, "weights_max": None, "weights_nonzero_frac": None}
         diag["per_group"][lab] = {"num_particles": len(rows), "nonfinite_rows": bad, **stats}
     return diag
 

@@ -79,6 +79,11 @@ class DAPSConfig:
     record_trajectory: bool = False   # not in the YAML: set by the pipeline from save_traj
     max_steps: Optional[int] = None   # not in the YAML: run only the first k steps (benchmarks)
 
+    @classmethod
+    def with_steps(cls, num_steps: int, mcmc: Optional[MCMCConfig] = None, **kwargs: Any) -> "DAPSConfig":
+        """DAPS' defaults with another number of annealing steps (tests, studies)."""
+        return cls(annealing=AnnealingConfig(num_steps=num_steps), mcmc=mcmc or MCMCConfig(), **kwargs)
+
 
 # ----------------------------------------------------------------------------- additions
 @dataclass

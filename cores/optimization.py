@@ -130,6 +130,7 @@ class OptimizationHook(SamplerHook):
         self.cfg = cfg
         self.vram = vram or VramMeter(torch.device("cpu"))
         self._images: Dict[int, Dict] = {}   # image_idx -> optimization.jsonl line + particle ids + x_init
+        self.last_result: Optional[OptimizationResult] = None
 
     @classmethod
     def from_config(cls, cfg: OptimizationConfig, vram: Optional[VramMeter] = None) -> Optional["OptimizationHook"]:
@@ -139,6 +140,7 @@ class OptimizationHook(SamplerHook):
         self.vram.mark()  # the sampling phase's peak goes to the run peak; the segment starts here
         res = optimize_latents(ctx.model, ctx.operator, batch.zt, batch.y, self.cfg)
         batch.zt = res.z
+        self.last_result = res
         self.vram.mark("optimization")
         images = list(dict.fromkeys(batch.image_ids.tolist()))
         for img in images:

@@ -97,7 +97,8 @@ class PruningHook(SamplerHook):
         self.cfg = cfg
         self.feature_fn = feature_fn
         self.vram = vram or VramMeter(torch.device("cpu"))
-        self._lines: Dict[int, Dict] = {}             # image_idx -> pruning.jsonl line
+        self.lines: Dict[int, Dict] = {}              # image_idx -> its pruning.jsonl line (until handed over)
+        self._time: Dict[int, float] = {}             # image_idx -> seconds spent pruning it
         self._pruned_traj: Dict[int, Dict[int, List[torch.Tensor]]] = {}  # image -> particle -> z0y latents
         self._did_prune = False                       # for the batch in flight
 
@@ -149,7 +150,7 @@ class PruningHook(SamplerHook):
             kept_ids = [pids[i] for i in local]
             pruned = [i for i in range(len(rows)) if i not in local]
             keep_rows += [int(rows[i]) for i in sorted(local)]
-            self._lines[img] = {
+            self.lines[img] = {
                 "image_idx": int(img), "prune_step": ctx.step, "prev_sigma": ctx.prev_sigma,
                 "curr_sigma": ctx.sigma, "repulsion_sigma_break": self.cfg.sigma_break,
                 "losses": [_num(v) for v in l.tolist()], "kept_indices": kept_ids,
@@ -160,33 +161,34 @@ class PruningHook(SamplerHook):
             }
             if self.cfg.save_traj and batch.trajectory:
                 self._pruned_traj[img] = {pids[i]: [t[int(rows[i])] for t in batch.trajectory] for i in pruned}
-                self._lines[img]["pruned_trajectories"] = [
+                self.lines[img]["pruned_trajectories"] = [
                     f"trajectory_pruned/{img:05d}_pruned{pids[i]:02d}.png" for i in pruned]
         share = (time.perf_counter() - t0) / max(1, len(images))
         for img in images:
-            self._lines[img]["prune_time_sec"] = share
+            self._time[img] = share
         if self.cfg.mode == "slicing":
             batch.keep(sorted(keep_rows))
 
     def on_end(self, batch: ParticleBatch, ctx: StepContext) -> None:
         self.vram.mark("post_pruning" if self._did_prune else "pre_pruning")
         for img in dict.fromkeys(batch.image_ids.tolist()):
-            if img not in self._lines or not self._did_prune:
+            if img not in self.lines or not self._did_prune:
                 n = len(batch.rows_of_image(img))
-                self._lines[img] = {
+                self.lines[img] = {
                     "image_idx": int(img), "prune_step": None, "prev_sigma": None, "curr_sigma": None,
                     "repulsion_sigma_break": self.cfg.sigma_break, "losses": [], "kept_indices": [],
                     "pruned_indices": [], "kept_losses": [], "batch_before": n, "batch_after": n,
-                    "did_prune": False, "trigger": None, "mode": self.cfg.mode, "prune_time_sec": 0.0,
+                    "did_prune": False, "trigger": None, "mode": self.cfg.mode,
                 }
 
     def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
-        line = self._lines.pop(int(image_idx), None)
+        line = self.lines.pop(int(image_idx), None)
         if line is None:
             return ImageOutput()
         keys = ("did_prune", "trigger", "mode", "prune_step", "kept_indices", "pruned_indices", "batch_before",
-                "batch_after", "prune_time_sec")
-        summary = {k: line.get(k) for k in keys} | {"criterion": self.cfg.criterion}
+                "batch_after")
+        summary = {k: line[k] for k in keys} | {"criterion": self.cfg.criterion,
+                                                 "prune_time_sec": self._time.pop(int(image_idx), 0.0)}
         if line["did_prune"]:
             if self.cfg.mode == "masking":
                 summary.update(pruning_regret(record["psnr"], record["particle_ids"], line["pruned_indices"]))

@@ -138,7 +138,7 @@ def time_sampler(model, operator, image, device, speed: SpeedConfig, particles: 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         batch = make_batch(model, operator, image, images, particles, device)
-        daps = S.DAPSConfig(num_steps=NUM_ANNEAL, mcmc=mcmc_config(algo, steps_run))
+        daps = S.DAPSConfig.with_steps(NUM_ANNEAL, mcmc=mcmc_config(algo, steps_run))
         S.run_mcmc = timed_mcmc
         sync(device)
         t0 = time.perf_counter()
@@ -303,7 +303,7 @@ def agreement(model, operator, image, device, fast: SpeedConfig, particles: int,
 
     def run():
         batch = make_batch(model, operator, image, 1, particles, device)
-        S.latent_daps(model, operator, batch, S.DAPSConfig(num_steps=anneal_steps, mcmc=mcmc_config(algo, mcmc_steps)))
+        S.latent_daps(model, operator, batch, S.DAPSConfig.with_steps(anneal_steps, mcmc=mcmc_config(algo, mcmc_steps)))
         return batch.x
 
     x0, g0, c0 = probe()

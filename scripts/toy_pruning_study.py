@@ -43,7 +43,7 @@ SUCCESS_DB = 20.0
 
 def run_seed(model, op, gt, ids: List[int], seed: int, daps: DAPSConfig, args, mode: str) -> Dict:
     y = measure_images(op, gt, ids, seed)
-    batch = initial_batch(model, y, ids, args.particles, seed, daps.sigma_max, torch.device("cpu"))
+    batch = initial_batch(model, y, ids, args.particles, seed, daps.annealing.sigma_max, torch.device("cpu"))
     hooks = [PruningHook(PruningConfig(step=args.step, keep=args.keep, mode=mode, criterion=c,
                                        diversity_tol=args.tol, sigma_break=args.sigma_break))
              for c in (("loss", "diversity") if mode == "masking" else ("loss",))]
@@ -76,7 +76,7 @@ def main() -> None:
     ds = ImageFolder(ROOT / "dataset/demo-ffhq", 64, 0, args.images)
     ids = list(range(len(ds)))
     gt = model.reference_image(torch.stack([ds[i] for i in ids]))
-    daps = DAPSConfig(num_steps=50, mcmc=MCMCConfig(num_steps=args.mcmc_steps))
+    daps = DAPSConfig.with_steps(50, mcmc=MCMCConfig(num_steps=args.mcmc_steps))
 
     cases, timing = [], []
     for seed in range(args.seeds):

@@ -66,10 +66,10 @@ def run_setting(model, operator, images, gt, ids, seeds, particles, scale, args)
     t0 = time.perf_counter()
     for seed in seeds:
         y = measure_images(operator, gt, ids, seed)
-        batch = initial_batch(model, y, ids, particles, seed, daps.sigma_max, gt.device)
+        batch = initial_batch(model, y, ids, particles, seed, daps.annealing.sigma_max, gt.device)
         rep = None
         if scale > 0:
-            rep = RatioProbe(model, scale, args.sigma_break, daps.sigma_max, "constant", args.feature)
+            rep = RatioProbe(model, scale, args.sigma_break, daps.annealing.sigma_max, "constant", args.feature)
         latent_daps(model, operator, batch, daps, repulsion=rep)
         losses = operator.loss(batch.x, batch.y)
         for k, idx in enumerate(ids):

@@ -9,7 +9,7 @@ from cores.data import ImageFolder
 from cores.mcmc import MCMCConfig
 from cores.models import build_model
 from cores.operators import get_operator
-from cores.optimization import OptimizationConfig, OptimizationHook, optimize_latents, per_particle_mse
+from cores.optimization import OptimizationConfig, OptimizationHook, optimize_latents, per_particle_mse, summarize
 from cores.pipeline import measure_images
 from cores.run_folder import RunFolder
 from sampler import DAPSConfig, initial_batch, latent_daps
@@ -104,10 +104,14 @@ def test_hook_writes_jsonl_and_summary(toy, tmp_path):
     ids = [0, 1]
     y = measure_images(op, gt[ids], ids, 42)
     batch = initial_batch(model, y, ids, 3, 42, 10.0, torch.device("cpu"))
-    hook = OptimizationHook(OptimizationConfig(max_iters=15), RunFolder(tmp_path))
+    hook = OptimizationHook(OptimizationConfig(enabled=True, max_iters=15))
     seen = {}
-    latent_daps(model, op, batch, DAPSConfig(num_steps=4, mcmc=MCMCConfig(num_steps=2)), hooks=[hook],
-                callback=lambda b, c: seen.__setitem__("zt", b.zt.clone()))
+    latent_daps(model, op, batch, DAPSConfig.with_steps(4, mcmc=MCMCConfig(num_steps=2)), hooks=[hook],
+                callback=lambda info: info["stage"] == "step" and seen.__setitem__("zt", info["batch"].zt.clone()))
+    records = [{"image_idx": i, "particle_ids": [0, 1, 2]} for i in ids]
+    outs = [hook.image_output(i, rec) for i, rec in zip(ids, records)]
+    for out in outs:
+        RunFolder(tmp_path).write_logs_and_trajectories(0, out.jsonl, {})
     lines = [json.loads(s) for s in (tmp_path / "optimization.jsonl").read_text().splitlines()]
     assert [ln["image_idx"] for ln in lines] == ids
     assert set(lines[0]) == {"image_idx", "init_losses", "final_losses", "final_iters", "termination_reasons",
@@ -118,7 +122,11 @@ def test_hook_writes_jsonl_and_summary(toy, tmp_path):
     expect = torch.where(torch.tensor(res.accepted).view(-1, 1, 1, 1), res.z, seen["zt"])
     assert torch.equal(batch.zt, expect)
     assert torch.allclose(batch.x, model.decode(res.z))
-    s = hook.run_summary()["optimization"]
+    for rec, out in zip(records, outs):
+        rec.update(out.record)
+    s = summarize(records)
     assert s["num_particles"] == 6 and s["total_iters"] == sum(res.final_iters)
     assert s["num_accepted"] == sum(res.accepted)
-    assert hook.image_summary(1)["optimization"]["particle_ids"] == [0, 1, 2]
+    assert outs[1].record["optimization"]["particle_ids"] == [0, 1, 2]
+    # the PSNR before the optimisation is scored from the decode the optimisation started from
+    torch.testing.assert_close(outs[0].scored_images["before_optimization"], model.decode(seen["zt"][:3]))

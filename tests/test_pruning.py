@@ -1,5 +1,6 @@
-"""Once-only pruning (SPEC §4.2): triggers, criteria, slicing everywhere, per-image independence, masking regret."""
+"""Once-only pruning: triggers, criteria, slicing everywhere, per-image independence, masking regret."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +11,13 @@ from cores.mcmc import MCMCConfig
 from cores.models import build_model
 from cores.operators import get_operator
 from cores.pipeline import measure_images
-from cores.pruning import PruningConfig, PruningHook, pruning_regret, select_by_diversity, select_by_loss
+from cores.pruning import PruningConfig, PruningHook, pruning_regret, select_by_diversity, select_by_loss, summarize
 from cores.run_folder import RunFolder
 from cores.scheduler import EDMScheduler
 from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps
 
 ROOTS = ["dataset/demo-ffhq", "dataset/demo-imagenet"]
-CFG = DAPSConfig(num_steps=8, mcmc=MCMCConfig(num_steps=3), record_trajectory=True)
+CFG = DAPSConfig.with_steps(8, mcmc=MCMCConfig(num_steps=3), record_trajectory=True)
 SPEC_FIELDS = {"image_idx", "prune_step", "prev_sigma", "curr_sigma", "repulsion_sigma_break", "losses",
                "kept_indices", "pruned_indices", "kept_losses", "batch_before", "batch_after", "did_prune",
                "trigger", "mode"}
@@ -60,8 +61,8 @@ class After(SamplerHook):
 def _run(toy, ids, particles, pcfg, folder=None, seed=42):
     model, op, gt = toy
     y = measure_images(op, gt[ids], ids, seed)
-    batch = initial_batch(model, y, ids, particles, seed, CFG.sigma_max, torch.device("cpu"))
-    obs, hook, after = Observer(), PruningHook(pcfg, folder), After()
+    batch = initial_batch(model, y, ids, particles, seed, CFG.annealing.sigma_max, torch.device("cpu"))
+    obs, hook, after = Observer(), PruningHook(pcfg), After()
     latent_daps(model, op, batch, CFG, hooks=[obs, hook, after])
     return batch, hook, obs, after
 
@@ -71,7 +72,7 @@ def test_step_trigger_fires_once_keeps_k_lowest_and_shrinks_everything(toy, tmp_
                                    RunFolder(tmp_path))
     assert obs.sizes == [4, 4, 4, 4, 2, 2, 2, 2]          # rows seen by the next step's observer
     assert after.sizes[3] == (2, 2, 2, 2) and after.sizes[2] == (4, 4, 4, 4)
-    rec = hook.records[0]
+    rec = hook.lines[0]
     assert rec["trigger"] == "step" and rec["prune_step"] == 3 and rec["did_prune"]
     at3 = obs.losses[3]
     expect = sorted(range(4), key=lambda p: at3[(0, p)])[:2]
@@ -80,23 +81,25 @@ def test_step_trigger_fires_once_keeps_k_lowest_and_shrinks_everything(toy, tmp_
     assert batch.particle_ids.tolist() == sorted(expect)
     assert batch.zt.shape[0] == batch.y.shape[0] == len(batch.streams) == batch.x.shape[0] == 2
     assert batch.image_ids.tolist() == [0, 0]
-    assert all(t.shape[0] == 2 for t in batch.trajectory) and len(batch.trajectory) == CFG.num_steps
+    assert all(t.shape[0] == 2 for t in batch.trajectory) and len(batch.trajectory) == CFG.annealing.num_steps
+    out = hook.image_output(0, {"psnr": [None, None], "particle_ids": batch.particle_ids.tolist()})
+    RunFolder(tmp_path).write_logs_and_trajectories(0, out.jsonl, {})
     lines = [json.loads(s) for s in (tmp_path / "pruning.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and set(lines[0]) == SPEC_FIELDS
     assert lines[0]["batch_before"] == 4 and lines[0]["batch_after"] == 2 and lines[0]["mode"] == "slicing"
 
 
 def test_transition_trigger(toy):
-    sig = EDMScheduler(CFG.num_steps, CFG.sigma_max, CFG.sigma_min, CFG.timestep).sigma_steps
+    sig = EDMScheduler(CFG.annealing.num_steps, CFG.annealing.sigma_max, CFG.annealing.sigma_min, CFG.annealing.timestep).sigma_steps
     brk = float(sig[4] + sig[5]) / 2  # σ_4 ≥ break > σ_5 → transition at step 5
     _, hook, obs, _ = _run(toy, [1], 4, PruningConfig(step=7, keep=3, sigma_break=brk))
-    rec = hook.records[1]
+    rec = hook.lines[1]
     assert rec["trigger"] == "transition" and rec["prune_step"] == 5
     assert rec["prev_sigma"] >= brk > rec["curr_sigma"]
     assert obs.sizes == [4] * 6 + [3, 3]  # fired once only
     # the step trigger wins when it comes first
     _, hook2, _, _ = _run(toy, [1], 4, PruningConfig(step=2, keep=3, sigma_break=brk))
-    assert hook2.records[1]["trigger"] == "step" and hook2.records[1]["prune_step"] == 2
+    assert hook2.lines[1]["trigger"] == "step" and hook2.lines[1]["prune_step"] == 2
 
 
 def test_several_images_pruned_independently_equal_to_alone(toy):
@@ -105,7 +108,7 @@ def test_several_images_pruned_independently_equal_to_alone(toy):
     assert both.image_ids.tolist() == [0, 0, 2, 2]
     for img in (0, 2):
         alone, h1, _, _ = _run(toy, [img], 4, pc)
-        assert h1.records[img]["kept_indices"] == hook.records[img]["kept_indices"]
+        assert h1.lines[img]["kept_indices"] == hook.lines[img]["kept_indices"]
         rows = both.rows_of_image(img)
         assert both.particle_ids[rows].tolist() == alone.particle_ids.tolist()
         assert torch.allclose(both.x[rows], alone.x, atol=1e-5)
@@ -115,14 +118,14 @@ def test_masking_keeps_all_and_reports_regret(toy):
     model, op, gt = toy
     batch, hook, obs, _ = _run(toy, [0], 4, PruningConfig(step=3, keep=2, mode="masking", sigma_break=None))
     assert obs.sizes == [4] * 8 and len(batch) == 4
-    rec = hook.records[0]
+    rec = hook.lines[0]
     assert rec["batch_after"] == 4 and len(rec["pruned_indices"]) == 2
     p = psnr(batch.x, gt[0:1]).tolist()
-    image = {"psnr": p, "particle_ids": batch.particle_ids.tolist(), **hook.image_summary(0)}
-    hook.finalize_record(image)
+    image = {"image_idx": 0, "psnr": p, "particle_ids": batch.particle_ids.tolist()}
+    image.update(hook.image_output(0, image).record)
     best = max(range(4), key=lambda i: p[i])
     assert image["pruning"]["pruning_regret"] == (best in rec["pruned_indices"])
-    assert hook.run_summary()["pruning"]["regret_images"] == int(best in rec["pruned_indices"])
+    assert summarize([image])["regret_images"] == int(best in rec["pruned_indices"])
 
 
 def test_regret_helper():
@@ -167,6 +170,26 @@ def test_pipeline_outputs_hold_k_particles(tmp_path):
     w_kept = Image.open(next((root / "trajectory").glob("*.png"))).width
     assert w_kept == 2 * w_pruned
     lines = [json.loads(s) for s in (root / "pruning.jsonl").read_text().splitlines()]
-    assert [ln["image_idx"] for ln in lines] == [0, 1] and all(set(ln) == SPEC_FIELDS for ln in lines)
+    assert [ln["image_idx"] for ln in lines] == [0, 1] and all(set(ln) - {"pruned_trajectories"} == SPEC_FIELDS
+                                                                for ln in lines)
+    # each pruned particle's strip is named by its original id and listed in its pruning.jsonl line
+    assert sorted(Path(p).name for ln in lines for p in ln["pruned_trajectories"]) == pruned
+    assert all(f"_pruned{k:02d}.png" in " ".join(ln["pruned_trajectories"]) for ln in lines for k in ln["pruned_indices"])
     grid = Image.open(root / "grid_results.png")
     assert grid.width * 2 == grid.height * 4  # 2 rows × (gt, measurement, 2 particles) square tiles
+
+
+def test_pruning_step_exact_when_repulsion_off(tmp_path):
+    """Without repulsion the σ-transition trigger does not apply: pruning_step=40 prunes at 40, not 30."""
+    from conftest import compose
+    from cores.pipeline import run
+
+    cfg = compose(["sampler.mcmc.num_steps=1", "data.end_id=1", "num_samples=3", "eval.lpips=false",
+                   f"save_dir={tmp_path}", "name=p40", "pruning_step=40", "pruning_keep=2"])
+    rec = run(cfg)["images"][0]["pruning"]
+    assert rec["prune_step"] == 40 and rec["trigger"] == "step"
+    cfg = compose(["sampler.mcmc.num_steps=1", "data.end_id=1", "num_samples=3", "eval.lpips=false",
+                   f"save_dir={tmp_path}", "name=p40rep", "pruning_step=40", "pruning_keep=2",
+                   "repulsion_scale=1"])
+    rec = run(cfg)["images"][0]["pruning"]
+    assert rec["prune_step"] == 30 and rec["trigger"] == "transition"  # σ_29 ≥ 1.0 > σ_30

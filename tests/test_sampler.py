@@ -31,14 +31,14 @@ def toy():
 
 def _run(model, op, gt, ids, particles, cfg, seed=42, mutate=None):
     y = measure_images(op, gt[ids], ids, seed)
-    batch = initial_batch(model, y, ids, particles, seed, cfg.sigma_max, torch.device("cpu"))
+    batch = initial_batch(model, y, ids, particles, seed, cfg.annealing.sigma_max, torch.device("cpu"))
     if mutate is not None:
         mutate(batch)
     latent_daps(model, op, batch, cfg)
     return batch
 
 
-FAST = DAPSConfig(num_steps=50, mcmc=MCMCConfig(num_steps=25))
+FAST = DAPSConfig.with_steps(50, mcmc=MCMCConfig(num_steps=25))
 
 
 def test_recovers_ground_truth_or_twin(toy):
@@ -76,7 +76,7 @@ def test_twin_prior_finds_both_orientations_somewhere(toy):
 
 def test_result_independent_of_batch_composition_and_particle_count(toy):
     model, _, op, gt = toy
-    cfg = DAPSConfig(num_steps=8, mcmc=MCMCConfig(num_steps=5))
+    cfg = DAPSConfig.with_steps(8, mcmc=MCMCConfig(num_steps=5))
     together = _run(model, op, gt, [0, 2], 3, cfg)
     alone = _run(model, op, gt, [2], 2, cfg)
     rows = together.rows_of_image(2)[:2]
@@ -86,7 +86,7 @@ def test_result_independent_of_batch_composition_and_particle_count(toy):
 
 def test_nan_in_one_particle_is_contained(toy):
     model, _, op, gt = toy
-    cfg = DAPSConfig(num_steps=6, mcmc=MCMCConfig(num_steps=4))
+    cfg = DAPSConfig.with_steps(6, mcmc=MCMCConfig(num_steps=4))
     clean = _run(model, op, gt, [0], 3, cfg)
 
     def poison(batch):
@@ -129,6 +129,6 @@ def test_mcmc_langevin_step_matches_daps_formula():
 
 def test_hmc_runs_and_differs_from_langevin(toy):
     model, _, op, gt = toy
-    lang = _run(model, op, gt, [0], 2, DAPSConfig(num_steps=4, mcmc=MCMCConfig(num_steps=3)))
-    hmc = _run(model, op, gt, [0], 2, DAPSConfig(num_steps=4, mcmc=MCMCConfig(algo="hmc", num_steps=3, lr=2.1e-5)))
+    lang = _run(model, op, gt, [0], 2, DAPSConfig.with_steps(4, mcmc=MCMCConfig(num_steps=3)))
+    hmc = _run(model, op, gt, [0], 2, DAPSConfig.with_steps(4, mcmc=MCMCConfig(algo="hmc", num_steps=3, lr=2.1e-5)))
     assert torch.isfinite(hmc.x).all() and not torch.equal(lang.x, hmc.x)

@@ -63,7 +63,7 @@ def _run(model, res: int, anneal: int, mcmc: int, particles: int = 2):
                                           size=(res, res), mode="bilinear") * 2 - 1
     y = op.measure(img, torch.Generator().manual_seed(2))
     b = S.initial_batch(model, y, [0], particles, 42, 10.0, torch.device("cpu"))
-    S.latent_daps(model, op, b, S.DAPSConfig(num_steps=anneal, mcmc=MCMCConfig(num_steps=mcmc)))
+    S.latent_daps(model, op, b, S.DAPSConfig.with_steps(anneal, mcmc=MCMCConfig(num_steps=mcmc)))
     return b.x
 
 
@@ -179,7 +179,7 @@ def test_mcmc_keeps_no_graphs(toy):
     assert g.grad_fn is None and loss.grad_fn is None and not g.requires_grad
     r = run_mcmc(toy, op, b.y, b.zt, b.zt.clone(), torch.tensor(1.0), 0.0, b.streams, MCMCConfig(num_steps=2))
     assert r.z.grad_fn is None and r.loss.grad_fn is None
-    S.latent_daps(toy, op, b, S.DAPSConfig(num_steps=2, mcmc=MCMCConfig(num_steps=1)))
+    S.latent_daps(toy, op, b, S.DAPSConfig.with_steps(2, mcmc=MCMCConfig(num_steps=1)))
     assert b.trajectory == [] and b.zt.grad_fn is None
 
 
