@@ -162,17 +162,22 @@ class RunFolder:
         if grid is not None:
             save_png(self.root / "grid_results.png", grid)
 
-    def _particle_cell(self, rec: Dict, particle: int) -> "GridCell":
+    def _particle_cell(self, rec: Dict, particle: int) -> GridCell:
         img = np.asarray(Image.open(self.sample_path(rec["image_idx"], particle)).convert("RGB"))
-        ids = [int(i) for i in rec.get("particle_ids", [])]
-        if particle not in ids:
-            return GridCell(img, [f"p{particle}"])
-        k = ids.index(particle)
-        p, pt = rec["psnr"][k], rec["psnr_twin"][k]
-        caption = [f"p{particle}  {p:.2f} dB" if p is not None else f"p{particle}  n/a"]
-        if pt is not None and (p is None or pt > p):
-            caption.append(f"twin {pt:.2f} dB")
-        marks = [m for m, key in (("best", "best_idx"), ("selected", "selected_idx")) if rec.get(key) == k]
-        if marks:
-            caption.append(", ".join(marks))
-        return GridCell(img, caption, marks)
+        return GridCell(img, *particle_caption(rec, particle))
+
+
+def particle_caption(rec: Dict, particle: int) -> Tuple[List[str], List[str]]:
+    """Grid text under a particle (id, PSNR, twin PSNR when higher, best/selected) and its frames."""
+    ids = [int(i) for i in rec.get("particle_ids", [])]
+    if particle not in ids:
+        return [f"p{particle}"], []
+    k = ids.index(particle)
+    p, pt = rec["psnr"][k], rec["psnr_twin"][k]
+    caption = [f"p{particle}  {p:.2f} dB" if p is not None else f"p{particle}  n/a"]
+    if pt is not None and (p is None or pt > p):
+        caption.append(f"twin {pt:.2f} dB")
+    marks = [m for m, key in (("best", "best_idx"), ("selected", "selected_idx")) if rec.get(key) == k]
+    if marks:
+        caption.append(", ".join(marks))
+    return caption, marks
