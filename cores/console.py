@@ -23,7 +23,11 @@ def warn(message: str, key: Optional[Hashable] = None) -> None:
         if key in _WARNED:
             return
         _WARNED.add(key)
-    print("warning: " + one_line(message), file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    # through tqdm, so a progress bar on stderr is cleared first instead of sharing the line
+    tqdm.write("warning: " + one_line(message), file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _num(v: Optional[float], fmt: str = "{:.2f}") -> str:

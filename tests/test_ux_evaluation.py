@@ -3,6 +3,7 @@ and the offline LPIPS message."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -141,3 +142,20 @@ def test_lpips_offline_prints_one_stderr_line(capfd, monkeypatch, tmp_path):
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: LPIPS unavailable") and "download.sh lpips" in lines[0]
     assert math.isfinite(rec["psnr"][0]) or rec["psnr"][0] is None
+
+
+def test_warning_gets_its_own_line_under_a_progress_bar(capfd, monkeypatch):
+    from tqdm import tqdm
+
+    from cores import console
+
+    monkeypatch.setattr(console, "_WARNED", set())
+    with tqdm(total=4, file=sys.stderr, desc="run") as bar:
+        bar.update(1)
+        console.warn("first\nsecond", key="k")
+        console.warn("again", key="k")
+        bar.update(3)
+    out, err = capfd.readouterr()
+    assert out == ""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "warning" in line]
+    assert lines == ["warning: first second"]
