@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -110,21 +110,6 @@ def measurement_view(y: torch.Tensor) -> np.ndarray:
     v = ((v - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
     g = (v * 255).round().byte().numpy()
     return np.stack([g, g, g], axis=-1)
-
-
-def make_grid(rows: Iterable[List[np.ndarray]], size: int) -> Optional[np.ndarray]:
-    """Rows of tiles (each resized to size×size) → one image; ragged rows are padded white."""
-    rows = [r for r in rows if r]
-    if not rows:
-        return None
-    ncol = max(len(r) for r in rows)
-    grid = np.full((len(rows) * size, ncol * size, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            if tile.shape[0] != size or tile.shape[1] != size:
-                tile = np.asarray(Image.fromarray(tile).resize((size, size), Image.BILINEAR))
-            grid[i * size:(i + 1) * size, j * size:(j + 1) * size] = tile
-    return grid
 
 
 # --- grid_results.png -----------------------------------------------------------------------------
