@@ -29,17 +29,27 @@ def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def lpips_distance(x: torch.Tensor, ref: torch.Tensor) -> Optional[torch.Tensor]:
-    """LPIPS (AlexNet, `lpips` package); None with one warning when its weights are unavailable."""
-    if "model" not in _LPIPS_STATE:
-        try:
-            import lpips
+    """LPIPS (AlexNet, `lpips` package); None with one stderr warning line when its weights are unavailable.
 
-            with warnings.catch_warnings():
+    Building the network may try to download the AlexNet backbone, and torch.hub prints its
+    `Downloading: …` line into the results table; everything it prints is swallowed here.
+    """
+    if "model" not in _LPIPS_STATE:
+        import contextlib
+        import io
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                import lpips
+
                 _LPIPS_STATE["model"] = lpips.LPIPS(net="alex", verbose=False).eval()
         except Exception as err:  # no network / no cached backbone weights
-            warnings.warn(f"LPIPS unavailable ({type(err).__name__}: {str(err)[:120]}); "
-                          "reported as null. Fetch its weights with `bash download.sh lpips`.")
+            from .console import one_line, warn
+
+            warn(f"LPIPS unavailable ({type(err).__name__}: {one_line(err)[:120]}); reported as null. "
+                 "Fetch its weights with `bash download.sh lpips`.", key="lpips")
             _LPIPS_STATE["model"] = None
     model = _LPIPS_STATE["model"]
     if model is None:
@@ -53,9 +63,31 @@ def finite_or_none(v: float) -> Optional[float]:
     return float(v) if v is not None and math.isfinite(v) else None
 
 
+ORIENTATIONS = ("gt", "twin", "unclear")
+MEASUREMENT_LOSS_UNIT = ("sum of squared amplitude errors over the whole measurement "
+                         "(3 x H' x W' padded-FFT canvas); measurement_loss_mse = sum / measurement_numel")
+
+
+def orientation(p: Optional[float], p_twin: Optional[float], margin_db: float) -> str:
+    """`gt` / `twin` when one PSNR beats the other by ≥ margin, else `unclear` (also for missing values).
+
+    Unlike `success`, this needs no absolute PSNR, so it says which mode a particle went to even
+    when no particle gets close to either (the common case on real images).
+    """
+    if p is None or p_twin is None or not (math.isfinite(p) and math.isfinite(p_twin)):
+        return "unclear"
+    if p - p_twin >= margin_db:
+        return "gt"
+    if p_twin - p >= margin_db:
+        return "twin"
+    return "unclear"
+
+
 def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses: torch.Tensor,
-                 particle_ids: Sequence[int], success_psnr: float, use_lpips: bool = True) -> Dict:
-    """Per-image entry of metrics.json: per particle PSNR/SSIM/LPIPS, twin PSNR, loss, best/selected."""
+                 particle_ids: Sequence[int], success_psnr: float, use_lpips: bool = True,
+                 orientation_margin_db: float = 1.0, measurement_numel: Optional[int] = None) -> Dict:
+    """Per-image entry of metrics.json: per particle PSNR/SSIM/LPIPS, twin PSNR, orientation, loss,
+    best/selected.  `measurement_numel` (elements of one measurement) adds the per-element loss."""
     twin = gt.flip(-2, -1)
     ok = torch.isfinite(samples).flatten(1).all(dim=1)  # piq rejects NaN: score finite rows, NaN the rest
     samples = torch.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
@@ -71,7 +103,10 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
     selected = min(finite, key=lambda i: loss[i]) if finite else None
     correct = any(p[i] >= success_psnr and p[i] >= pt[i] for i in finite)
     twin_found = any(pt[i] >= success_psnr and pt[i] > p[i] for i in finite)
-    return {
+    orient = [orientation(p[i], pt[i], float(orientation_margin_db)) if i in finite else "unclear"
+              for i in range(len(p))]
+    any_orient = [max(p[i], pt[i]) for i in finite if math.isfinite(pt[i])]
+    rec = {
         "image_idx": int(image_idx),
         "particle_ids": [int(i) for i in particle_ids],
         "psnr": [finite_or_none(v) for v in p],
@@ -84,7 +119,18 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
         "success": bool(correct),
         "both_orientations": bool(correct and twin_found),
         "non_finite_particles": [i for i in range(len(p)) if i not in finite],
+        "orientation": orient,
+        "orientation_margin_db": float(orientation_margin_db),
+        "orientations_found": sorted(set(orient)),
+        "correct_orientation_found": "gt" in orient,
+        "both_orientations_any": "gt" in orient and "twin" in orient,
+        "best_psnr_any_orientation": max(any_orient) if any_orient else None,
+        "measurement_loss_unit": MEASUREMENT_LOSS_UNIT,
     }
+    if measurement_numel:
+        rec["measurement_numel"] = int(measurement_numel)
+        rec["measurement_loss_mse"] = [finite_or_none(v / measurement_numel) for v in loss]
+    return rec
 
 
 def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
@@ -120,9 +166,12 @@ def summarize(images: List[Dict]) -> Dict:
     succ = sum(bool(r["success"]) for r in images)
     both = sum(bool(r["both_orientations"]) for r in images)
     times = [r.get("time_sec") for r in images]
+    best_twin = [max([v for v in r["psnr_twin"] if v is not None], default=None) for r in images]
     return {
         "num_images": n,
         "best_psnr": _mean_std(best_psnr),
+        "best_psnr_twin": _mean_std(best_twin),
+        "best_psnr_any_orientation": _mean_std([r.get("best_psnr_any_orientation") for r in images]),
         "mean_of_mean_psnr": _mean_std(mean_psnr)["mean"],
         "best_ssim_mean": _mean_std(best_ssim)["mean"],
         "best_lpips_mean": _mean_std(best_lpips)["mean"],
@@ -134,4 +183,28 @@ def summarize(images: List[Dict]) -> Dict:
         "total_time_sec": float(sum(t for t in times if t is not None)),
         "time_per_image_sec": _mean_std(times)["mean"],
         "non_finite_particles": sum(len(r.get("non_finite_particles", [])) for r in images),
+        "orientation": orientation_summary(images),
+        "measurement_loss_unit": MEASUREMENT_LOSS_UNIT,
+    }
+
+
+def orientation_summary(images: List[Dict]) -> Dict:
+    """Rates (with Wilson 95 % CIs) of images where the ground-truth orientation / both orientations
+    were found at any PSNR, and the share of all particles in each orientation.  Records written
+    without orientation fields are left out (`num_images` counts those used)."""
+    recs = [r for r in images if isinstance(r.get("orientation"), list)]
+    n = len(recs)
+    correct = sum(bool(r.get("correct_orientation_found")) for r in recs)
+    both = sum(bool(r.get("both_orientations_any")) for r in recs)
+    labels = [o for r in recs for o in r["orientation"]]
+    margins = {r.get("orientation_margin_db") for r in recs}
+    return {
+        "num_images": n,
+        "margin_db": margins.pop() if len(margins) == 1 else None,
+        "correct_orientation_found_rate": correct / n if n else None,
+        "correct_orientation_found_rate_ci95": wilson_ci(correct, n),
+        "both_orientations_any_rate": both / n if n else None,
+        "both_orientations_any_rate_ci95": wilson_ci(both, n),
+        "num_particles": len(labels),
+        "particle_fraction": {k: (labels.count(k) / len(labels) if labels else None) for k in ORIENTATIONS},
     }

@@ -7,19 +7,34 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 
+def _create_temp(directory: Path, name: str) -> Tuple[int, str]:
+    """A new file beside the target, created like `open(path, "xb")` would (mode 0666 minus the umask).
+
+    `tempfile.mkstemp` creates 0600 files, which would leave results unreadable to anyone else
+    sharing a results folder.
+    """
+    while True:
+        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -45,7 +60,7 @@ def append_jsonl(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj, allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, line)
         os.fsync(fd)
@@ -82,23 +97,100 @@ def save_png(path: Path, img: np.ndarray) -> None:
 
 
 def measurement_view(y: torch.Tensor) -> np.ndarray:
-    """Log-amplitude view of a (3,H,W) Fourier amplitude, normalised to [0,255]."""
-    v = torch.log1p(y.detach().float().cpu().clamp_min(0)).mean(0)
-    v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
+    """Log-amplitude view of a (3,H,W) Fourier amplitude, grey levels spread over [0,255].
+
+    The DC term is ~1000× the typical amplitude, so a linear (or log1p) view is almost black;
+    log|y| stretched between its 5th and 99.9th percentiles shows the speckle structure.  Noisy
+    amplitudes can be negative; their magnitude is shown.
+    """
+    a = y.detach().float().cpu().abs().mean(0)
+    top = float(a.max())
+    v = torch.log(a + max(top, 1e-12) * 1e-6)
+    lo, hi = torch.quantile(v.flatten(), torch.tensor([0.05, 0.999])).tolist()
+    v = ((v - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
     g = (v * 255).round().byte().numpy()
     return np.stack([g, g, g], axis=-1)
 
 
-def make_grid(rows: Iterable[List[np.ndarray]], size: int) -> Optional[np.ndarray]:
-    """Rows of tiles (each resized to size×size) → one image; ragged rows are padded white."""
+# --- grid_results.png -----------------------------------------------------------------------------
+GRID_BACKGROUND = 255
+GRID_MARGIN = 5          # space around a tile; the best/selected frames are drawn inside it
+MARK_COLOURS = {"best": (0, 160, 0), "selected": (0, 90, 230)}
+GRID_LEGEND = ("PSNR in dB vs ground truth (twin: vs its 180-degree rotation, shown when higher); "
+               "green frame = best PSNR (oracle), blue = selected (lowest measurement loss)")
+
+
+@dataclass
+class GridCell:
+    """One tile of the grid with the text under it and its frames (`best`, `selected`)."""
+    image: np.ndarray
+    caption: List[str] = field(default_factory=list)
+    marks: List[str] = field(default_factory=list)
+
+
+def upscale_nearest(img: np.ndarray, factor: int) -> np.ndarray:
+    """Integer nearest-neighbour enlargement: every pixel becomes a factor×factor block, no blur."""
+    return img if factor <= 1 else np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _text_size(draw, text: str, font) -> Tuple[int, int]:
+    if not text:
+        return 0, 0
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def render_grid(header: List[List[str]], rows: List[List[GridCell]], scale: int = 1,
+                legend: str = GRID_LEGEND) -> Optional[np.ndarray]:
+    """Header row (one list of lines per column), then one row per image with captions under the
+    tiles; tiles are enlarged by the integer `scale` with nearest-neighbour only."""
+    from PIL import ImageDraw
+
     rows = [r for r in rows if r]
     if not rows:
         return None
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = max(_text_size(probe, "Ag|(0", font)[1], 8) + 3
     ncol = max(len(r) for r in rows)
-    grid = np.full((len(rows) * size, ncol * size, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            if tile.shape[0] != size or tile.shape[1] != size:
-                tile = np.asarray(Image.fromarray(tile).resize((size, size), Image.BILINEAR))
-            grid[i * size:(i + 1) * size, j * size:(j + 1) * size] = tile
-    return grid
+    cells = [[upscale_nearest(c.image, scale) for c in r] for r in rows]
+    col_w = []
+    for j in range(ncol):
+        widths = [t.shape[1] for r in cells for t in r[j:j + 1]]
+        widths += [_text_size(probe, line, font)[0] for r in rows for c in r[j:j + 1] for line in c.caption]
+        col_w.append(max(widths) + 2 * GRID_MARGIN)
+    header_lines = max((len(h) for h in header), default=0)
+    header_h = header_lines * line_h + 2 * GRID_MARGIN
+    cap_lines = max(len(c.caption) for r in rows for c in r)
+    row_h = [max(t.shape[0] for t in r) + 2 * GRID_MARGIN + cap_lines * line_h for r in cells]
+    legend_h = line_h + 2 * GRID_MARGIN if legend else 0
+    width = max(sum(col_w), _text_size(probe, legend, font)[0] + 2 * GRID_MARGIN)
+    canvas = Image.new("RGB", (width, header_h + sum(row_h) + legend_h), (GRID_BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(canvas)
+    x0 = np.cumsum([0] + col_w)
+    for j, lines in enumerate(header[:ncol]):
+        for k, line in enumerate(lines):
+            draw.text((int(x0[j]) + GRID_MARGIN, GRID_MARGIN + k * line_h), line, fill=(0, 0, 0), font=font)
+    y = header_h
+    for r, (row, tiles) in enumerate(zip(rows, cells)):
+        for j, (cell, tile) in enumerate(zip(row, tiles)):
+            tx, ty = int(x0[j]) + GRID_MARGIN, y + GRID_MARGIN
+            canvas.paste(Image.fromarray(tile), (tx, ty))
+            for k, mark in enumerate(cell.marks):  # frames nest outwards: best outermost
+                inset = GRID_MARGIN - 1 - 2 * k
+                if inset >= 1:
+                    draw.rectangle((tx - inset, ty - inset, tx + tile.shape[1] - 1 + inset,
+                                    ty + tile.shape[0] - 1 + inset), outline=MARK_COLOURS.get(mark, (200, 0, 0)),
+                                   width=2)
+            for k, line in enumerate(cell.caption):
+                draw.text((tx, ty + tile.shape[0] + GRID_MARGIN - 2 + k * line_h), line, fill=(0, 0, 0), font=font)
+        y += row_h[r]
+    if legend:
+        draw.text((GRID_MARGIN, y + GRID_MARGIN), legend, fill=(90, 90, 90), font=font)
+    return np.asarray(canvas)

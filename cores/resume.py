@@ -2,7 +2,7 @@
 
 Rules (one folder = one experiment; several jobs may fill it):
 - The folder's `config.yaml` must match the new config in every key except
-  RESUMABLE_KEYS (image range, shard, device); otherwise the run is refused
+  RESUMABLE_KEYS (image range, shard, device, batch size); otherwise the run is refused
   with the differing keys listed, whether resuming or not.
 - `resume=true`: images with a complete record (record + its samples) are
   skipped and their files left untouched; every other image of the range is
@@ -26,8 +26,9 @@ from cores.errors import ConfigError
 from cores.outputs import read_jsonl, write_text
 from cores.run_folder import RECORD_DIR, RunFolder
 
-# Keys that may differ between jobs writing the same run folder.
-RESUMABLE_KEYS = {"resume", "data.start_id", "data.end_id", "shard", "num_shards", "device"}
+# Keys that may differ between jobs writing the same run folder.  `batch_size` is one: every
+# particle draws from its own random stream, so a result does not depend on how images are batched.
+RESUMABLE_KEYS = {"resume", "data.start_id", "data.end_id", "shard", "num_shards", "device", "batch_size"}
 
 
 def _flatten(d, prefix: str = "") -> Dict[str, object]:

@@ -9,16 +9,52 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .console import one_line, warn
 from .evaluation import summarize
-from .outputs import append_jsonl, make_grid, measurement_view, save_png, to_uint8, write_json
+from .outputs import GridCell, append_jsonl, measurement_view, render_grid, save_png, to_uint8, write_json
 
 RECORD_DIR = "records"
+GRID_HEADER = [["ground truth"], ["measurement", "(log-amplitude)"], ["particles:", "id, PSNR"]]
+# Fields every record must have, with the types a reader relies on.
+REQUIRED_FIELDS = {"image_idx": int, "particle_ids": list, "psnr": list, "ssim": list, "lpips": list,
+                   "psnr_twin": list, "measurement_loss": list, "success": bool, "both_orientations": bool}
+OPTIONAL_INDEX_FIELDS = ("best_idx", "selected_idx")
+
+
+def read_record(path: Path) -> Tuple[Optional[Dict], str]:
+    """(record, "") or (None, why it cannot be used)."""
+    try:
+        rec = json.loads(Path(path).read_text())
+    except OSError as err:
+        return None, f"unreadable ({type(err).__name__})"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"not valid JSON ({one_line(err)})"
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    if missing:
+        return None, "missing " + ", ".join(missing)
+    wrong = [k for k, t in REQUIRED_FIELDS.items()
+             if not isinstance(rec[k], t) or (t is int and isinstance(rec[k], bool))]
+    n = len(rec["particle_ids"]) if isinstance(rec["particle_ids"], list) else -1
+    wrong += [k for k, t in REQUIRED_FIELDS.items() if t is list and k not in wrong and len(rec[k]) != n]
+    for k in OPTIONAL_INDEX_FIELDS:
+        v = rec.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n):
+            wrong.append(k)
+    if not isinstance(rec.get("saved_particles", []), list):
+        wrong.append("saved_particles")
+    if wrong:
+        return None, "bad " + ", ".join(wrong)
+    if Path(path).stem != f"{rec['image_idx']:05d}":
+        return None, f"image_idx {rec['image_idx']} does not match the file name"
+    return rec, ""
 
 
 class RunFolder:
@@ -43,14 +79,25 @@ class RunFolder:
         return all(self.sample_path(rec["image_idx"], p).exists() for p in rec.get("saved_particles", []))
 
     def records(self) -> List[Dict]:
-        """Every readable record, by image index."""
+        """Every valid record, by image index.
+
+        A record that does not parse or lacks a field (hand-edited, copied from elsewhere, written
+        by an incompatible version) is named in one warning line and left out, so its image counts
+        as unfinished and `resume=true` redoes it.
+        """
         d = self.root / RECORD_DIR
         recs = []
         for p in sorted(d.glob("*.json")) if d.is_dir() else []:
-            try:
-                recs.append(json.loads(p.read_text()))
-            except (json.JSONDecodeError, OSError):
-                continue  # a torn file cannot exist (atomic writes) but never trust it
+            rec, why = read_record(p)
+            if rec is None:
+                try:
+                    st = p.stat()
+                    key = ("record", str(p), st.st_mtime_ns, st.st_size)
+                except OSError:
+                    key = ("record", str(p))
+                warn(f"ignoring record {p}: {why}; its image counts as unfinished (resume=true redoes it)", key=key)
+                continue
+            recs.append(rec)
         return sorted(recs, key=lambda r: r["image_idx"])
 
     # --- writing -----------------------------------------------------------------
@@ -94,12 +141,43 @@ class RunFolder:
         return metrics
 
     def write_grid(self, max_images: int, size: int = 128, records: Optional[List[Dict]] = None) -> None:
-        rows = []
+        """grid_results.png: a header row, then per image gt, measurement and every saved particle,
+        with image id, per-particle PSNR (and twin PSNR when higher) and best/selected frames.
+        Tiles smaller than `size` are enlarged by an integer factor, nearest-neighbour only."""
+        rows, scale = [], None
         for rec in (self.records() if records is None else records)[:max_images]:
             idx = rec["image_idx"]
-            tiles = [self.root / "gt" / f"{idx:05d}.png", self.root / "measurement" / f"{idx:05d}.png"]
-            tiles += [self.sample_path(idx, p) for p in rec.get("saved_particles", [])]
-            rows.append([np.asarray(Image.open(t).convert("RGB")) for t in tiles if t.exists()])
-        grid = make_grid(rows, size)
+            gt_path, m_path = self.root / "gt" / f"{idx:05d}.png", self.root / "measurement" / f"{idx:05d}.png"
+            row = []
+            if gt_path.exists():
+                gt = np.asarray(Image.open(gt_path).convert("RGB"))
+                scale = scale or max(1, size // max(gt.shape[:2]))
+                row.append(GridCell(gt, [f"image {idx}"]))
+            if m_path.exists():
+                row.append(GridCell(np.asarray(Image.open(m_path).convert("RGB")), [""]))
+            row += [self._particle_cell(rec, p) for p in rec.get("saved_particles", [])
+                    if self.sample_path(idx, p).exists()]
+            rows.append(row)
+        grid = render_grid(GRID_HEADER, rows, scale or 1)
         if grid is not None:
             save_png(self.root / "grid_results.png", grid)
+
+    def _particle_cell(self, rec: Dict, particle: int) -> GridCell:
+        img = np.asarray(Image.open(self.sample_path(rec["image_idx"], particle)).convert("RGB"))
+        return GridCell(img, *particle_caption(rec, particle))
+
+
+def particle_caption(rec: Dict, particle: int) -> Tuple[List[str], List[str]]:
+    """Grid text under a particle (id, PSNR, twin PSNR when higher, best/selected) and its frames."""
+    ids = [int(i) for i in rec.get("particle_ids", [])]
+    if particle not in ids:
+        return [f"p{particle}"], []
+    k = ids.index(particle)
+    p, pt = rec["psnr"][k], rec["psnr_twin"][k]
+    caption = [f"p{particle}  {p:.2f} dB" if p is not None else f"p{particle}  n/a"]
+    if pt is not None and (p is None or pt > p):
+        caption.append(f"twin {pt:.2f} dB")
+    marks = [m for m, key in (("best", "best_idx"), ("selected", "selected_idx")) if rec.get(key) == k]
+    if marks:
+        caption.append(", ".join(marks))
+    return caption, marks
