@@ -1,8 +1,9 @@
-# Shared driver of the experiment scripts (sourced, not run).  SPEC §6.
+# Shared driver of the experiment scripts (sourced, not run).
 #
-# A script sets EXP, EXP_SHORT, RUN_TAG and its settings (see exp0_baseline.sh), then calls
-# `exp_main "$@"`.  Everything a run depends on goes on the python command line, so the
-# run folder's config.yaml records it.
+# A script sets EXP (= the Hydra experiment config, configs/experiment/$EXP.yaml, which holds
+# every setting with its reason), EXP_SHORT and RUN_TAG, then calls `exp_main "$@"`.  The
+# command adds only the model/dataset, the image range and the run folder; the run folder's
+# config.yaml records every resolved setting.
 #
 # Flags:   --1 (image 0)   --10 (images 0-9)   --90 (images 10-99; with --10 = 100 images)
 #          exp5 only: --imagenet / --ffhq (dataset), --100 (images 0-99 in one folder)
@@ -11,8 +12,8 @@
 #   GPU=<id>      run on that CUDA device (CUDA_VISIBLE_DEVICES=<id>)
 #   MODEL=toy     same settings on the built-in exact prior (SPEC §3.1): a CPU check in minutes;
 #                 uses the 10 demo images (only --1 / --10), rot180 twins in the prior
-#                 (two exact posterior modes, the orientation question) and pixel features
-#                 for repulsion (no DINO weights needed); results go to results/toy/
+#                 (two exact posterior modes, the orientation question); the toy prior uses
+#                 pixel features for repulsion (no DINO weights needed); results go to results/toy/
 #   SAVE_DIR=dir  results root (default results, or results/toy with MODEL=toy)
 #   EXTRA_ARGS="k=v ..."  extra Hydra overrides appended last (they win), e.g. fewer steps
 #   PYTHON=...    interpreter (default python)
@@ -48,30 +49,13 @@ _range() {
 _model_args() {
   local ds="$1"
   if [[ "${MODEL:-}" == toy ]]; then
-    echo "model=toy data=demo-$ds model.include_twins=true repulsion_feature=pixel"
+    echo "model=toy data=demo-$ds model.include_twins=true"
   elif [[ -z "${MODEL:-}" ]]; then
-    echo "model=${ds}256ldm data=test-$ds repulsion_feature=dino"
+    echo "model=${ds}256ldm data=test-$ds"
   else
     echo "error: MODEL=${MODEL}: only MODEL=toy (or unset for the real checkpoints) is supported" >&2
     return 2
   fi
-}
-
-_settings_args() {
-  local a=(
-    "seed=$SEED" "num_samples=$NUM_SAMPLES" "batch_size=$BATCH_SIZE"
-    "sampler.mcmc.algo=$MCMC_ALGO" "sampler.mcmc.num_steps=$MCMC_STEPS"
-    "repulsion_scale=$REPULSION_SCALE" "repulsion_sigma_break=$REPULSION_SIGMA_BREAK"
-    "repulsion_schedule=$REPULSION_SCHEDULE"
-    "pruning_step=$PRUNING_STEP" "pruning_keep=$PRUNING_KEEP" "pruning_mode=$PRUNING_MODE"
-    "pruning_criterion=$PRUNING_CRITERION"
-    "hard_data_consistency=$HARD_DATA_CONSISTENCY"
-  )
-  if [[ "$HARD_DATA_CONSISTENCY" == 1 ]]; then
-    a+=("optimization_lr=$OPTIMIZATION_LR" "optimization_eps=$OPTIMIZATION_EPS"
-        "optimization_max_iters=$OPTIMIZATION_MAX_ITERS")
-  fi
-  echo "${a[*]}"
 }
 
 _run_one() {  # dataset-label size-flag
@@ -81,8 +65,8 @@ _run_one() {  # dataset-label size-flag
   [[ "$n" == 1 ]] && kind=sanity_check
   margs="$(_model_args "$ds")" || return 2
   if [[ "${MODEL:-}" == toy ]]; then root="${SAVE_DIR:-results/toy}"; else root="${SAVE_DIR:-results}"; fi
-  local cmd=("${PYTHON:-python}" posterior_sample.py $margs "data.start_id=$start" "data.end_id=$end"
-             $(_settings_args) "save_dir=$root/$EXP" "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}"
+  local cmd=("${PYTHON:-python}" posterior_sample.py "+experiment=$EXP" $margs "data.start_id=$start"
+             "data.end_id=$end" "save_dir=$root/$EXP" "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}"
              ${EXTRA_ARGS:-})
   local envp=()
   [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")

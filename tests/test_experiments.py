@@ -1,4 +1,5 @@
-"""The experiment scripts of SPEC §6: usage, DRY_RUN commands (settings, image ranges, folders), GPU, MODEL=toy."""
+"""The experiment scripts and configs: usage, DRY_RUN commands (experiment, image ranges, folders), resolved
+settings, GPU, MODEL=toy."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "commands_gpu"
 
-# script → (experiment folder, run tag, settings every command must carry)
+# script → (experiment folder, run tag, settings every command must resolve to)
 COMMON = {"seed": "42", "batch_size": "1", "sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "100"}
 REP = {"repulsion_scale": "10", "repulsion_sigma_break": "1.0", "repulsion_schedule": "constant"}
 EXPECTED = {
@@ -32,8 +33,9 @@ EXPECTED = {
                              {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "1",
                               "optimization_lr": "5.0e-3", "optimization_eps": "1.0e-3",
                               "optimization_max_iters": "500"}),
-    "exp5_final.sh": ("exp5_final", "exp5", "scale10_hdc",
-                      {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "1"}),
+    "exp5_final.sh": ("exp5_final", "exp5", "scale10_prune29_keep2",
+                      {"num_samples": "4", **REP, "pruning_step": "29", "pruning_keep": "2",
+                       "hard_data_consistency": "-1"}),
 }
 
 
@@ -82,6 +84,10 @@ def test_no_flag_prints_usage_and_fails(name):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_dry_run_carries_settings_ranges_and_folders(name):
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
     exp, short, tag, settings = EXPECTED[name]
     cmds = dry(name, *size_flags(name))
     assert len(cmds) == 3
@@ -90,10 +96,13 @@ def test_dry_run_carries_settings_ranges_and_folders(name):
     for c, n, kind in zip(cmds, (1, 10, 90), ("sanity_check", "main", "main")):
         o = c["overrides"]
         assert c["env"] == {}
+        assert o["+experiment"] == exp  # the settings live in configs/experiment/<exp>.yaml
+        cfg = compose(c["args"])
         for k, v in {**COMMON, **settings}.items():
-            assert o[k] == v, (k, o[k], v)
+            assert float(OmegaConf.select(cfg, k)) == float(v) if v[-1].isdigit() else \
+                str(OmegaConf.select(cfg, k)) == v, (k, OmegaConf.select(cfg, k), v)
         assert o["model"] == "imagenet256ldm" and o["data"] == "test-imagenet"
-        assert o["repulsion_feature"] == "dino"
+        assert cfg.repulsion_feature == "dino"
         assert o["save_dir"] == f"results/{exp}"
         assert o["name"] == f"imagenet_{n}img/{short}_{kind}_{tag}"
         assert len(c["args"]) == len(o), "an override appears twice"
@@ -118,7 +127,7 @@ def test_exp5_datasets():
     cmds = dry("exp5_final.sh", "--ffhq", "--imagenet", "--100")
     assert [(c["overrides"]["model"], c["overrides"]["data"]) for c in cmds] == [
         ("ffhq256ldm", "test-ffhq"), ("imagenet256ldm", "test-imagenet")]
-    assert cmds[0]["overrides"]["name"] == "ffhq_100img/exp5_main_scale10_hdc"
+    assert cmds[0]["overrides"]["name"] == "ffhq_100img/exp5_main_scale10_prune29_keep2"
     assert (cmds[0]["overrides"]["data.start_id"], cmds[0]["overrides"]["data.end_id"]) == ("0", "100")
     default = dry("exp5_final.sh", "--imagenet")  # no size: the 100 images as 10 + 90
     assert [c["overrides"]["data.end_id"] for c in default] == ["10", "100"]
@@ -127,10 +136,13 @@ def test_exp5_datasets():
 
 
 def test_toy_model_and_overrides():
+    from tests.conftest import compose
+
     (c,) = dry("exp1_repulsion.sh", "--10", MODEL="toy", SAVE_DIR="/tmp/x", EXTRA_ARGS="sampler.mcmc.num_steps=3")
     o = c["overrides"]
     assert o["model"] == "toy" and o["data"] == "demo-imagenet" and o["model.include_twins"] == "true"
-    assert o["repulsion_feature"] == "pixel" and o["save_dir"] == "/tmp/x/exp1_repulsion"
+    assert compose(c["args"]).repulsion_feature == "pixel"  # the toy prior's default (model_defaults/toy.yaml)
+    assert o["save_dir"] == "/tmp/x/exp1_repulsion"
     assert c["args"][-1] == "sampler.mcmc.num_steps=3"  # appended last: it wins
     (d,) = dry("exp0_baseline.sh", "--1", MODEL="toy")
     assert d["overrides"]["save_dir"] == "results/toy/exp0_baseline"
@@ -173,3 +185,30 @@ def test_toy_exp0_end_to_end_then_parser(tmp_path):
     best = metrics["summary"]["best_psnr"]["mean"]
     assert "exp0_baseline/imagenet_1img/exp0_sanity_check_scale0" in out.stdout
     assert f"| best PSNR (dB) | {best:.2f} ± 0.00 |" in out.stdout
+
+
+def test_experiment_config_runs_directly():
+    """`python posterior_sample.py +experiment=exp1_repulsion model=toy data.end_id=1` is Exp1 on the toy."""
+    from tests.conftest import compose
+
+    cfg = compose(["+experiment=exp1_repulsion", "model=toy", "data.end_id=1"])
+    assert float(cfg.repulsion_scale) == 10 and int(cfg.num_samples) == 4 and cfg.repulsion_feature == "pixel"
+    assert cfg.save_dir == "results/exp1_repulsion"
+    five = compose(["+experiment=exp5_final"])
+    assert int(five.pruning_step) == 29 and int(five.hard_data_consistency) == -1  # exp2's settings
+
+
+def test_toy_exp2_writes_survivor_and_pruned_trajectories(tmp_path):
+    """`MODEL=toy bash commands_gpu/exp2_pruning.sh --1` (few steps): trajectory/ and trajectory_pruned/."""
+    res = run_script("exp2_pruning.sh", "--1", MODEL="toy", SAVE_DIR=str(tmp_path), PYTHON=sys.executable,
+                     EXTRA_ARGS="sampler.annealing.num_steps=6 sampler.mcmc.num_steps=1 eval.lpips=false "
+                                "pruning_step=2 traj_every=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "exp2_pruning" / "imagenet_1img" / "exp2_sanity_check_scale10_prune29_keep2"
+    lines = [json.loads(s) for s in (run / "pruning.jsonl").read_text().splitlines()]
+    pruned = lines[-1]["pruned_indices"]
+    assert len(pruned) == 2
+    assert sorted(p.name for p in (run / "trajectory_pruned").iterdir()) == \
+        sorted(f"00000_pruned{k:02d}.png" for k in pruned)
+    assert sorted(p.name for p in (run / "trajectory").iterdir()) == \
+        sorted(f"00000_sample{k:02d}.png" for k in lines[-1]["kept_indices"])
