@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from cores.config import RepulsionConfig
+from cores.evaluation import finite_or_none
 from sampler import ImageOutput, ParticleBatch, SamplerHook, ScoreFn, StepContext
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -320,7 +321,8 @@ class RepulsionHook(SamplerHook):
                     "mean_pairwise_dino_dist": g.get("mean_pairwise_dist"), "weights_mean": g.get("weights_mean"),
                     "weights_max": g.get("weights_max"), "weights_nonzero_frac": g.get("weights_nonzero_frac"),
                     "repulsion_time_sec": float(p["share"]), "feature": self.cfg.feature}
-            self._image(img)["lines"].append({k: _finite(v) for k, v in line.items()})
+            self._image(img)["lines"].append({k: finite_or_none(v) if isinstance(v, float) else v
+                                              for k, v in line.items()})
 
     def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
         s = self._images.pop(int(image_idx), None) or self._new_image()
@@ -388,6 +390,3 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
             "ratio_warnings": sorted(r["image_idx"] for r in records
                                      if isinstance(r.get("repulsion"), dict) and r["repulsion"].get("ratio_warning"))}
 
-
-def _finite(v):
-    return None if isinstance(v, float) and not math.isfinite(v) else v

@@ -10,7 +10,7 @@
 # Environment:
 #   DRY_RUN=1     print each python command instead of running it
 #   GPU=<id>      run on that CUDA device (CUDA_VISIBLE_DEVICES=<id>)
-#   MODEL=toy     same settings on the built-in exact prior (SPEC §3.1): a CPU check in minutes;
+#   MODEL=toy     same settings on the built-in exact prior (PROJECT.md §1): a CPU check in minutes;
 #                 uses the 10 demo images (only --1 / --10), rot180 twins in the prior
 #                 (two exact posterior modes, the orientation question); the toy prior uses
 #                 pixel features for repulsion (no DINO weights needed); results go to results/toy/

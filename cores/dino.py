@@ -1,4 +1,4 @@
-"""DINO ViT feature extractor (SPEC §3, §4.1, §8), built with timm from the ORIGINAL
+"""DINO ViT feature extractor (Caron et al. 2021; features as RLSD uses them), built with timm from the ORIGINAL
 facebookresearch/dino state dict (e.g. `dino_deitsmall16_pretrain.pth`, ViT-S/16).
 
 * Architecture inferred from the checkpoint: embed_dim from `pos_embed`, depth from the

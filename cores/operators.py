@@ -22,7 +22,7 @@ def register_operator(name: str):
 
 
 def get_operator(name: str, **kwargs) -> "Operator":
-    """Build the operator registered as `name` (SPEC §8)."""
+    """Build the operator registered as `name`."""
     if name not in OPERATORS:
         raise ValueError(f"task operator {name!r} is unknown; registered: {sorted(OPERATORS)}")
     return OPERATORS[name](**kwargs)

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 import torch
 
 from cores.config import OptimizationConfig
+from cores.evaluation import finite_or_none
 from cores.vram import VramMeter
 from sampler import ImageOutput, ParticleBatch, SamplerHook, StepContext
 
@@ -118,8 +119,7 @@ def optimize_latents(model, operator, z0: torch.Tensor, y: torch.Tensor,
     accepted = torch.isfinite(final) & torch.isfinite(init) & (final < init)
     with torch.no_grad():
         z_out = torch.where(accepted.to(z.device).view(-1, *[1] * (z.dim() - 1)), frozen, z0)
-    num = lambda v: float(v) if math.isfinite(float(v)) else None  # noqa: E731
-    return OptimizationResult(z_out.detach(), [num(v) for v in init], [num(v) for v in final], iters, reasons,
+    return OptimizationResult(z_out.detach(), [finite_or_none(float(v)) for v in init], [finite_or_none(float(v)) for v in final], iters, reasons,
                               accepted.tolist(), time.perf_counter() - t0, x_init)
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from cores.config import PruningConfig
+from cores.evaluation import finite_or_none
 from cores.vram import VramMeter
 from sampler import ImageOutput, ParticleBatch, SamplerHook, StepContext
 
@@ -153,8 +154,8 @@ class PruningHook(SamplerHook):
             self.lines[img] = {
                 "image_idx": int(img), "prune_step": ctx.step, "prev_sigma": ctx.prev_sigma,
                 "curr_sigma": ctx.sigma, "repulsion_sigma_break": self.cfg.sigma_break,
-                "losses": [_num(v) for v in l.tolist()], "kept_indices": kept_ids,
-                "pruned_indices": [pids[i] for i in pruned], "kept_losses": [_num(l[i]) for i in local],
+                "losses": [finite_or_none(v) for v in l.tolist()], "kept_indices": kept_ids,
+                "pruned_indices": [pids[i] for i in pruned], "kept_losses": [finite_or_none(l[i]) for i in local],
                 "batch_before": len(pids),
                 "batch_after": len(kept_ids) if self.cfg.mode == "slicing" else len(pids),
                 "did_prune": True, "trigger": trigger, "mode": self.cfg.mode,
@@ -224,11 +225,6 @@ def summarize(records: List[Dict]) -> Dict:
         out.update({"regret_images": sum(regret), "regret_rate": sum(regret) / len(regret),
                     "regret_rate_ci95": wilson_ci(sum(regret), len(regret))})
     return out
-
-
-def _num(v) -> Optional[float]:
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def _rows_by_particle(batch: ParticleBatch, image_idx: int) -> List[int]:

@@ -3,7 +3,7 @@
 Every particle draws its noise from its own `torch.Generator`, seeded from
 (seed, image index, particle index).  A particle's trajectory therefore does
 not depend on the batch size, on which other images share its batch, on
-pruning, or on how a run is sharded across processes (SPEC §2).
+pruning, or on how a run is sharded across processes (PROJECT.md §2).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pruning regret of the `loss` vs `diversity` criteria on the exact toy prior with twins (SPEC §4.2).
+"""Pruning regret of the `loss` vs `diversity` criteria on the exact toy prior with twins.
 
 Cases = (image, seed) pairs; each case runs 4 independent LatentDAPS particles
 on the two-mode toy posterior (the image and its rot180 twin).  Pruning is
@@ -48,9 +48,11 @@ def run_seed(model, op, gt, ids: List[int], seed: int, daps: DAPSConfig, args, m
                                        diversity_tol=args.tol, sigma_break=args.sigma_break))
              for c in (("loss", "diversity") if mode == "masking" else ("loss",))]
     t0, c0 = time.perf_counter(), time.process_time()
-    timing = latent_daps(model, op, batch, daps, hooks=hooks)
+    steps: List[float] = []
+    latent_daps(model, op, batch, daps, hooks=hooks,
+                callback=lambda info: steps.append(info["time"]) if info["stage"] in ("start", "step") else None)
     return {"batch": batch, "hooks": hooks, "time": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-            "per_step": timing["per_step_sec"]}
+            "per_step": [b - a for a, b in zip(steps[::2], steps[1::2])]}
 
 
 def main() -> None:
@@ -91,7 +93,7 @@ def main() -> None:
             case = {"image_idx": img, "seed": seed, "psnr": p, "psnr_twin": pt, "particle_ids": pids,
                     "correct_found": bool(correct)}
             for hook in res["hooks"]:
-                rec = hook.records[img]
+                rec = hook.lines[img]
                 r = pruning_regret(p, pids, rec["pruned_indices"])
                 kept = set(rec["kept_indices"])
                 case[hook.cfg.criterion] = {**r, "kept": rec["kept_indices"], "prune_step": rec["prune_step"],

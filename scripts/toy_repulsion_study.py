@@ -105,7 +105,7 @@ def run_setting(model, operator, images, gt, ids, seeds, particles, scale, args)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3, help="seeds per image (cases = 20 images × seeds)")
-    ap.add_argument("--steps", type=int, default=10, help="annealing steps (SPEC default 50)")
+    ap.add_argument("--steps", type=int, default=10, help="annealing steps (the sampler default is 50)")
     ap.add_argument("--mcmc-steps", type=int, default=10, help="Langevin steps per annealing step")
     ap.add_argument("--feature", default="pixel", choices=["pixel", "latent"])
     ap.add_argument("--scales", default="0,10,1000,100", help="comma-separated repulsion scales (4 particles)")

@@ -44,8 +44,8 @@ def test_annealing_schedule_is_bit_exact():
     assert s.num_steps == int(ref["anneal_num_steps_attr"]) == 51
     assert torch.equal(s.time_steps, ref["anneal_time_steps"])
     assert torch.equal(s.sigma_steps, ref["anneal_sigma_steps"])
-    assert s.get_prior_sigma() == float(ref["anneal_prior_sigma"])
-    # SPEC §2 quotes: σ_28 ≈ 1.105, σ_29 ≈ 1.007, σ_30 ≈ 0.92
+    assert float(s.sigma_max) == float(ref["anneal_prior_sigma"])  # DAPS get_prior_sigma()
+    # the poly-7 grid gives: σ_28 ≈ 1.105, σ_29 ≈ 1.007, σ_30 ≈ 0.92
     assert abs(float(s.sigma_steps[29]) - 1.007) < 1e-3 and float(s.sigma_steps[30]) < 1.0 < float(s.sigma_steps[29])
 
 

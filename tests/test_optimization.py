@@ -1,4 +1,4 @@
-"""Hard data consistency (SPEC §4.3): per-particle AdamW, termination, accept-if-improve, hook outputs."""
+"""Hard data consistency: per-particle AdamW, termination, accept-if-improve, hook outputs."""
 import json
 import math
 

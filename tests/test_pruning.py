@@ -18,7 +18,7 @@ from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps
 
 ROOTS = ["dataset/demo-ffhq", "dataset/demo-imagenet"]
 CFG = DAPSConfig.with_steps(8, mcmc=MCMCConfig(num_steps=3), record_trajectory=True)
-SPEC_FIELDS = {"image_idx", "prune_step", "prev_sigma", "curr_sigma", "repulsion_sigma_break", "losses",
+JSONL_FIELDS = {"image_idx", "prune_step", "prev_sigma", "curr_sigma", "repulsion_sigma_break", "losses",
                "kept_indices", "pruned_indices", "kept_losses", "batch_before", "batch_after", "did_prune",
                "trigger", "mode"}
 
@@ -85,7 +85,7 @@ def test_step_trigger_fires_once_keeps_k_lowest_and_shrinks_everything(toy, tmp_
     out = hook.image_output(0, {"psnr": [None, None], "particle_ids": batch.particle_ids.tolist()})
     RunFolder(tmp_path).write_logs_and_trajectories(0, out.jsonl, {})
     lines = [json.loads(s) for s in (tmp_path / "pruning.jsonl").read_text().splitlines()]
-    assert len(lines) == 1 and set(lines[0]) == SPEC_FIELDS
+    assert len(lines) == 1 and set(lines[0]) == JSONL_FIELDS
     assert lines[0]["batch_before"] == 4 and lines[0]["batch_after"] == 2 and lines[0]["mode"] == "slicing"
 
 
@@ -170,7 +170,7 @@ def test_pipeline_outputs_hold_k_particles(tmp_path):
     w_kept = Image.open(next((root / "trajectory").glob("*.png"))).width
     assert w_kept == 2 * w_pruned
     lines = [json.loads(s) for s in (root / "pruning.jsonl").read_text().splitlines()]
-    assert [ln["image_idx"] for ln in lines] == [0, 1] and all(set(ln) - {"pruned_trajectories"} == SPEC_FIELDS
+    assert [ln["image_idx"] for ln in lines] == [0, 1] and all(set(ln) - {"pruned_trajectories"} == JSONL_FIELDS
                                                                 for ln in lines)
     # each pruned particle's strip is named by its original id and listed in its pruning.jsonl line
     assert sorted(Path(p).name for ln in lines for p in ln["pruned_trajectories"]) == pruned

@@ -1,4 +1,4 @@
-"""Model registry: `build_model(model_cfg, device)` → a `LatentModel` (SPEC §8)."""
+"""Model registry: `build_model(model_cfg, device)` → a `LatentModel`."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict

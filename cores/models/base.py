@@ -1,4 +1,4 @@
-"""The model interface the sampler relies on (SPEC §8).
+"""The model interface the sampler relies on.
 
 A latent model bundles a denoiser (x0-prediction in the EDM σ parameterisation)
 and a first stage (encoder/decoder between latent and image space).  The

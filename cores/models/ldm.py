@@ -1,4 +1,4 @@
-"""CompVis latent diffusion models (ffhq-ldm-vq-4, cin256-v2) as `LatentModel`s (SPEC §3).
+"""CompVis latent diffusion models (ffhq-ldm-vq-4, cin256-v2) as `LatentModel`s (Rombach et al. 2022; DAPS' VPPrecond denoiser).
 
 Model config (Hydra `model` node or dict)::
 

@@ -1,4 +1,4 @@
-"""The built-in exact prior (SPEC §3.1): a Gaussian mixture in a 3×16×16 latent.
+"""The built-in exact prior: a Gaussian mixture in a 3×16×16 latent.
 
 "VAE": encoder = 4×4 average pooling, decoder = fixed bilinear ×4 upsampling
 (linear, differentiable) → 3×64×64 images.  Mixture means = encoded demo
