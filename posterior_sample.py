@@ -24,4 +24,14 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+
+    from cores.errors import ConfigError
+    from cores.validation import check_command_line
+
+    try:
+        check_command_line(sys.argv[1:], Path(__file__).resolve().parent / "configs")
+    except ConfigError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        sys.exit(2)
     main()
