@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -43,31 +43,35 @@ def best_psnr_plot(runs: Sequence, path: Path) -> Path:
     return path
 
 
+def repulsion_curves(runs: Sequence, key: str) -> List[Tuple[str, List[int], List[float], bool]]:
+    """(label, steps, mean over images, is scale-0 baseline) per run with logged values of `key`."""
+    out = []
+    for r in runs:
+        steps = [(s, v[key]) for s, v in repulsion_by_step(r).items() if v[key] is not None]
+        if steps:
+            base = is_baseline(r)
+            label = f"{r.label} [{feature_of(r)}]" + (" (scale-0 baseline)" if base else "")
+            out.append((label, [s for s, _ in steps], [v for _, v in steps], base))
+    return out
+
+
 def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
     """repulsion_distance.png (a scale-0 baseline dashed) and repulsion_ratio.png (runs with ON steps)."""
     plt = _plt()
-    rep_runs = [r for r in runs if r.repulsion]
     written: List[Path] = []
     for key, fname, ylabel, logy in (("dist", "repulsion_distance.png", "mean pairwise feature distance", False),
-                                     ("ratio", "repulsion_ratio.png", "||λ·r|| / ||score||", True)):
+                                     ("ratio", "repulsion_ratio.png", "‖λ·r‖ / ‖score‖", True)):
         fig, ax = plt.subplots(figsize=(7, 4))
-        plotted = False
-        for r in rep_runs:
-            steps = [(s, v[key]) for s, v in repulsion_by_step(r).items() if v[key] is not None]
-            if not steps:
-                continue
-            base = is_baseline(r)
-            label = f"{r.label} [{feature_of(r)}]" + (" (scale-0 baseline)" if base else "")
-            ax.plot([s for s, _ in steps], [v for _, v in steps], marker="o", ms=3, label=label,
-                    ls="--" if base else "-", color="0.4" if base else None)
-            plotted = plotted or any(v > 0 for _, v in steps)
-        if logy and plotted:
+        curves = repulsion_curves(runs, key)
+        for label, xs, ys, base in curves:
+            ax.plot(xs, ys, marker="o", ms=3, label=label, ls="--" if base else "-", color="0.4" if base else None)
+        if logy and any(v > 0 for c in curves for v in c[2]):
             ax.set_yscale("log")
         ax.set_xlabel("annealing step")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel} per step (mean over images)")
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if curves:
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(outdir / fname)
@@ -76,18 +80,25 @@ def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
     return written
 
 
+def quality_points(runs: Sequence) -> List[Tuple[str, float, dict]]:
+    """(label, GPU-seconds per image, best-PSNR mean with 95 % t interval) per run with both known."""
+    out = []
+    for r in runs:
+        x = cost_summary(r)["gpu_sec_per_image"]
+        c = mean_ci(_best(rec) for rec in r.images)
+        if x is not None and c["mean"] is not None:
+            out.append((r.label, x, c))
+    return out
+
+
 def quality_vs_compute_plot(runs: Sequence, path: Path) -> Path:
     """Best PSNR (mean, 95 % t interval) against GPU-seconds per image; one labelled point per run."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        x = cost_summary(r)["gpu_sec_per_image"]
-        c = mean_ci(_best(rec) for rec in r.images)
-        if x is None or c["mean"] is None:
-            continue
+    for label, x, c in quality_points(runs):
         err = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]] if c["low"] is not None else None
         ax.errorbar([x], [c["mean"]], yerr=err, fmt="o", capsize=4)
-        ax.annotate(r.label.split("/")[-1], (x, c["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(label.split("/")[-1], (x, c["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("GPU-seconds per image (wall time × processes)")
     ax.set_ylabel("best PSNR (dB), mean ± 95% CI")
     ax.set_title("Quality against compute")
@@ -110,4 +121,5 @@ def write_plots(runs: Sequence, outdir: Path) -> List[Path]:
     return written
 
 
-__all__ = ["write_plots", "best_psnr_plot", "repulsion_plots", "quality_vs_compute_plot"]
+__all__ = ["write_plots", "best_psnr_plot", "repulsion_curves", "repulsion_plots", "quality_points",
+           "quality_vs_compute_plot"]
