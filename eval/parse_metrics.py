@@ -44,7 +44,7 @@ from cores.resume import read_jsonl_latest  # noqa: E402
 from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
 from eval.plots import write_plots  # noqa: E402,F401  (re-exported: the CLI's --plots)
 from eval.report import study_sections, write_report  # noqa: E402
-from eval.study import (cost_summary, hdc_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
+from eval.study import (cost_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
                         orientation_summary, repulsion_by_step, selection_summary, spread_summary)
 
 SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
@@ -436,7 +436,8 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "time_per_image_sec": s["time_per_image_sec"],
                         "peak_memory_mb": cost["peak_memory_mb"], "gpu_sec_per_image": cost["gpu_sec_per_image"],
                         "selection_accuracy": selection_summary(r)["accuracy"]["rate"],
-                        "correct_orientation_rate": o["correct"]["rate"], "both_orientations_any_rate": o["both_any"]["rate"],
+                        "correct_orientation_rate": o["correct"]["rate"],
+                        "both_orientations_any_rate": o["both_any"]["rate"],
                         "psnr_spread_mean": spread_summary(r)["psnr_std"]["mean"],
                         "success_per_gpu_hour": cost["success_per_gpu_hour"],
                         "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"]})

@@ -184,7 +184,7 @@ def runs_section(runs: Sequence) -> str:
                        if (p.get("metadata") or {}).get("command")})
         rows.append([r.label, "<br>".join(f"`{p}`" for p in r.paths), str(len(r.images)),
                      "<br>".join(f"`{c}`" for c in cmds) or "n/a",
-                     ", ".join(sorted({str((p.get("metadata") or {}).get("git_commit", "n/a"))[:10]
+                     ", ".join(sorted({str((p.get("metadata") or {}).get("git_commit") or "n/a")[:10]
                                        for p in r.parts}))])
     out = [table(["run", "folders", "images", "command", "commit"], rows)]
     flats = [flat_config(r.config) for r in runs]

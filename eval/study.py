@@ -199,9 +199,12 @@ def spread_summary(run, baseline_step: Optional[int] = None) -> Dict:
         elif p:
             stds.append(0.0)
     m, sd, n = mean_std(stds)
-    own = last_on_step(run)
-    dist = distance_at_step(run, None if own is not None else baseline_step) if (own is not None or baseline_step is not None) \
-        else {"mean": None, "std": None, "n": 0, "steps": []}
+    if last_on_step(run) is not None:
+        dist = distance_at_step(run)
+    elif baseline_step is not None:
+        dist = distance_at_step(run, baseline_step)
+    else:
+        dist = {"mean": None, "std": None, "n": 0, "steps": []}
     return {"psnr_std": {"mean": m, "std": sd, "n": n}, "distance": dist, "feature": feature_of(run)}
 
 
@@ -349,10 +352,9 @@ def merged_metadata(parts: Sequence[Dict], images: List[Dict]) -> Dict:
     walls = [m.get("wall_time_sec") for m in metas]
     out["wall_time_sec"] = float(sum(walls)) if all(w is not None for w in walls) and walls else None
     out["world_size"] = max(world_size(m) for m in metas) if metas else 1
-    for key in ("end_time",):
-        vals = [m.get(key) for m in metas if m.get(key)]
-        if vals:
-            out[key] = max(vals)
+    ends = [m.get("end_time") for m in metas if m.get("end_time")]
+    if ends:
+        out["end_time"] = max(ends)
     starts = [m.get("start_time") for m in metas if m.get("start_time")]
     if starts:
         out["start_time"] = min(starts)

@@ -90,7 +90,8 @@ def test_particle_orientation_rule():
     assert study.particle_orientation(20.5, 20.0, 1.0) == "unclear"
     assert study.particle_orientation(None, 20.0, 1.0) == "unclear"
     assert study.particle_orientation(float("nan"), 3.0, 1.0) == "unclear"
-    assert study.particle_orientation(23.0, 20.5, 2.0) == "gt" and study.particle_orientation(22.0, 20.5, 2.0) == "unclear"
+    assert study.particle_orientation(23.0, 20.5, 2.0) == "gt"
+    assert study.particle_orientation(22.0, 20.5, 2.0) == "unclear"
 
 
 def test_orientation_from_psnr_and_twin(tmp_path):
@@ -185,9 +186,10 @@ def rep_lines(on: bool, dist, ratios) -> List[Dict]:
 def test_repulsion_with_baseline(tmp_path):
     base = make_run(tmp_path, "exp0/demo_4img/s0", [rec(i, [20.0, 21.0]) for i in range(4)],
                     repulsion=rep_lines(False, lambda i, s: 50.0 + i + s, [0] * 4))
-    rep = make_run(tmp_path, "exp1/demo_4img/s10", [rec(i, [20.0, 21.0], repulsion={
-        "active_steps": 4, "total_time_sec": t, "mean_pairwise_dist": 1.0}) for i, t in enumerate([1.0, 2.0, 3.0, 6.0])],
-        config={"repulsion_scale": 10.0}, repulsion=rep_lines(True, lambda i, s: 100.0 + 10 * i + s, [0.5, 1.0, 2.0, 4.0]))
+    blocks = [{"active_steps": 4, "total_time_sec": t, "mean_pairwise_dist": 1.0} for t in (1.0, 2.0, 3.0, 6.0)]
+    rep = make_run(tmp_path, "exp1/demo_4img/s10", [rec(i, [20.0, 21.0], repulsion=b) for i, b in enumerate(blocks)],
+                   config={"repulsion_scale": 10.0},
+                   repulsion=rep_lines(True, lambda i, s: 100.0 + 10 * i + s, [0.5, 1.0, 2.0, 4.0]))
     rb, rr = load(base, rep)
     sb, sr = study.repulsion_summary(rb), study.repulsion_summary(rr)
     assert sb["is_baseline"] and not sr["is_baseline"]
@@ -196,7 +198,8 @@ def test_repulsion_with_baseline(tmp_path):
     # the baseline's distance is read at the repulsion run's last ON step (5): 50 + i + 5
     text = pm.report([rb, rr])
     assert "56.5 ± 1.3 (pixel, step 5, n=4)" in text and "120 ± 13 (pixel, step 5, n=4)" in text
-    assert cell(text.split("## Repulsion")[1], "step-0 ratio ‖λ·r‖ / ‖score‖, median over images", 1) == "1.5 (n=4)"
+    section = text.split("## Repulsion")[1]
+    assert cell(section, "step-0 ratio ‖λ·r‖ / ‖score‖, median over images", 1) == "1.5 (n=4)"
     curves = {label: (xs, ys, b) for label, xs, ys, b in repulsion_curves([rb, rr], "dist")}
     label = "exp0/demo_4img/s0 [pixel] (scale-0 baseline)"
     assert curves[label] == ([0, 1, 2, 5, 10], [51.5, 52.5, 53.5, 56.5, 61.5], True)
@@ -275,7 +278,8 @@ def test_hdc_per_particle(tmp_path):
     assert h["improved"] == 3 and (h["accepted"]["k"], h["accepted"]["n"]) == (3, 4)
     assert h["mean_iters"] == pytest.approx(213.25)
     section = pm.report([r]).split("## Hard data consistency")[1]
-    assert cell(section, "PSNR change per particle, after − before (dB) [95% CI]") == f"+0.88 [{lo:+.2f}, {hi:+.2f}] (n=4)"
+    row = cell(section, "PSNR change per particle, after − before (dB) [95% CI]")
+    assert row == f"+0.88 [{lo:+.2f}, {hi:+.2f}] (n=4)"
     assert cell(section, "accepted rate [95% CI]") == "75% [30%, 95%] (3/4)"
     assert cell(section, "mean optimiser iterations") == "213.2"
 
