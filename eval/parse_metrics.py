@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 from cores.evaluation import summarize  # noqa: E402
 from cores.resume import read_jsonl_latest  # noqa: E402
 from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
-from eval.plots import write_plots  # noqa: E402,F401  (re-exported: the CLI's --plots)
+from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
 from eval.study import (cost_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
                         orientation_summary, repulsion_by_step, selection_summary, spread_summary)

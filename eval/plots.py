@@ -95,10 +95,14 @@ def quality_vs_compute_plot(runs: Sequence, path: Path) -> Path:
     """Best PSNR (mean, 95 % t interval) against GPU-seconds per image; one labelled point per run."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, x, c in quality_points(runs):
+    points = quality_points(runs)
+    short = [label.split("/")[-1] for label, _, _ in points]
+    for (label, x, c), name in zip(points, short):
         err = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]] if c["low"] is not None else None
         ax.errorbar([x], [c["mean"]], yerr=err, fmt="o", capsize=4)
-        ax.annotate(label.split("/")[-1], (x, c["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        text = name if short.count(name) == 1 else label  # run names repeat across experiments
+        ax.annotate(text, (x, c["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlim(left=0)
     ax.set_xlabel("GPU-seconds per image (wall time × processes)")
     ax.set_ylabel("best PSNR (dB), mean ± 95% CI")
     ax.set_title("Quality against compute")
