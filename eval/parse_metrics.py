@@ -451,7 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--csv", type=Path, help="per-image CSV (and <stem>_summary.csv)")
     ap.add_argument("--plots", type=Path, help="folder for PNG plots")
     ap.add_argument("--all-pairs", action="store_true", help="compare every pair, not each run with the first")
-    ap.add_argument("--brief", action="store_true", help="summary and comparison only (no per-image tables)")
+    ap.add_argument("--brief", action="store_true", help="leave out the per-image tables")
     ap.add_argument("--no-merge", action="store_true", help="keep _10img / _90img folders separate")
     ap.add_argument("--report", type=Path, metavar="DIR",
                     help="write DIR/report.md with every table, the run folders and settings, and the plots")
