@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from eval.markdown import ci_text, fmt, table
 from eval.study import (ORIENTATIONS, cost_summary, flat_config, hdc_summary, last_on_step, orientation_pair,
                         orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
-                        spread_summary)
+                        spread_summary, world_size)
 
 
 def _rate(r: Dict) -> str:
@@ -172,7 +172,7 @@ DEFINITIONS = """## Definitions
   pruned − best kept PSNR (0 without regret). Savings are against the input run whose config differs only
   in the pruning keys.
 - Hard data consistency: PSNR of each particle after the optimisation minus `psnr_before_optimization`,
-  paired per particle.
+  paired per particle (the t interval treats the particles of one image as independent).
 """
 
 
@@ -182,11 +182,12 @@ def runs_section(runs: Sequence) -> str:
     for r in runs:
         cmds = sorted({str((p.get("metadata") or {}).get("command")) for p in r.parts
                        if (p.get("metadata") or {}).get("command")})
+        metas = [p.get("metadata") or {} for p in r.parts]
+        devices = sorted({f"{m.get('gpu_name') or m.get('device') or 'n/a'} × {world_size(m)}" for m in metas})
         rows.append([r.label, "<br>".join(f"`{p}`" for p in r.paths), str(len(r.images)),
-                     "<br>".join(f"`{c}`" for c in cmds) or "n/a",
-                     ", ".join(sorted({str((p.get("metadata") or {}).get("git_commit") or "n/a")[:10]
-                                       for p in r.parts}))])
-    out = [table(["run", "folders", "images", "command", "commit"], rows)]
+                     "<br>".join(f"`{c}`" for c in cmds) or "n/a", ", ".join(devices) or "n/a",
+                     ", ".join(sorted({str(m.get("git_commit") or "n/a")[:10] for m in metas}))])
+    out = [table(["run", "folders", "images", "command", "device × processes", "commit"], rows)]
     flats = [flat_config(r.config) for r in runs]
     keys = sorted({k for f in flats for k in f})
     skip = {"name", "save_dir"}
