@@ -42,7 +42,7 @@ def test_toy_report_end_to_end(tmp_path, one_thread):
     # the repulsion run logged a step-0 ratio; the GPU-second figures come from wall time
     rep = md.split("## Repulsion")[1].split("##")[0]
     assert re.search(r"\| step-0 ratio ‖λ·r‖ / ‖score‖, median over images \| [0-9.e+-]+ \(n=2\) \|", rep)
-    assert md.count("(wall)") == 2
+    assert md.count("(wall)") == 2 and md.count("| cpu × 1 |") == 2
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert set(links) == {"best_psnr_per_image.png", "quality_vs_compute.png", "repulsion_distance.png",
