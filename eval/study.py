@@ -70,14 +70,10 @@ def margin_db(config: Dict) -> float:
 
 
 def particle_orientation(p: Optional[float], p_twin: Optional[float], margin: float) -> str:
-    """'gt' / 'twin' when one PSNR beats the other by at least `margin` dB, else 'unclear'."""
-    if p is None or p_twin is None or not (math.isfinite(p) and math.isfinite(p_twin)):
-        return "unclear"
-    if p - p_twin >= margin:
-        return "gt"
-    if p_twin - p >= margin:
-        return "twin"
-    return "unclear"
+    """'gt' / 'twin' when one PSNR beats the other by at least `margin` dB, else 'unclear' (the run's rule)."""
+    from cores.evaluation import orientation
+
+    return orientation(p, p_twin, margin)
 
 
 def image_orientation(rec: Dict, margin: float) -> Dict:
@@ -87,7 +83,7 @@ def image_orientation(rec: Dict, margin: float) -> Dict:
     else:
         pt = rec.get("psnr_twin") or [None] * len(rec.get("psnr", []))
         orient = [particle_orientation(p, q, margin) for p, q in zip(rec.get("psnr", []), pt)]
-    found = sorted({o for o in orient if o != "unclear"})
+    found = sorted(set(orient))
     correct = rec.get("correct_orientation_found")
     both = rec.get("both_orientations_any")
     return {"orientation": orient,
@@ -100,6 +96,9 @@ def orientation_summary(run) -> Dict:
     """Image rates of the correct orientation / both orientations (Wilson CI) and particle fractions."""
     margin = margin_db(run.config)
     per = [image_orientation(r, margin) for r in run.images]
+    stored = {r["orientation_margin_db"] for r in run.images if r.get("orientation_margin_db") is not None}
+    if len(stored) == 1:  # the margin the records were labelled with
+        margin = float(stored.pop())
     n = len(per)
     counts = {o: sum(p["orientation"].count(o) for p in per) for o in ORIENTATIONS}
     total = sum(counts.values())
@@ -358,12 +357,8 @@ def merged_metadata(parts: Sequence[Dict], images: List[Dict]) -> Dict:
     starts = [m.get("start_time") for m in metas if m.get("start_time")]
     if starts:
         out["start_time"] = min(starts)
-    prune_t = [((m.get("pruning") or {}).get("prune_time_sec")) for m in metas]
-    totals = hook_totals(images)
-    for name, block in totals.items():
+    for name, block in hook_totals(images, {k for m in metas for k in m}).items():
         out[name] = {**(out.get(name) or {}), **block}
-    if "pruning" in out and all(t is not None for t in prune_t):
-        out["pruning"]["prune_time_sec"] = float(sum(prune_t))
     out["merged_from"] = [p["path"] for p in parts]
     out["parts"] = [{"path": p["path"], "images": p.get("images"), "wall_time_sec": m.get("wall_time_sec"),
                      "world_size": world_size(m), "git_commit": m.get("git_commit"), "gpu_name": m.get("gpu_name")}
@@ -371,13 +366,15 @@ def merged_metadata(parts: Sequence[Dict], images: List[Dict]) -> Dict:
     return out
 
 
-def hook_totals(images: List[Dict]) -> Dict:
-    """Repulsion / pruning / optimisation run totals recomputed from the records (as the run writes them)."""
-    try:
-        from cores.pipeline import hook_summaries
-    except ImportError:  # pragma: no cover - the parser still works without the sampler stack
-        return {}
-    return hook_summaries(images)
+def hook_totals(images: List[Dict], present: set) -> Dict:
+    """Repulsion / pruning / optimisation run totals recomputed from the records, with each part's own
+    `summarize`, for the parts the metadata or the records name."""
+    from cores import optimization, pruning
+    import repulsion
+
+    fns = {"repulsion": repulsion.summarize, "pruning": pruning.summarize, "optimization": optimization.summarize}
+    return {name: fn(images) for name, fn in fns.items()
+            if name in present or any(isinstance(r.get(name), dict) for r in images)}
 
 
 # --- per-step repulsion curves -------------------------------------------------------------------
