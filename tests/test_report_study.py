@@ -141,6 +141,10 @@ def test_orientation_pair_mcnemar(tmp_path):
     assert res["a_rate"] == pytest.approx(2 / 12) and res["b_rate"] == pytest.approx(10 / 12)
     text = pm.report([ra, rb])
     assert "| f/demo_12img/b | e/demo_12img/a | correct orientation | 12 | 17% | 83% | 1 / 9 | 0.0215 |" in text
+    rc = load(make_run(tmp_path, "g/demo_12img/c", mk(a_out)))[0]
+    text = pm.report([ra, rb, rc], all_pairs=True)
+    assert "| g/demo_12img/c | e/demo_12img/a | both orientations | 12 | 17% | 17% | 0 / 0 | 1 |" in text
+    assert "| g/demo_12img/c | f/demo_12img/b | correct orientation | 12 | 83% | 17% | 9 / 1 | 0.0215 |" in text
 
 
 # --- selection and spread --------------------------------------------------------------------------
@@ -287,9 +291,13 @@ def test_hdc_per_particle(tmp_path):
 # --- merging keeps metadata totals --------------------------------------------------------------------
 def test_merge_keeps_metadata_totals(tmp_path):
     rep = lambda t: {"active_steps": 4, "total_time_sec": t, "mean_pairwise_dist": 1.0}  # noqa: E731
-    ten = make_run(tmp_path, "exp1/imagenet_10img/r", [rec(i, [20.0], repulsion=rep(1.0)) for i in range(10)],
+    opt = {"final_iters": [10, 30], "accepted_mask": [True, False], "termination_reasons": ["converged", "nan"],
+           "total_time_seconds": 0.5}
+    ten = make_run(tmp_path, "exp1/imagenet_10img/r",
+                   [rec(i, [20.0], repulsion=rep(1.0), optimization=opt) for i in range(10)],
                    metadata={"wall_time_sec": 100.0, "git_commit": "aaa", "start_time": "2026-01-01T00:00:00",
-                             "repulsion": {"scale": 10.0, "images": 10, "total_time_sec": 10.0}},
+                             "repulsion": {"scale": 10.0, "images": 10, "total_time_sec": 10.0},
+                             "optimization": {"lr": 0.005, "num_particles": 20}},
                    vram={"peak_memory_mb": 3000.0, "segments": {}})
     ninety = make_run(tmp_path, "exp1/imagenet_90img/r", [rec(i, [20.0], repulsion=rep(2.0)) for i in range(10, 100)],
                       metadata={"wall_time_sec": 900.0, "world_size": 2, "start_time": "2026-01-02T00:00:00",
@@ -302,6 +310,11 @@ def test_merge_keeps_metadata_totals(tmp_path):
     assert meta["repulsion"]["images"] == 100 and meta["repulsion"]["scale"] == 10.0
     assert meta["repulsion"]["total_time_sec"] == pytest.approx(10 * 1.0 + 90 * 2.0)
     assert meta["merged_from"] == [str(ten), str(ninety)]
+    # the optimisation ran on the first 10 images only: its totals come from their records
+    assert meta["optimization"]["lr"] == 0.005 and meta["optimization"]["num_particles"] == 20
+    assert meta["optimization"]["mean_iters"] == 20.0 and meta["optimization"]["num_accepted"] == 10
+    assert meta["optimization"]["termination_counts"] == {"converged": 10, "nan": 10}
+    assert meta["optimization"]["total_time_sec"] == pytest.approx(5.0)
     assert m.vram["peak_memory_mb"] == 3500.0
     c = study.cost_summary(m)
     assert c["gpu_sec_total"] == 100.0 + 900.0 * 2 and c["gpu_sec_per_image"] == pytest.approx(19.0)
