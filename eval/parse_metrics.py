@@ -1,4 +1,4 @@
-"""Turn run folders into the study's tables and plots (SPEC §7).
+"""Turn run folders into the study's tables and plots.
 
     python eval/parse_metrics.py RUN_DIR [RUN_DIR ...] [--csv FILE] [--plots DIR] [--report DIR]
                                  [--brief] [--all-pairs] [--no-merge]
