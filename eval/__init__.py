@@ -1,1 +1,1 @@
-"""Reading results: tables, CSV and plots from run folders (SPEC §7)."""
+"""Reading results: tables, CSV and plots from run folders."""

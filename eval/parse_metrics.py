@@ -1,6 +1,7 @@
-"""Turn run folders into the study's tables and plots (SPEC §7).
+"""Turn run folders into the study's tables and plots.
 
-    python eval/parse_metrics.py RUN_DIR [RUN_DIR ...] [--csv FILE] [--plots DIR] [--brief] [--all-pairs]
+    python eval/parse_metrics.py RUN_DIR [RUN_DIR ...] [--csv FILE] [--plots DIR] [--report DIR]
+                                 [--brief] [--all-pairs] [--no-merge]
 
 A RUN_DIR is a run folder (holding metrics.json), a folder above run folders (searched
 recursively) or a glob. Summaries are recomputed from `images[]`, so merged runs are right.
@@ -13,7 +14,10 @@ their image indices are disjoint; overlapping ones stay separate (with a note).
 Tables: settings and summary side by side (one column per run), a per-image table per run
 (per-particle PSNR, best, std), and paired comparisons of each run with the first one
 (or all pairs with --all-pairs): per-image best-PSNR differences on common image indices,
-mean difference and a Wilcoxon signed-rank test.
+mean difference and a Wilcoxon signed-rank test. The study's sections (orientation with exact
+McNemar, selection and spread, cost, repulsion, pruning, hard data consistency) come from
+`eval/study.py` (numbers) and `eval/report.py` (tables, `--report DIR/report.md`); plots from
+`eval/plots.py`.
 """
 from __future__ import annotations
 
@@ -35,8 +39,13 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from cores.evaluation import summarize, wilson_ci  # noqa: E402
+from cores.evaluation import summarize  # noqa: E402
 from cores.resume import read_jsonl_latest  # noqa: E402
+from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
+from eval.plots import write_plots  # noqa: E402
+from eval.report import study_sections, write_report  # noqa: E402
+from eval.study import (cost_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
+                        orientation_summary, repulsion_by_step, selection_summary, spread_summary)
 
 SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
 
@@ -52,6 +61,8 @@ class Run:
     metadata: Dict = field(default_factory=dict)
     config: Dict = field(default_factory=dict)
     repulsion: List[Dict] = field(default_factory=list)
+    # one entry per run folder behind this run: path, metadata, vram, image count, summed record time
+    parts: List[Dict] = field(default_factory=list)
 
     @property
     def summary(self) -> Dict:
@@ -85,8 +96,11 @@ def load_run(path: Path) -> Run:
     # the log's last line per (image, step) for the images metrics.json reports (a redone image
     # after a resume appends its lines again)
     repulsion = read_jsonl_latest(path / "repulsion.jsonl", images=[r["image_idx"] for r in images])
-    return Run(label=run_label(path), paths=[path], images=images, vram=m.get("vram") or {},
-               metadata=m.get("metadata") or {}, config=_read_config(path / "config.yaml"), repulsion=repulsion)
+    vram, metadata = m.get("vram") or {}, m.get("metadata") or {}
+    part = {"path": str(path), "metadata": metadata, "vram": vram, "images": len(images),
+            "record_time_sec": float(sum(_vals(r.get("time_sec") for r in images)))}
+    return Run(label=run_label(path), paths=[path], images=images, vram=vram, metadata=metadata,
+               config=_read_config(path / "config.yaml"), repulsion=repulsion, parts=[part])
 
 
 def find_run_dirs(args: Iterable[str]) -> List[Path]:
@@ -124,8 +138,10 @@ def merge_key(path: Path) -> Optional[Tuple[str, str, str]]:
 
 
 def merge_runs(runs: Sequence[Run]) -> Run:
-    """One entry from runs of the same experiment/dataset/run name with disjoint images."""
+    """One entry from runs of the same experiment/dataset/run name with disjoint images; metadata keeps
+    the totals (times summed, VRAM max, hook summaries recomputed from the records)."""
     images = sorted((r for run in runs for r in run.images), key=lambda r: r["image_idx"])
+    parts = [p for r in runs for p in r.parts]
     exp, dataset, name = merge_key(runs[0].paths[0])
     segments: Dict[str, float] = {}
     peaks = [r.vram.get("peak_memory_mb") for r in runs if r.vram.get("peak_memory_mb") is not None]
@@ -135,8 +151,8 @@ def merge_runs(runs: Sequence[Run]) -> Run:
                 segments[k] = max(segments.get(k, v), v)
     return Run(label=f"{exp}/{dataset}_{len(images)}img/{name}", paths=[p for r in runs for p in r.paths],
                images=images, vram={"peak_memory_mb": max(peaks) if peaks else None, "segments": segments},
-               metadata={"merged_from": [str(p) for r in runs for p in r.paths]},
-               config=runs[0].config, repulsion=[row for r in runs for row in r.repulsion])
+               metadata=merged_metadata(parts, images), config=runs[0].config,
+               repulsion=[row for r in runs for row in r.repulsion], parts=parts)
 
 
 def load_runs(dirs: Sequence[Path], merge: bool = True) -> List[Run]:
@@ -238,36 +254,7 @@ def paired_comparison(a: Run, b: Run) -> Dict:
     return out
 
 
-def repulsion_by_step(run: Run) -> Dict[int, Dict[str, Optional[float]]]:
-    """Mean over images of the pairwise feature distance and the scaled-repulsion/score ratio per step."""
-    acc: Dict[int, Dict[str, List[float]]] = {}
-    for row in run.repulsion:
-        if "step" not in row:
-            continue
-        a = acc.setdefault(int(row["step"]), {"dist": [], "ratio": []})
-        a["dist"] += _vals([row.get("mean_pairwise_dino_dist")])
-        a["ratio"] += _vals([row.get("ratio_scaled_to_score")])
-    return {s: {k: (float(np.mean(v)) if v else None) for k, v in a.items()} for s, a in sorted(acc.items())}
-
-
 # --- formatting -------------------------------------------------------------------------------
-def _f(v, fmt: str = "{:.2f}") -> str:
-    return "n/a" if v is None else fmt.format(v)
-
-
-def _rate(k: int, n: int) -> str:
-    if n == 0:
-        return "n/a"
-    lo, hi = wilson_ci(k, n)
-    return f"{k / n:.0%} [{lo:.0%}, {hi:.0%}] ({k}/{n})"
-
-
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _cfg(run: Run, key: str):
     return run.config.get(key) if isinstance(run.config, dict) else None
 
@@ -380,27 +367,32 @@ def comparison_tables(comps: Sequence[Dict], per_image: bool = True) -> str:
 
 
 def report(runs: Sequence[Run], all_pairs: bool = False, brief: bool = False) -> str:
-    parts = ["## Summary\n\n" + summary_table(runs)]
+    """Every table: summary, the study's sections, paired best-PSNR comparisons, then per image."""
+    pairs = run_pairs(runs, all_pairs)
+    parts = ["## Summary\n\n" + summary_table(runs)] + study_sections(runs, pairs)
+    if pairs:
+        parts.append("## Paired comparisons (best PSNR, common images)\n\n"
+                     + comparison_tables([paired_comparison(a, b) for a, b in pairs], not brief))
     if not brief:
         parts.append("## Per image\n\n" + "\n\n".join(per_image_table(r) for r in runs))
-    comps = compare_all(runs, all_pairs)
-    if comps:
-        parts.append("## Paired comparisons (best PSNR, common images)\n\n" + comparison_tables(comps, not brief))
     return "\n\n".join(parts) + "\n"
 
 
-def compare_all(runs: Sequence[Run], all_pairs: bool = False) -> List[Dict]:
+def run_pairs(runs: Sequence[Run], all_pairs: bool = False) -> List[Tuple[Run, Run]]:
     """Each run against the first one (the baseline), or every pair with all_pairs."""
     if all_pairs:
-        pairs = [(runs[i], runs[j]) for i in range(len(runs)) for j in range(i + 1, len(runs))]
-    else:
-        pairs = [(runs[0], r) for r in runs[1:]]
-    return [paired_comparison(a, b) for a, b in pairs]
+        return [(runs[i], runs[j]) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    return [(runs[0], r) for r in runs[1:]]
+
+
+def compare_all(runs: Sequence[Run], all_pairs: bool = False) -> List[Dict]:
+    return [paired_comparison(a, b) for a, b in run_pairs(runs, all_pairs)]
 
 
 # --- CSV and plots --------------------------------------------------------------------------
 CSV_FIELDS = ["run", "image_idx", "num_particles", "best_psnr", "mean_psnr", "std_psnr", "selected_psnr",
-              "best_ssim", "best_lpips", "success", "both_orientations", "time_sec", "particle_psnr"]
+              "best_ssim", "best_lpips", "success", "both_orientations", "time_sec", "particle_psnr",
+              "correct_orientation_found", "both_orientations_any", "orientation", "selected_is_best"]
 
 
 def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
@@ -411,19 +403,28 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
         w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in runs:
+            margin = margin_db(r.config)
             for rec in r.images:
                 st = image_stats(rec)
                 st["particle_psnr"] = ";".join(_f(v, "{:.4f}") for v in rec.get("psnr", []))
+                o = image_orientation(rec, margin)
+                st.update({k: o[k] for k in ("correct_orientation_found", "both_orientations_any")},
+                          orientation=";".join(o["orientation"]),
+                          selected_is_best=(rec.get("best_idx") == rec.get("selected_idx")
+                                            if rec.get("best_idx") is not None else None))
                 w.writerow({"run": r.label, **{k: st[k] for k in CSV_FIELDS[1:]}})
     spath = path.with_name(path.stem + "_summary.csv")
     with spath.open("w", newline="") as fh:
         fields = ["run", "num_images", "best_psnr_mean", "best_psnr_std", "mean_of_mean_psnr", "selected_psnr_mean",
                   "best_ssim_mean", "best_lpips_mean", "success_rate", "success_ci_low", "success_ci_high",
-                  "both_orientations_rate", "both_ci_low", "both_ci_high", "time_per_image_sec", "peak_memory_mb"]
+                  "both_orientations_rate", "both_ci_low", "both_ci_high", "time_per_image_sec", "peak_memory_mb",
+                  "gpu_sec_per_image", "selection_accuracy", "correct_orientation_rate", "both_orientations_any_rate",
+                  "psnr_spread_mean", "success_per_gpu_hour", "both_orientations_per_gpu_hour"]
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in runs:
             s = r.summary
+            cost, o = cost_summary(r), orientation_summary(r)
             w.writerow({"run": r.label, "num_images": s["num_images"], "best_psnr_mean": s["best_psnr"]["mean"],
                         "best_psnr_std": s["best_psnr"]["std"], "mean_of_mean_psnr": s["mean_of_mean_psnr"],
                         "selected_psnr_mean": s["selected_psnr_mean"], "best_ssim_mean": s["best_ssim_mean"],
@@ -433,58 +434,14 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "both_ci_low": s["both_orientations_rate_ci95"][0],
                         "both_ci_high": s["both_orientations_rate_ci95"][1],
                         "time_per_image_sec": s["time_per_image_sec"],
-                        "peak_memory_mb": r.vram.get("peak_memory_mb")})
+                        "peak_memory_mb": cost["peak_memory_mb"], "gpu_sec_per_image": cost["gpu_sec_per_image"],
+                        "selection_accuracy": selection_summary(r)["accuracy"]["rate"],
+                        "correct_orientation_rate": o["correct"]["rate"],
+                        "both_orientations_any_rate": o["both_any"]["rate"],
+                        "psnr_spread_mean": spread_summary(r)["psnr_std"]["mean"],
+                        "success_per_gpu_hour": cost["success_per_gpu_hour"],
+                        "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"]})
     return path, spath
-
-
-def write_plots(runs: Sequence[Run], outdir: Path) -> List[Path]:
-    """best_psnr_per_image.png; with repulsion.jsonl also repulsion_distance.png and repulsion_ratio.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    written = []
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * max((len(r.images) for r in runs), default=1) + 4), 4))
-    for r in runs:
-        st = [image_stats(rec) for rec in r.images]
-        ax.plot([s["image_idx"] for s in st], [s["best_psnr"] if s["best_psnr"] is not None else np.nan for s in st],
-                marker="o", ms=3, lw=1, label=r.label)
-    ax.set_xlabel("image index")
-    ax.set_ylabel("best PSNR (dB)")
-    ax.set_title("Best-particle PSNR per image")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(outdir / "best_psnr_per_image.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-    rep_runs = [r for r in runs if r.repulsion]
-    for key, fname, ylabel, logy in (("dist", "repulsion_distance.png", "mean pairwise feature distance", False),
-                                     ("ratio", "repulsion_ratio.png", "||λ·r|| / ||score||", True)):
-        if not rep_runs:
-            break
-        fig, ax = plt.subplots(figsize=(7, 4))
-        plotted = False
-        for r in rep_runs:
-            steps = [(s, v[key]) for s, v in repulsion_by_step(r).items() if v[key] is not None]
-            if steps:
-                ax.plot([s for s, _ in steps], [v for _, v in steps], marker="o", ms=3, label=r.label)
-                plotted = plotted or any(v > 0 for _, v in steps)
-        if logy and plotted:
-            ax.set_yscale("log")
-        ax.set_xlabel("annealing step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} per step (mean over images)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(outdir / fname)
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -494,15 +451,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--csv", type=Path, help="per-image CSV (and <stem>_summary.csv)")
     ap.add_argument("--plots", type=Path, help="folder for PNG plots")
     ap.add_argument("--all-pairs", action="store_true", help="compare every pair, not each run with the first")
-    ap.add_argument("--brief", action="store_true", help="summary and comparison only (no per-image tables)")
+    ap.add_argument("--brief", action="store_true", help="leave out the per-image tables")
     ap.add_argument("--no-merge", action="store_true", help="keep _10img / _90img folders separate")
+    ap.add_argument("--report", type=Path, metavar="DIR",
+                    help="write DIR/report.md with every table, the run folders and settings, and the plots")
     args = ap.parse_args(argv)
     dirs = find_run_dirs(args.runs)
     if not dirs:
         print("error: no run folder with a metrics.json found", file=sys.stderr)
         return 2
     runs = load_runs(dirs, merge=not args.no_merge)
-    print(report(runs, all_pairs=args.all_pairs, brief=args.brief))
+    body = report(runs, all_pairs=args.all_pairs, brief=args.brief)
+    print(body)
+    if args.report:
+        shown = list(argv) if argv is not None else sys.argv[1:]
+        print(f"wrote {write_report(runs, args.report, body, shown)}", file=sys.stderr)
     if args.csv:
         for p in write_csv(runs, args.csv):
             print(f"wrote {p}", file=sys.stderr)

@@ -1,0 +1,223 @@
+"""The study's tables (orientation, selection and spread, cost, repulsion, pruning, hard data
+consistency) and the one-file report `DIR/report.md` with its plots."""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from eval.markdown import ci_text, fmt, table
+from eval.study import (ORIENTATIONS, cost_summary, flat_config, hdc_summary, last_on_step, orientation_pair,
+                        orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
+                        spread_summary, world_size)
+
+
+def _rate(r: Dict) -> str:
+    if not r["n"]:
+        return "n/a"
+    return f"{r['rate']:.0%} [{r['low']:.0%}, {r['high']:.0%}] ({r['k']}/{r['n']})"
+
+
+def _cols(runs: Sequence) -> List[str]:
+    return ["metric"] + [r.label for r in runs]
+
+
+# --- orientation -------------------------------------------------------------------------------
+def orientation_table(runs: Sequence) -> str:
+    """Correct / both orientations per image (Wilson 95 % CI) and particle fractions, one column per run."""
+    o = [orientation_summary(r) for r in runs]
+    rows = [["correct orientation found [95% CI]"] + [_rate(x["correct"]) for x in o],
+            ["both orientations (any PSNR) [95% CI]"] + [_rate(x["both_any"]) for x in o]]
+    for k in ORIENTATIONS:
+        rows.append([f"particles '{k}'"] + [f"{fmt(x['particle_fractions'][k], '{:.0%}')} "
+                                              f"({x['particle_counts'][k]}/{x['num_particles']})" for x in o])
+    rows.append(["margin (dB)"] + [fmt(x["margin_db"], "{:g}") for x in o])
+    return table(_cols(runs), rows)
+
+
+def orientation_pairs_table(pairs: Sequence[Tuple]) -> str:
+    """Exact McNemar (two-sided) of each pair on common images."""
+    rows = []
+    for a, b in pairs:
+        res = orientation_pair(a, b)
+        for key, name in (("correct_orientation_found", "correct orientation"),
+                          ("both_orientations_any", "both orientations")):
+            x = res[key]
+            rows.append([b.label, a.label, name, str(x["n"]), fmt(x["a_rate"], "{:.0%}"), fmt(x["b_rate"], "{:.0%}"),
+                         f"{x['a_only']} / {x['b_only']}", f"{x['p_value']:.3g}"])
+    return table(["run B", "vs run A", "outcome", "common images", "A", "B", "only A / only B",
+                  "McNemar exact p"], rows)
+
+
+# --- selection and spread -----------------------------------------------------------------------
+def selection_spread_table(runs: Sequence) -> str:
+    sel = [selection_summary(r) for r in runs]
+    on_steps = [s for s in (last_on_step(r) for r in runs) if s is not None]
+    base_step = max(on_steps) if on_steps else None
+    spr = [spread_summary(r, base_step) for r in runs]
+
+    def counts(s: Dict) -> str:
+        return ", ".join(f"p{k}: {v}" for k, v in s["best_counts"].items()) or "n/a"
+
+    def dist(s: Dict) -> str:
+        d = s["distance"]
+        if d["mean"] is None:
+            return "n/a"
+        step = ",".join(str(x) for x in d["steps"])
+        return f"{d['mean']:.4g} ± {d['std']:.2g} ({s['feature']}, step {step}, n={d['n']})"
+
+    rows = [["best particle (oracle) counts"] + [counts(s) for s in sel],
+            ["selection accuracy (selected = best) [95% CI]"] + [_rate(s["accuracy"]) for s in sel],
+            ["dB lost by selecting with loss [95% CI]"] + [ci_text(s["db_lost"]) for s in sel],
+            ["within-image std of particle PSNR (dB), mean ± std"]
+            + [f"{fmt(s['psnr_std']['mean'])} ± {fmt(s['psnr_std']['std'])}" for s in spr],
+            ["pairwise feature distance at last ON step, mean ± std"] + [dist(s) for s in spr]]
+    return table(_cols(runs), rows)
+
+
+# --- cost -----------------------------------------------------------------------------------------
+def cost_table(runs: Sequence) -> str:
+    c = [cost_summary(r) for r in runs]
+    rows = [["GPU-seconds / image"] + [f"{fmt(x['gpu_sec_per_image'], '{:.3g}')} ({x['source']})" for x in c],
+            ["processes"] + [str(x["processes"]) for x in c],
+            ["total GPU-seconds"] + [fmt(x["gpu_sec_total"], "{:.4g}") for x in c],
+            ["peak VRAM (MB)"] + [fmt(x["peak_memory_mb"], "{:.0f}") for x in c],
+            ["successes / GPU-hour"] + [fmt(x["success_per_gpu_hour"], "{:.4g}") for x in c],
+            ["both orientations (any PSNR) / GPU-hour"] + [fmt(x["both_orientations_per_gpu_hour"], "{:.4g}")
+                                                            for x in c]]
+    return table(_cols(runs), rows)
+
+
+# --- repulsion --------------------------------------------------------------------------------------
+def repulsion_table(runs: Sequence) -> str:
+    rep = [repulsion_summary(r) for r in runs]
+    rows = [["feature"] + [str(x["feature"]) if x["feature"] else "n/a" for x in rep],
+            ["step-0 ratio ‖λ·r‖ / ‖score‖, median over images"]
+            + [f"{fmt(x['step0_ratio_median'], '{:.3g}')} (n={x['step0_images']})" for x in rep],
+            ["repulsion time / image (s)"] + [fmt(x["time_per_image"], "{:.3g}") for x in rep],
+            ["scale-0 baseline curve"] + ["yes" if x["is_baseline"] else "no" for x in rep]]
+    return table(_cols(runs), rows)
+
+
+# --- pruning -------------------------------------------------------------------------------------
+def pruning_table(runs: Sequence, all_runs: Sequence) -> str:
+    pr = [pruning_summary(r, all_runs) for r in runs]
+
+    def saved(x: Dict, key: str, spec: str) -> str:
+        cp = x["counterpart"]
+        if cp is None:
+            return "n/a (no unpruned counterpart among the inputs)"
+        mine, theirs = cp[key]
+        if mine is None or theirs is None:
+            return f"n/a (vs {cp['label']})"
+        pct = f", {(theirs - mine) / theirs:.0%}" if theirs else ""
+        return f"{fmt(theirs - mine, spec)}{pct} ({fmt(theirs, spec)} → {fmt(mine, spec)}, vs {cp['label']})"
+
+    rows = [["mode"] + [", ".join(x["modes"]) or "n/a" for x in pr],
+            ["pruned images"] + [str(x["pruned_images"]) for x in pr],
+            ["regret: best particle was pruned [95% CI] (masking)"] + [_rate(x["regret"]) for x in pr],
+            ["dB lost per pruned image [95% CI]"] + [ci_text(x["db_lost_all"]) for x in pr],
+            ["dB lost per regret image [95% CI]"] + [ci_text(x["db_lost_regret"]) for x in pr],
+            ["GPU-seconds / image saved"] + [saved(x, "gpu_sec_per_image", "{:.3g}") for x in pr],
+            ["peak VRAM saved (MB)"] + [saved(x, "peak_memory_mb", "{:.0f}") for x in pr]]
+    return table(_cols(runs), rows)
+
+
+# --- hard data consistency ------------------------------------------------------------------------
+def hdc_table(runs: Sequence) -> str:
+    h = [hdc_summary(r) for r in runs]
+    rows = [["PSNR change per particle, after − before (dB) [95% CI]"] + [ci_text(x["delta"]) for x in h],
+            ["… accepted particles only"] + [ci_text(x["delta_accepted"]) for x in h],
+            ["particles improved"] + [f"{x['improved']}/{x['delta']['n']}" for x in h],
+            ["accepted rate [95% CI]"] + [_rate(x["accepted"]) for x in h],
+            ["mean optimiser iterations"] + [fmt(x["mean_iters"], "{:.1f}") for x in h]]
+    return table(_cols(runs), rows)
+
+
+def study_sections(runs: Sequence, pairs: Sequence[Tuple]) -> List[str]:
+    """The study's sections; repulsion, pruning and HDC only for the runs that used them."""
+    out = ["## Orientation (no PSNR threshold)\n\n" + orientation_table(runs)]
+    if pairs:
+        out.append("### Paired orientation outcomes (exact McNemar)\n\n" + orientation_pairs_table(pairs))
+    out.append("## Selection and spread\n\n" + selection_spread_table(runs))
+    out.append("## Cost\n\n" + cost_table(runs))
+    rep = [r for r in runs if r.repulsion or any(isinstance(i.get("repulsion"), dict) for i in r.images)]
+    if rep:
+        out.append("## Repulsion\n\n" + repulsion_table(rep))
+    pru = [r for r in runs if pruning_on(r)]
+    if pru:
+        out.append("## Pruning\n\n" + pruning_table(pru, runs))
+    hdc = [r for r in runs if hdc_summary(r)["ran"]]
+    if hdc:
+        out.append("## Hard data consistency\n\n" + hdc_table(hdc))
+    return out
+
+
+DEFINITIONS = """## Definitions
+
+- Orientation of a particle: `gt` when PSNR − PSNR(rot180 of the ground truth) ≥ margin, `twin` when the
+  reverse holds, else `unclear` (also for a non-finite PSNR). An image has the correct orientation when a
+  particle is `gt`, both orientations when particles are `gt` and `twin`; no PSNR threshold.
+- Success (summary table) is the thresholded rule of the run (`eval.success_psnr`).
+- Rates carry 95 % Wilson intervals; means carry 95 % Student-t intervals; paired binary outcomes use the
+  exact two-sided McNemar test (binomial on the discordant images); paired best PSNR uses Wilcoxon signed-rank.
+- GPU-seconds / image: wall time × processes of each run folder, summed over merged folders, divided by
+  the images; `records` means the per-image sampling times were used (no wall time, or it covers fewer
+  images than the folder holds, as after a resume).
+- Selection accuracy: share of images where the lowest-loss particle is the highest-PSNR one; dB lost is
+  best − selected PSNR.
+- Pairwise feature distance: from `repulsion.jsonl`, per image at its last logged step with repulsion ON;
+  a scale-0 baseline (all lines OFF) is read at the other runs' last ON step.
+- Pruning regret (masking mode): the best final particle was among the pruned ones; dB lost is best
+  pruned − best kept PSNR (0 without regret). Savings are against the input run whose config differs only
+  in the pruning keys.
+- Hard data consistency: PSNR of each particle after the optimisation minus `psnr_before_optimization`,
+  paired per particle (the t interval treats the particles of one image as independent).
+"""
+
+
+def runs_section(runs: Sequence) -> str:
+    """The exact run folders, their commands, and the settings that differ between runs."""
+    rows = []
+    for r in runs:
+        cmds = sorted({str((p.get("metadata") or {}).get("command")) for p in r.parts
+                       if (p.get("metadata") or {}).get("command")})
+        metas = [p.get("metadata") or {} for p in r.parts]
+        devices = sorted({f"{m.get('gpu_name') or m.get('device') or 'n/a'} × {world_size(m)}" for m in metas})
+        rows.append([r.label, "<br>".join(f"`{p}`" for p in r.paths), str(len(r.images)),
+                     "<br>".join(f"`{c}`" for c in cmds) or "n/a", ", ".join(devices) or "n/a",
+                     ", ".join(sorted({str(m.get("git_commit") or "n/a")[:10] for m in metas}))])
+    out = [table(["run", "folders", "images", "command", "device × processes", "commit"], rows)]
+    flats = [flat_config(r.config) for r in runs]
+    keys = sorted({k for f in flats for k in f})
+    skip = {"name", "save_dir"}
+    differing = [k for k in keys if k not in skip and len({repr(f.get(k, "<missing>")) for f in flats}) > 1]
+    if len(runs) > 1 and differing:
+        out.append("Settings that differ between the runs (from each `config.yaml`):\n\n" + table(
+            ["key"] + [r.label for r in runs],
+            [[k] + [str(f.get(k, "–")) for f in flats] for k in differing]))
+    return "\n\n".join(out)
+
+
+def write_report(runs: Sequence, outdir: Path, body: str, argv: Optional[Sequence[str]] = None) -> Path:
+    """`outdir/report.md`: runs and settings, every table of `body`, every plot (relative links)."""
+    from eval.plots import write_plots
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(runs, outdir)
+    captions = {"best_psnr_per_image.png": "Best-particle PSNR per image",
+                "quality_vs_compute.png": "Best PSNR against GPU-seconds per image",
+                "repulsion_distance.png": "Mean pairwise feature distance per step (dashed: scale-0 baseline)",
+                "repulsion_ratio.png": "‖λ·r‖ / ‖score‖ per step (ON steps)"}
+    cmd = "python eval/parse_metrics.py " + " ".join(argv) if argv is not None else None
+    head = ["# Study report", "",
+            f"Generated {_dt.datetime.now().isoformat(timespec='seconds')}"
+            + (f" by `{cmd}`." if cmd else "."), "", "## Runs", "", runs_section(runs), "", body.rstrip(), "",
+            "## Plots", ""]
+    for p in plots:
+        head += [f"![{captions.get(p.name, p.stem)}]({p.name})", ""]
+    head.append(DEFINITIONS)
+    path = outdir / "report.md"
+    path.write_text("\n".join(head))
+    return path

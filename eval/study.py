@@ -1,0 +1,392 @@
+"""The study's numbers per run and per pair of runs, from records, metadata and logs.
+
+Each function takes a loaded run (see `eval/parse_metrics.py`) and returns plain numbers, so the
+markdown, CSV and plots all show the same values and tests can check them by hand.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from cores.evaluation import wilson_ci
+
+ORIENTATIONS = ("gt", "twin", "unclear")
+DEFAULT_MARGIN_DB = 1.0
+# keys that name a run rather than define it; ignored when looking for a run's counterpart
+RUN_IDENTITY_KEYS = {"name", "save_dir", "resume", "data.start_id", "data.end_id", "shard", "num_shards",
+                     "device", "grid_max_images", "save_samples", "save_traj", "traj_every"}
+PRUNING_KEYS = {"pruning_step", "pruning_keep", "pruning_mode", "pruning_criterion", "pruning_diversity_tol"}
+
+
+# --- small statistics -------------------------------------------------------------------------
+def finite(xs: Iterable) -> List[float]:
+    return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+
+
+def mean_std(xs: Iterable) -> Tuple[Optional[float], Optional[float], int]:
+    """Mean and sample std (ddof 1; 0 for one value) of the finite values, and their count."""
+    v = finite(xs)
+    if not v:
+        return None, None, 0
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
+
+
+def mean_ci(xs: Iterable, level: float = 0.95) -> Dict[str, Optional[float]]:
+    """Mean with a Student-t confidence interval (None bounds below two values)."""
+    from scipy.stats import t
+
+    v = finite(xs)
+    out: Dict[str, Optional[float]] = {"mean": None, "low": None, "high": None, "n": len(v)}
+    if not v:
+        return out
+    out["mean"] = float(np.mean(v))
+    if len(v) > 1:
+        half = float(t.ppf(0.5 + level / 2, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)))
+        out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def rate(k: int, n: int) -> Dict[str, Optional[float]]:
+    lo, hi = wilson_ci(k, n)
+    return {"k": k, "n": n, "rate": (k / n) if n else None, "low": lo, "high": hi}
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs b (A only) and c (B only) under Bin(b+c, ½)."""
+    if b + c == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+# --- orientation ------------------------------------------------------------------------------
+def margin_db(config: Dict) -> float:
+    ev = config.get("eval") if isinstance(config, dict) else None
+    m = ev.get("orientation_margin_db") if isinstance(ev, dict) else None
+    return float(m) if m is not None else DEFAULT_MARGIN_DB
+
+
+def particle_orientation(p: Optional[float], p_twin: Optional[float], margin: float) -> str:
+    """'gt' / 'twin' when one PSNR beats the other by at least `margin` dB, else 'unclear' (the run's rule)."""
+    from cores.evaluation import orientation
+
+    return orientation(p, p_twin, margin)
+
+
+def image_orientation(rec: Dict, margin: float) -> Dict:
+    """The record's orientation fields, or the same fields computed from `psnr` / `psnr_twin`."""
+    if isinstance(rec.get("orientation"), list):
+        orient = [str(o) for o in rec["orientation"]]
+    else:
+        pt = rec.get("psnr_twin") or [None] * len(rec.get("psnr", []))
+        orient = [particle_orientation(p, q, margin) for p, q in zip(rec.get("psnr", []), pt)]
+    found = sorted(set(orient))
+    correct = rec.get("correct_orientation_found")
+    both = rec.get("both_orientations_any")
+    return {"orientation": orient,
+            "orientations_found": list(rec.get("orientations_found", found)),
+            "correct_orientation_found": bool("gt" in orient if correct is None else correct),
+            "both_orientations_any": bool(("gt" in orient and "twin" in orient) if both is None else both)}
+
+
+def orientation_summary(run) -> Dict:
+    """Image rates of the correct orientation / both orientations (Wilson CI) and particle fractions."""
+    margin = margin_db(run.config)
+    per = [image_orientation(r, margin) for r in run.images]
+    stored = {r["orientation_margin_db"] for r in run.images if r.get("orientation_margin_db") is not None}
+    if len(stored) == 1:  # the margin the records were labelled with
+        margin = float(stored.pop())
+    n = len(per)
+    counts = {o: sum(p["orientation"].count(o) for p in per) for o in ORIENTATIONS}
+    total = sum(counts.values())
+    return {"margin_db": margin,
+            "correct": rate(sum(p["correct_orientation_found"] for p in per), n),
+            "both_any": rate(sum(p["both_orientations_any"] for p in per), n),
+            "particle_counts": counts, "num_particles": total,
+            "particle_fractions": {o: (counts[o] / total if total else None) for o in ORIENTATIONS}}
+
+
+def orientation_pair(a, b) -> Dict[str, Dict]:
+    """Exact McNemar of A vs B on common images, for both binary orientation outcomes."""
+    ma, mb = margin_db(a.config), margin_db(b.config)
+    ia, ib = a.by_image(), b.by_image()
+    common = sorted(set(ia) & set(ib))
+    out = {}
+    for key in ("correct_orientation_found", "both_orientations_any"):
+        xa = [image_orientation(ia[i], ma)[key] for i in common]
+        xb = [image_orientation(ib[i], mb)[key] for i in common]
+        b_only_a = sum(x and not y for x, y in zip(xa, xb))
+        c_only_b = sum(y and not x for x, y in zip(xa, xb))
+        out[key] = {"n": len(common), "a_rate": (sum(xa) / len(common)) if common else None,
+                    "b_rate": (sum(xb) / len(common)) if common else None,
+                    "a_only": b_only_a, "b_only": c_only_b, "p_value": mcnemar_exact(b_only_a, c_only_b)}
+    return out
+
+
+# --- selection and spread -----------------------------------------------------------------------
+def _at(rec: Dict, key: str, idx) -> Optional[float]:
+    vals = rec.get(key) or []
+    return vals[idx] if idx is not None and idx < len(vals) else None
+
+
+def selection_summary(run) -> Dict:
+    """best_idx counts (by particle id), loss-selection accuracy and the dB it loses on average."""
+    counts: Dict[int, int] = {}
+    hits, lost = [], []
+    for rec in run.images:
+        best, sel = rec.get("best_idx"), rec.get("selected_idx")
+        ids = rec.get("particle_ids") or list(range(len(rec.get("psnr", []))))
+        if best is not None:
+            pid = int(ids[best])
+            counts[pid] = counts.get(pid, 0) + 1
+        if best is not None and sel is not None:
+            hits.append(best == sel)
+            pb, ps = _at(rec, "psnr", best), _at(rec, "psnr", sel)
+            if pb is not None and ps is not None:
+                lost.append(pb - ps)
+    return {"best_counts": dict(sorted(counts.items())), "accuracy": rate(sum(hits), len(hits)),
+            "db_lost": mean_ci(lost)}
+
+
+def feature_of(run) -> Optional[str]:
+    for row in run.repulsion:
+        if row.get("feature"):
+            return str(row["feature"])
+    f = run.config.get("repulsion_feature") if isinstance(run.config, dict) else None
+    return str(f) if f is not None else None
+
+
+def last_on_step(run) -> Optional[int]:
+    steps = [int(r["step"]) for r in run.repulsion if r.get("repulsion_on") and "step" in r]
+    return max(steps) if steps else None
+
+
+def distance_at_step(run, step: Optional[int] = None) -> Dict:
+    """Per image the mean pairwise feature distance at its last logged ON step (or at `step`)."""
+    by_img: Dict[int, Tuple[int, float]] = {}
+    for r in run.repulsion:
+        d = r.get("mean_pairwise_dino_dist")
+        if d is None or "step" not in r or not math.isfinite(float(d)):
+            continue
+        s = int(r["step"])
+        if step is None and not r.get("repulsion_on"):
+            continue
+        if step is not None and s != step:
+            continue
+        img = int(r["image_idx"])
+        if img not in by_img or s > by_img[img][0]:
+            by_img[img] = (s, float(d))
+    vals = [d for _, d in by_img.values()]
+    m, sd, n = mean_std(vals)
+    steps = sorted({s for s, _ in by_img.values()})
+    return {"mean": m, "std": sd, "n": n, "steps": steps}
+
+
+def spread_summary(run, baseline_step: Optional[int] = None) -> Dict:
+    """Within-image spread: std of particle PSNR; feature distance at the last ON step.
+
+    A run without ON lines (a scale-0 baseline that logs distances) is read at `baseline_step`,
+    the other runs' last ON step, so the two distances are taken at the same step."""
+    stds = []
+    for rec in run.images:
+        p = finite(rec.get("psnr", []))
+        if len(p) > 1:
+            stds.append(float(np.std(p, ddof=1)))
+        elif p:
+            stds.append(0.0)
+    m, sd, n = mean_std(stds)
+    if last_on_step(run) is not None:
+        dist = distance_at_step(run)
+    elif baseline_step is not None:
+        dist = distance_at_step(run, baseline_step)
+    else:
+        dist = {"mean": None, "std": None, "n": 0, "steps": []}
+    return {"psnr_std": {"mean": m, "std": sd, "n": n}, "distance": dist, "feature": feature_of(run)}
+
+
+# --- cost ---------------------------------------------------------------------------------------
+def world_size(meta: Dict) -> int:
+    if meta.get("world_size"):
+        return int(meta["world_size"])
+    if isinstance(meta.get("ranks"), list) and meta["ranks"]:
+        return len(meta["ranks"])
+    return 1
+
+
+def part_gpu_seconds(part: Dict) -> Tuple[Optional[float], str]:
+    """GPU-seconds of one run folder: wall time × processes; the records' sampling times when the
+    wall time is missing or cannot cover every record (a resumed run's last job saw only some)."""
+    meta = part.get("metadata") or {}
+    wall = meta.get("wall_time_sec")
+    rec_time = part.get("record_time_sec") or 0.0
+    if wall is not None:
+        total = float(wall) * world_size(meta)
+        if total >= 0.99 * rec_time:
+            return total, "wall"
+    return (rec_time if part.get("images") else None), "records"
+
+
+def cost_summary(run) -> Dict:
+    """GPU-seconds per image, peak VRAM and successes per GPU-hour."""
+    totals = [part_gpu_seconds(p) for p in run.parts]
+    known = [t for t, _ in totals if t is not None]
+    sources = sorted({s for _, s in totals})
+    n = len(run.images)
+    gpu_total = float(sum(known)) if known else None
+    per_image = gpu_total / n if gpu_total is not None and n else None
+    succ = sum(bool(r.get("success")) for r in run.images)
+    margin = margin_db(run.config)
+    both = sum(image_orientation(r, margin)["both_orientations_any"] for r in run.images)
+    hours = gpu_total / 3600 if gpu_total else None
+    peaks = finite([run.vram.get("peak_memory_mb")] + [r.get("peak_memory_mb") for p in run.parts
+                                                       for r in ((p.get("metadata") or {}).get("ranks") or [])])
+    return {"gpu_sec_total": gpu_total, "gpu_sec_per_image": per_image, "source": "+".join(sources),
+            "processes": max((world_size(p.get("metadata") or {}) for p in run.parts), default=1),
+            "peak_memory_mb": max(peaks) if peaks else None,
+            "success_per_gpu_hour": succ / hours if hours else None,
+            "both_orientations_per_gpu_hour": both / hours if hours else None}
+
+
+# --- repulsion ---------------------------------------------------------------------------------
+def repulsion_summary(run) -> Dict:
+    """Median step-0 ratio ||λ·r||/||score|| over images, and repulsion seconds per image."""
+    ratios = finite(r.get("ratio_scaled_to_score") for r in run.repulsion
+                    if int(r.get("step", -1)) == 0 and r.get("repulsion_on", True))
+    times = finite((r.get("repulsion") or {}).get("total_time_sec") for r in run.images
+                   if isinstance(r.get("repulsion"), dict))
+    return {"step0_ratio_median": float(np.median(ratios)) if ratios else None, "step0_images": len(ratios),
+            "time_per_image": mean_std(times)[0], "feature": feature_of(run),
+            "is_baseline": is_baseline(run)}
+
+
+def is_baseline(run) -> bool:
+    """A scale-0 run that logged pairwise distances (its repulsion.jsonl lines are all OFF)."""
+    s = run.config.get("repulsion_scale") if isinstance(run.config, dict) else None
+    return bool(run.repulsion) and s is not None and float(s) == 0.0
+
+
+# --- pruning ---------------------------------------------------------------------------------
+def flat_config(d, prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def counterpart(run, runs: Sequence, ignore: set) -> Optional[object]:
+    """The other input run whose config equals this one's outside `ignore` and the identity keys."""
+    if not run.config:
+        return None
+    mine = {k: v for k, v in flat_config(run.config).items() if k not in ignore | RUN_IDENTITY_KEYS}
+    for other in runs:
+        if other is run or not other.config:
+            continue
+        theirs = {k: v for k, v in flat_config(other.config).items() if k not in ignore | RUN_IDENTITY_KEYS}
+        if theirs == mine and set(other.by_image()) & set(run.by_image()):
+            return other
+    return None
+
+
+def pruning_on(run) -> bool:
+    s = run.config.get("pruning_step") if isinstance(run.config, dict) else None
+    return (s is not None and int(s) >= 0) or any(isinstance(r.get("pruning"), dict) for r in run.images)
+
+
+def pruning_summary(run, runs: Sequence = ()) -> Dict:
+    """Masking-mode regret (was the eventual best particle pruned?) and savings vs the unpruned run."""
+    blocks = [r["pruning"] for r in run.images if isinstance(r.get("pruning"), dict)]
+    judged = [b for b in blocks if b.get("did_prune") and b.get("pruning_regret") is not None]
+    k = sum(bool(b["pruning_regret"]) for b in judged)
+    gaps = [b.get("pruning_regret_db") for b in judged]
+    regret_gaps = [b.get("pruning_regret_db") for b in judged if b["pruning_regret"]]
+    modes = sorted({str(b.get("mode")) for b in blocks if b.get("mode")})
+    out = {"pruned_images": sum(bool(b.get("did_prune")) for b in blocks), "modes": modes,
+           "regret": rate(k, len(judged)), "db_lost_all": mean_ci(gaps), "db_lost_regret": mean_ci(regret_gaps),
+           "counterpart": None}
+    other = counterpart(run, runs, PRUNING_KEYS)
+    if other is not None and not pruning_on(other):
+        mine, theirs = cost_summary(run), cost_summary(other)
+        out["counterpart"] = {"label": other.label,
+                              "gpu_sec_per_image": (mine["gpu_sec_per_image"], theirs["gpu_sec_per_image"]),
+                              "peak_memory_mb": (mine["peak_memory_mb"], theirs["peak_memory_mb"])}
+    return out
+
+
+# --- hard data consistency ---------------------------------------------------------------------
+def hdc_summary(run) -> Dict:
+    """Per-particle PSNR change of the optimisation (after − before, paired), accepted rate, iterations."""
+    deltas, deltas_acc = [], []
+    accepted, iters, images = [], [], 0
+    for rec in run.images:
+        opt = rec.get("optimization") if isinstance(rec.get("optimization"), dict) else {}
+        before = rec.get("psnr_before_optimization")
+        acc = list(opt.get("accepted_mask") or [])
+        accepted += [bool(a) for a in acc]
+        iters += finite(opt.get("final_iters") or [])
+        if isinstance(before, list):
+            images += 1
+            for j, (a, b) in enumerate(zip(rec.get("psnr", []), before)):
+                if a is not None and b is not None:
+                    deltas.append(float(a) - float(b))
+                    if j < len(acc) and acc[j]:
+                        deltas_acc.append(float(a) - float(b))
+    return {"delta": mean_ci(deltas), "delta_accepted": mean_ci(deltas_acc), "images": images,
+            "improved": sum(d > 0 for d in deltas), "accepted": rate(sum(accepted), len(accepted)),
+            "mean_iters": mean_std(iters)[0], "ran": bool(accepted) or images > 0}
+
+
+# --- merging metadata ----------------------------------------------------------------------------
+def merged_metadata(parts: Sequence[Dict], images: List[Dict]) -> Dict:
+    """Metadata of a merged entry: the first part's settings, times summed, hook totals from records."""
+    import copy
+
+    metas = [p.get("metadata") or {} for p in parts]
+    out = copy.deepcopy(metas[0]) if metas else {}
+    walls = [m.get("wall_time_sec") for m in metas]
+    out["wall_time_sec"] = float(sum(walls)) if all(w is not None for w in walls) and walls else None
+    out["world_size"] = max(world_size(m) for m in metas) if metas else 1
+    ends = [m.get("end_time") for m in metas if m.get("end_time")]
+    if ends:
+        out["end_time"] = max(ends)
+    starts = [m.get("start_time") for m in metas if m.get("start_time")]
+    if starts:
+        out["start_time"] = min(starts)
+    for name, block in hook_totals(images, {k for m in metas for k in m}).items():
+        out[name] = {**(out.get(name) or {}), **block}
+    out["merged_from"] = [p["path"] for p in parts]
+    out["parts"] = [{"path": p["path"], "images": p.get("images"), "wall_time_sec": m.get("wall_time_sec"),
+                     "world_size": world_size(m), "git_commit": m.get("git_commit"), "gpu_name": m.get("gpu_name")}
+                    for p, m in zip(parts, metas)]
+    return out
+
+
+def hook_totals(images: List[Dict], present: set) -> Dict:
+    """Repulsion / pruning / optimisation run totals recomputed from the records, with each part's own
+    `summarize`, for the parts the metadata or the records name."""
+    from cores import optimization, pruning
+    import repulsion
+
+    fns = {"repulsion": repulsion.summarize, "pruning": pruning.summarize, "optimization": optimization.summarize}
+    return {name: fn(images) for name, fn in fns.items()
+            if name in present or any(isinstance(r.get(name), dict) for r in images)}
+
+
+# --- per-step repulsion curves -------------------------------------------------------------------
+def repulsion_by_step(run) -> Dict[int, Dict[str, Optional[float]]]:
+    """Mean over images of the pairwise feature distance and the scaled-repulsion/score ratio per step
+    (the ratio only where repulsion was ON: an OFF step's zero is no ratio)."""
+    acc: Dict[int, Dict[str, List[float]]] = {}
+    for row in run.repulsion:
+        if "step" not in row:
+            continue
+        a = acc.setdefault(int(row["step"]), {"dist": [], "ratio": []})
+        a["dist"] += finite([row.get("mean_pairwise_dino_dist")])
+        if row.get("repulsion_on", True):
+            a["ratio"] += finite([row.get("ratio_scaled_to_score")])
+    return {s: {k: (float(np.mean(v)) if v else None) for k, v in a.items()} for s, a in sorted(acc.items())}
