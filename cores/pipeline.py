@@ -301,6 +301,9 @@ def write_summary(folder: RunFolder, config: RunConfig, extra: Dict) -> Dict:
         sig = records_signature(folder)
         records = folder.records()
         metadata = {**extra["metadata"], **feature_totals(config, records)}
+        if "wall_time_sec" in metadata and records:  # the job's wall clock per image (ranks run in parallel);
+            # summary.total_time_sec sums each image's own sampling time, i.e. over ranks
+            metadata["wall_time_per_image_sec"] = metadata["wall_time_sec"] / len(records)
         metrics = folder.write_metrics({**extra, "metadata": metadata, "numerics": numerics_summary(records)}, records)
         folder.write_grid(config.grid_max_images, records=records)
         if records_signature(folder) == sig:
@@ -320,6 +323,7 @@ def merge_metadata(per_rank: List[Dict]) -> Dict:
             merged["vram"]["segments"][k] = max(v, merged["vram"]["segments"].get(k, v))
     merged["metadata"]["world_size"] = len(per_rank)
     merged["metadata"]["wall_time_sec"] = max(m["metadata"]["wall_time_sec"] for m in per_rank)
+    merged["metadata"]["wall_time_sum_over_ranks_sec"] = sum(m["metadata"]["wall_time_sec"] for m in per_rank)
     merged["metadata"]["ranks"] = [{"rank": r, "device": m["metadata"]["device"],
                                     "gpu_name": m["metadata"]["gpu_name"],
                                     "peak_memory_mb": m["vram"]["peak_memory_mb"],

@@ -100,35 +100,3 @@ def validate_inputs(config: RunConfig, dataset) -> None:
         _fail(f"data.resolution={config.data.resolution} but model {config.model.get('name')} renders {res} px images")
     check_weights(config)
 
-
-def check_command_line(argv: Sequence[str], config_dir: Path) -> None:
-    """Compose the config from the command line's overrides before Hydra does, so that a typo
-    (`repulsion_scael=1`) or a bad group name is one line naming the setting instead of Hydra's
-    multi-line message.  Multirun sweeps and Hydra's own flags are left to Hydra."""
-    import difflib
-
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    args = list(argv)
-    if any(a.startswith("-") for a in args):  # -m, --cfg, --help, …: Hydra's business
-        return
-    overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith("hydra")]
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        text = " ".join(str(err).split()).split(" Config search path")[0]
-        key = next((o.split("=", 1)[0] for o in overrides if f"'{o.split('=', 1)[0]}'" in text), None)
-        if key is not None and ("Could not override" in text or "not in struct" in text):
-            from cores.config import TOP_LEVEL_KEYS
-
-            close = difflib.get_close_matches(key.split(".")[-1], sorted(TOP_LEVEL_KEYS), n=1)
-            hint = f"; did you mean {close[0]}?" if close and "." not in key else ""
-            raise ConfigError(f"unknown setting {key}{hint}") from None
-        raise ConfigError(text) from None
-    try:
-        check_save_dir(str(cfg.save_dir))  # Hydra creates its log folder inside it before anything else
-    except OmegaConfBaseException as err:
-        raise ConfigError(" ".join(str(err).split())) from None

@@ -103,3 +103,42 @@ def test_use_tpu_runs_on_the_xla_device_with_a_step_marker(tmp_path, monkeypatch
     metrics = run(compose(TINY + [f"save_dir={tmp_path}", "name=xla", "use_tpu=true", "batch_size=1"]))
     assert metrics["metadata"]["device"] == "cpu" and len(metrics["images"]) == 2
     assert len(marks) == 2 * 6  # 2 images, one batch each, 6 annealing steps
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
+    """SIGINT during sampling: exit 130, one stderr line with the finished count and the resume command."""
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "posterior_sample.py", "sampler.annealing.num_steps=40", "sampler.mcmc.num_steps=3",
+           "data.end_id=4", "batch_size=1", "eval.lpips=false", f"save_dir={tmp_path}", "name=ctrlc"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    records = tmp_path / "ctrlc" / "records"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (records.is_dir() and any(records.glob("*.json"))):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [l for l in err.splitlines() if l.startswith("interrupted:")]
+    assert proc.returncode == 130, err[-1500:]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "image(s) finished" in lines[0] and lines[0].endswith("resume=true")
+    assert f"name=ctrlc" in lines[0]
+
+
+def test_sweep_jobs_get_their_own_folders(tmp_path):
+    """`-m num_samples=2,3 name=sweep`: two run folders named from the swept key (shards keep sharing one)."""
+    from cores.cli import sweep_folder_override
+
+    res = subprocess.run([sys.executable, "posterior_sample.py", "-m", "num_samples=2,3", "name=sweep",
+                          f"save_dir={tmp_path}", "sampler.annealing.num_steps=2", "sampler.mcmc.num_steps=1",
+                          "data.end_id=1", "eval.lpips=false"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/metrics.json"))
+    assert found == ["num_samples=2", "num_samples=3"]
+    shard = sweep_folder_override(["-m", "shard=0,1", "num_shards=2", "name=X", "seed=1"])
+    assert shard == ["hydra.job.config.override_dirname.exclude_keys=[name,num_shards,seed,shard]"]
+    assert sweep_folder_override(["num_samples=2"]) == []
