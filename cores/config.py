@@ -364,8 +364,12 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     pruning.dino_weights_path = repulsion.dino.weights_path
     pruning.save_traj, pruning.traj_every = bool(run.get("save_traj", False)), int(run.get("traj_every", 5))
     optimization = build_dataclass(OptimizationConfig, parts["optimization"], names=names["optimization"])
-    from cores.speed import speed_config
+    from cores.speed import SpeedConfig, speed_config
 
+    speed_keys = [f.name for f in fields(SpeedConfig)]
+    for key in cfg.get("speed") or {}:
+        if key not in speed_keys:
+            raise ConfigError(unknown_key_message(f"speed.{key}", [f"speed.{k}" for k in speed_keys]))
     try:
         speed = speed_config(cfg.get("speed"))
     except (ValueError, TypeError) as err:

@@ -37,6 +37,10 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
     # rank 1 really sampled its block (the split is 0,1 | 2,3,4) and wrote its own records
     assert sorted(p.stem for p in (tmp_path / "two" / "records").glob("*.json")) == [f"{i:05d}" for i in range(5)]
     assert multi.stdout.count("Results in") == 1  # only rank 0 reports
+    meta = two["metadata"]  # wall time of the job (ranks in parallel) and the sum over ranks, separately
+    assert meta["wall_time_sum_over_ranks_sec"] == sum(r["wall_time_sec"] for r in meta["ranks"])
+    assert meta["wall_time_sec"] == max(r["wall_time_sec"] for r in meta["ranks"])
+    assert meta["wall_time_per_image_sec"] == meta["wall_time_sec"] / 5
 
 
 def test_slurm_launcher_composes_and_shards_partition_the_range():
