@@ -50,10 +50,13 @@ class ParticleBatch:
     def rows_of_image(self, image_id: int) -> torch.Tensor:
         return (self.image_ids == image_id).nonzero().flatten()
 
-    def log_nan_rows(self, rows: Sequence[int], step: int) -> None:
-        """Remember the MCMC's non-finite resets (reported per image in the record)."""
+    def record_step(self, mcmc, step: int, keep_trajectory: bool) -> None:
+        """Take the MCMC result as z0y; remember its non-finite resets and, when asked, the latent."""
+        self.z0y = mcmc.z
         self.nan_events += [{"step": step, "image_idx": int(self.image_ids[r]), "particle": int(self.particle_ids[r]),
-                             "stage": "mcmc"} for r in rows]
+                             "stage": "mcmc"} for r in mcmc.nan_rows]
+        if keep_trajectory:
+            self.trajectory.append(self.z0y.detach().cpu())
 
     def keep(self, rows: Sequence[int]) -> "ParticleBatch":
         """Keep `rows` (in this order); returns the dropped rows as their own batch."""
@@ -133,39 +136,32 @@ Callback = Callable[[Dict], None]
 
 def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, hooks: Sequence[SamplerHook] = (),
                 callback: Optional[Callback] = None) -> None:
-    """Run LatentDAPS in place on `batch`; `batch.x` holds the decoded result.
-
-    `callback` observes: it gets {"stage", "step", "sigma", "time", "batch"} after each stage
-    ("start", "ode", "mcmc", "step"; "end" after the final decode)."""
+    """Run LatentDAPS in place on `batch`; `batch.x` holds the decoded result.  `callback` observes:
+    {"stage", "step", "sigma", "time", "batch"} at "begin", after "ode", "mcmc", each "step", and at "end"."""
     a = cfg.annealing
     sigmas = EDMScheduler(a.num_steps, a.sigma_max, a.sigma_min, a.timestep).sigma_steps
-    observe = _observer(callback, batch)
+    observe = _observer(callback, batch, float(sigmas[0]))  # reports "begin" now
     for i in range(a.num_steps if cfg.max_steps is None else min(cfg.max_steps, a.num_steps)):
         ctx = StepContext(i, float(sigmas[i]), float(sigmas[i - 1]) if i else None, float(sigmas[i + 1]),
                           a.num_steps, model, operator)
-        observe("start", ctx)
         # 1. reverse diffusion: z0hat = PF-ODE(z_t; σ_i → σ_min^ode); hooks may add to the score (repulsion)
         score = model.score
         for hook in hooks:
             score = hook.wrap_score(score, batch, ctx)
-        ode_sigmas = EDMScheduler(cfg.ode.num_steps, sigmas[i], cfg.ode.sigma_min, a.timestep)
-        batch.z0hat = DiffusionPFODE(score, ode_sigmas).sample(batch.zt)
+        ode_schedule = EDMScheduler(cfg.ode.num_steps, sigmas[i], cfg.ode.sigma_min, a.timestep)
+        batch.z0hat = DiffusionPFODE(score, ode_schedule).sample(batch.zt)
         observe("ode", ctx)
         # 2. MCMC on p(z0 | z_t, y) started at z0hat (DAPS: lr ratio = i / number of time points)
         mcmc = run_mcmc(model, operator, batch.y, batch.zt, batch.z0hat, sigmas[i].to(batch.zt.device),
                         i / (a.num_steps + 1), batch.streams, cfg.mcmc)
-        batch.z0y = mcmc.z
-        batch.log_nan_rows(mcmc.nan_rows, i)
-        if cfg.record_trajectory:
-            batch.trajectory.append(batch.z0y.detach().cpu())
+        batch.record_step(mcmc, i, keep_trajectory=cfg.record_trajectory)
         observe("mcmc", ctx)
         for hook in hooks:
             hook.on_step(batch, ctx)
         # 3. forward diffusion to the next noise level (no noise after the last step)
-        if i < a.num_steps - 1:
-            batch.zt = batch.z0y + sigmas[i + 1].to(batch.zt.device) * batch.streams.randn_like(batch.z0y)
-        else:
-            batch.zt = batch.z0y
+        last = i == a.num_steps - 1
+        batch.zt = (batch.z0y if last else
+                    batch.z0y + sigmas[i + 1].to(batch.zt.device) * batch.streams.randn_like(batch.z0y))
         observe("step", ctx)
     for hook in hooks:
         hook.on_end(batch, ctx)
@@ -174,17 +170,20 @@ def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, hooks: S
     observe("end", ctx)
 
 
-def _observer(callback: Optional[Callback], batch: ParticleBatch) -> Callable[[str, StepContext], None]:
-    """Calls `callback` with a timestamp taken after the GPU finished the stage (no-op without one)."""
+def _observer(callback: Optional[Callback], batch: ParticleBatch,
+              sigma_max: float) -> Callable[[str, StepContext], None]:
+    """Calls `callback` with a timestamp taken after the GPU finished the stage (no-op without one);
+    reports the "begin" of the loop at once."""
     if callback is None:
         return lambda stage, ctx: None
     sync = torch.cuda.synchronize if batch.zt.is_cuda else (lambda: None)
 
-    def observe(stage: str, ctx: StepContext) -> None:
+    def report(stage: str, step: int, sigma: float) -> None:
         sync()
-        callback({"stage": stage, "step": ctx.step, "sigma": ctx.sigma, "time": time.perf_counter(),
-                  "batch": batch})
-    return observe
+        callback({"stage": stage, "step": step, "sigma": sigma, "time": time.perf_counter(), "batch": batch})
+
+    report("begin", 0, sigma_max)
+    return lambda stage, ctx: report(stage, ctx.step, ctx.sigma)
 
 
 def initial_batch(model, y_per_image: torch.Tensor, image_ids: Sequence[int], num_particles: int,

@@ -145,12 +145,13 @@ class StepTimer:
         self._t0 = 0.0
 
     def __call__(self, info: Dict) -> None:
-        if info["stage"] == "start":
+        if info["stage"] == "begin":
             self._t0 = info["time"]
         elif info["stage"] == "step":
             if self.mark_step is not None:
                 self.mark_step()
             self.per_step_sec.append(info["time"] - self._t0)
+            self._t0 = info["time"]
             self.pbar.update(self.images)
 
 

@@ -48,11 +48,11 @@ def run_seed(model, op, gt, ids: List[int], seed: int, daps: DAPSConfig, args, m
                                        diversity_tol=args.tol, sigma_break=args.sigma_break))
              for c in (("loss", "diversity") if mode == "masking" else ("loss",))]
     t0, c0 = time.perf_counter(), time.process_time()
-    steps: List[float] = []
+    stamps: List[float] = []
     latent_daps(model, op, batch, daps, hooks=hooks,
-                callback=lambda info: steps.append(info["time"]) if info["stage"] in ("start", "step") else None)
+                callback=lambda info: stamps.append(info["time"]) if info["stage"] in ("begin", "step") else None)
     return {"batch": batch, "hooks": hooks, "time": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-            "per_step": [b - a for a, b in zip(steps[::2], steps[1::2])]}
+            "per_step": [b - a for a, b in zip(stamps, stamps[1:])]}
 
 
 def main() -> None:
