@@ -21,8 +21,8 @@ nzilberstein/Repulsive-score-distillation-RSD-, `constrained_sampling/algos/rsd.
 distances, the median and the kernel sum, takes `median(dim=1)` (torch's lower median)
 of the N − 1 distances, sets h = median² / log(N − 1), sums 2·w·(f_i − f_j)/h over
 j ≠ i, pulls it back with one VJP of Σ f·g.detach() and divides by the kernel sum over
-j ≠ i.  It then uses ε̂ − γ·√(1 − ᾱ_t)·r as the noise prediction; since the score is
-−ε̂/√(1 − ᾱ_t), that is score + γ·r: RLSD's γ is our λ (`repulsion_scale`), with
+j ≠ i.  Its update subtracts γ·√(1 − ᾱ_t)·r from the predicted noise ε̂; since the score
+is −ε̂/√(1 − ᾱ_t), that is score + γ·r: RLSD's γ is our λ (`repulsion_scale`), with
 score' = score + λ·r, and r_i points from the other particles' features towards f_i,
 so λ > 0 pushes the particles apart.
 
@@ -32,13 +32,14 @@ two particles; NaN if the two features coincide, 0/0).  With log N, N = 2 gives
 w_12 = exp(−log 2) = 1/2 exactly; for N ≥ 3 h is log(N − 1)/log N of RLSD's
 (0.63 at N = 3, 0.79 at N = 4, 0.94 at N = 8).
 
-"density" is the earlier form: quantile median (mean of the two middle values for an
+"density" is the kernel-density form: quantile median (mean of the two middle values for an
 even count, which differs from the lower median only for odd N) and the kernel sum
 including w_ii = 1.  It is exactly r_i = −∇_{z_i} log Σ_j exp(−||φ(z_i) − f_j||² / h_i)
 with the others' features f_j and h_i held fixed (tests check this by autograd and
 finite differences).  For even N both use the same median and
-|r_density| / |r_rlsd| = S_i / (1 + S_i) per particle: 1/3 at N = 2, and measured
-≈ 0.4 at N = 4 (PROJECT.md §3), so "density" is the weaker force at the same λ.
+|r_density| / |r_rlsd| = S_i / (1 + S_i) per particle: exactly 1/3 at N = 2 and 0.43 at
+N = 4 on the toy and on 384-d random features (PROJECT.md §3), so "density" is the weaker
+force at the same λ, by a factor that depends on N.
 
 Why dividing by S_i is safe: at least ⌈(N − 1)/2⌉ of the N − 1 distances are ≤ m_i,
 and each of those has w_ij ≥ exp(−m_i² log N / m_i²) = 1/N, so

@@ -132,8 +132,8 @@ def _mean_sd(v: List[float]) -> Optional[Tuple[float, float, float, float]]:
 def random_factor(threads: int) -> None:
     """||r_rlsd|| / ||r_density|| per particle on N(0, I) features (identity feature map), by N and D."""
     g = torch.Generator().manual_seed(0)
-    print("| N | D | factor rlsd/density: mean ± sd [min, max] | density/rlsd (mean) |")
-    print("|---|---|---|---|")
+    print("| N | D | factor rlsd/density: mean ± sd [min, max] | median | density/rlsd (mean) |")
+    print("|---|---|---|---|---|")
     for d in (3, 384):
         for n in (2, 3, 4, 8):
             out = []
@@ -143,8 +143,9 @@ def random_factor(threads: int) -> None:
                 r2, _ = compute_repulsion_gradient(f, lambda v: v, normalizer="density")
                 out += (r1.norm(dim=1) / r2.norm(dim=1)).tolist()
             m, sd, lo, hi = _mean_sd(out)
-            inv = float((1.0 / torch.tensor(out)).mean())
-            print(f"| {n} | {d} | {m:.3f} ± {sd:.3f} [{lo:.3f}, {hi:.3f}] | {inv:.3f} |", flush=True)
+            t = torch.tensor(out, dtype=torch.float64)
+            print(f"| {n} | {d} | {m:.3f} ± {sd:.3f} [{lo:.3f}, {hi:.3f}] | {float(t.median()):.3f} | "
+                  f"{float((1.0 / t).mean()):.3f} |", flush=True)
 
 
 def main() -> None:
