@@ -1,38 +1,59 @@
-"""DINO-SVGD particle repulsion injected into the PF-ODE score (SPEC §4.1).
+"""DINO-SVGD particle repulsion added to the PF-ODE score (RLSD, Zilberstein et al., ICLR 2025).
 
 Particles of one image push each other apart in a feature space early in the
 annealing, so that a particle set can cover both the correct orientation and
 the 180° twin instead of collapsing into one basin.
 
 Definition (`compute_repulsion_gradient`), per image group of N ≥ 2 finite particles
-with features f_i = φ(z_i):
+with features f_i = φ(z_i); every sum and median runs over the N − 1 others j ≠ i:
 
     d_ij = ||f_i − f_j||
-    h_i  = median_{j≠i}(d_ij)² / max(log N, eps)     (self-distance excluded, see below)
-    w_ij = exp(−d_ij² / h_i)                           (w_ii = 1)
-    g_i  = Σ_j 2·w_ij·(f_i − f_j) / h_i               (feature space)
-    r_i  = J_φ(z_i)ᵀ g_i / Σ_j w_ij                    (one VJP; Σ_j includes w_ii = 1)
+    m_i  = median_{j≠i} d_ij                    (torch.median: the lower median)
+    h_i  = m_i² / log N
+    w_ij = exp(−d_ij² / h_i)
+    g_i  = Σ_{j≠i} 2·w_ij·(f_i − f_j) / h_i     (feature space)
+    r_i  = J_φ(z_i)ᵀ g_i / S_i,   S_i = Σ_{j≠i} w_ij     (normalizer "rlsd", the default)
+    r_i  = J_φ(z_i)ᵀ g_i / (1 + S_i)                     (normalizer "density")
 
-which is exactly  r_i = −∇_{z_i} log Σ_j exp(−||φ(z_i) − f_j||² / h_i)  with the other
-particles' features f_j (j ≠ i) and the bandwidth h_i held fixed: each particle climbs
-down the kernel density of its group at its own location.  Tests check this identity
-with autograd and finite differences.
+"rlsd" is RLSD's kernel (Zilberstein et al., ICLR 2025; repository
+nzilberstein/Repulsive-score-distillation-RSD-, `constrained_sampling/algos/rsd.py`,
+`RSD.sample`): it forms f_i − f_j, drops the diagonal with a ~eye mask before the
+distances, the median and the kernel sum, takes `median(dim=1)` (torch's lower median)
+of the N − 1 distances, sets h = median² / log(N − 1), sums 2·w·(f_i − f_j)/h over
+j ≠ i, pulls it back with one VJP of Σ f·g.detach() and divides by the kernel sum over
+j ≠ i.  Its update subtracts γ·√(1 − ᾱ_t)·r from the predicted noise ε̂; since the score
+is −ε̂/√(1 − ᾱ_t), that is score + γ·r: RLSD's γ is our λ (`repulsion_scale`), with
+score' = score + λ·r, and r_i points from the other particles' features towards f_i,
+so λ > 0 pushes the particles apart.
 
-Choices and why:
-* The median excludes the zero self-distance.  With N = 2 the distance matrix is
-  [[0, d], [d, 0]]; the full-row median (RLSD) is d/2 under numpy's convention or 0
-  under torch's lower median (bandwidth 0, division by zero), while the off-diagonal
-  median d gives h = d²/log 2 and w_12 = exp(−log 2) = 0.5 exactly.  An even number
-  of neighbours uses the mean of the two middle values (`torch.quantile(…, 0.5)`).
-* `log N` (not RLSD's log(N−1)) so that N = 2 works; N = 1 (or a group whose other
-  particles are non-finite) gives r = 0.
-* The normalising kernel sum includes w_ii = 1, so it is ≥ 1 (never a division by
-  ~0) and the result is the log-density gradient above.
-* Weight statistics (`weights_mean`, `weights_max`, `weights_nonzero_frac`) are over
-  the off-diagonal pairs j ≠ i; "nonzero" means w_ij > `WEIGHT_NONZERO_TOL`.
-* No second-order graph: g is detached and pulled back with one
-  `autograd.grad(Σ_i f_i·g_i, z)`; features of different rows never mix, so one
-  backward over the whole batch gives every row its own J_iᵀ g_i.
+One deliberate difference: h uses log N, not RLSD's log(N − 1).  At N = 2 RLSD's
+log(1) = 0 gives h = +inf, hence w_12 = 1, g = 0 and r = 0 (no repulsion at all with
+two particles; NaN if the two features coincide, 0/0).  With log N, N = 2 gives
+w_12 = exp(−log 2) = 1/2 exactly; for N ≥ 3 h is log(N − 1)/log N of RLSD's
+(0.63 at N = 3, 0.79 at N = 4, 0.94 at N = 8).
+
+"density" is the kernel-density form: quantile median (mean of the two middle values for an
+even count, which differs from the lower median only for odd N) and the kernel sum
+including w_ii = 1.  It is exactly r_i = −∇_{z_i} log Σ_j exp(−||φ(z_i) − f_j||² / h_i)
+with the others' features f_j and h_i held fixed (tests check this by autograd and
+finite differences).  For even N both use the same median and
+|r_density| / |r_rlsd| = S_i / (1 + S_i) per particle: exactly 1/3 at N = 2 and 0.43 at
+N = 4 on the toy and on 384-d random features (PROJECT.md §3), so "density" is the weaker
+force at the same λ, by a factor that depends on N.
+
+Why dividing by S_i is safe: at least ⌈(N − 1)/2⌉ of the N − 1 distances are ≤ m_i,
+and each of those has w_ij ≥ exp(−m_i² log N / m_i²) = 1/N, so
+S_i ≥ ⌈(N − 1)/2⌉ / N ≥ 1/3 (1/2 for even N; the bound is approached when those
+neighbours sit exactly at m_i and the rest far away).  If m_i = 0 (at least half of the
+others coincide with particle i) the bandwidth is clamped, those neighbours get w = 1
+and contribute no force, so S_i ≥ 1.  N = 1 (or a group whose other particles are
+non-finite) gives r = 0.
+
+Weight statistics (`weights_mean`, `weights_max`, `weights_nonzero_frac`) are over the
+off-diagonal pairs j ≠ i; "nonzero" means w_ij > `WEIGHT_NONZERO_TOL`.  No second-order
+graph: g is detached and pulled back with one `autograd.grad(Σ_i f_i·g_i, z)`; features
+of different rows never mix, so one backward over the whole batch gives every row its
+own J_iᵀ g_i.
 """
 from __future__ import annotations
 
@@ -50,9 +71,11 @@ from sampler import ImageOutput, ParticleBatch, SamplerHook, ScoreFn, StepContex
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = ["compute_repulsion_gradient", "RepulsionHook", "feature_statistics", "summarize", "schedule_factor", "logged_step",
-           "REPULSION_FIELDS", "DinoFeatureExtractor", "WEIGHT_NONZERO_TOL"]
+           "REPULSION_FIELDS", "DinoFeatureExtractor", "WEIGHT_NONZERO_TOL", "NORMALIZERS"]
 
 WEIGHT_NONZERO_TOL = 1e-6
+#: `repulsion_normalizer` values: RLSD's kernel (default) or the KDE log-density gradient
+NORMALIZERS = ("rlsd", "density")
 RATIO_WARN = 10.0
 
 #: the exact fields of one repulsion.jsonl line (the original study's names, plus `feature`)
@@ -72,21 +95,30 @@ def __getattr__(name: str):
 
 
 # ----------------------------------------------------------------------------- kernel
-def _group_kernel(f: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
-    """Feature-space SVGD direction g (n, D) and kernel row sums (n,) for one group of n ≥ 2 finite rows."""
+def _group_kernel(f: torch.Tensor, eps: float, normalizer: str = "rlsd"
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
+    """Feature-space SVGD direction g (n, D) and normaliser (n,) for one group of n ≥ 2 finite rows."""
     n = f.shape[0]
     diff = f.unsqueeze(1) - f.unsqueeze(0)                       # (n, n, D): f_i − f_j
     d2 = diff.pow(2).sum(-1)                                     # exact zeros on the diagonal
     d = d2.sqrt()
     off = ~torch.eye(n, dtype=torch.bool, device=f.device)
-    med = torch.quantile(d[off].view(n, n - 1), 0.5, dim=1)      # median over j ≠ i
-    h = (med.pow(2) / max(math.log(n), eps)).clamp_min(1e-30)    # identical particles: g = 0 anyway
-    w = torch.exp(-d2 / h.unsqueeze(1))                          # w_ii = 1
-    g = (2 * w.unsqueeze(-1) * diff).sum(1) / h.unsqueeze(1)
-    wo = w[off]
+    if normalizer == "density":
+        med = torch.quantile(d[off].view(n, n - 1), 0.5, dim=1)  # median over j ≠ i
+        h = (med.pow(2) / max(math.log(n), eps)).clamp_min(1e-30)  # identical particles: g = 0 anyway
+        w = torch.exp(-d2 / h.unsqueeze(1))                      # w_ii = 1
+        g = (2 * w.unsqueeze(-1) * diff).sum(1) / h.unsqueeze(1)
+        wo, norm = w[off], w.sum(1)                              # 1 + Σ_{j≠i} w_ij
+    else:                                                        # "rlsd": diagonal dropped first
+        diff, d2 = diff[off].view(n, n - 1, -1), d2[off].view(n, n - 1)
+        med = torch.median(d[off].view(n, n - 1), dim=1).values  # lower median, as in RLSD
+        h = (med.pow(2) / max(math.log(n), eps)).clamp_min(1e-30)
+        w = torch.exp(-d2 / h.unsqueeze(1))
+        g = (2 * w.unsqueeze(-1) * diff).sum(1) / h.unsqueeze(1)
+        wo, norm = w.reshape(-1), w.sum(1)                       # Σ_{j≠i} w_ij ≥ ⌈(n−1)/2⌉/n
     stats = {"mean_pairwise_dist": float(d[off].mean()), "weights_mean": float(wo.mean()),
              "weights_max": float(wo.max()), "weights_nonzero_frac": float((wo > WEIGHT_NONZERO_TOL).float().mean())}
-    return g, w.sum(1), stats
+    return g, norm, stats
 
 
 def _empty_stats(n: int, nonfinite: List[int]) -> Dict[str, Any]:
@@ -95,9 +127,12 @@ def _empty_stats(n: int, nonfinite: List[int]) -> Dict[str, Any]:
 
 
 def compute_repulsion_gradient(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],
-                               groups: Optional[torch.Tensor] = None, eps: float = 1e-6
-                               ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+                               groups: Optional[torch.Tensor] = None, eps: float = 1e-6,
+                               normalizer: str = "rlsd") -> Tuple[torch.Tensor, Dict[str, Any]]:
     """SVGD repulsion r (same shape as `latents`) and diagnostics; see the module doc for the formula.
+
+    `normalizer`: "rlsd" (RLSD's kernel, divides by Σ_{j≠i} w_ij) or "density" (divides by
+    1 + Σ_{j≠i} w_ij, quantile median: the KDE log-density gradient).
 
     `feature_fn` maps (B, …) latents to (B, D) features row by row (decode + DINO,
     decode + flatten, or flatten).  `groups` (B,) labels the rows: only rows with the
@@ -108,6 +143,8 @@ def compute_repulsion_gradient(latents: torch.Tensor, feature_fn: Callable[[torc
     (None for groups with < 2 finite rows), the same four averaged over groups at the
     top level, and `nonfinite_rows` (batch row indices).
     """
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"repulsion_normalizer={normalizer!r}: expected one of {NORMALIZERS}")
     B = latents.shape[0]
     if groups is None:
         groups = torch.zeros(B, dtype=torch.long)
@@ -134,7 +171,7 @@ def compute_repulsion_gradient(latents: torch.Tensor, feature_fn: Callable[[torc
                 diag["per_group"][lab] = _empty_stats(len(rows), bad)
                 continue
             idx = torch.as_tensor(good, device=fd.device)
-            g, wsum, stats = _group_kernel(fd[idx], eps)
+            g, wsum, stats = _group_kernel(fd[idx], eps, normalizer)
             g_all[idx] = g
             norm_all[idx] = wsum
             active[good] = True
@@ -248,7 +285,7 @@ class RepulsionHook(SamplerHook):
     def repulsion(self, zt: torch.Tensor, sigma: float, groups: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """r w.r.t. z_t (chain rule applied) and the kernel diagnostics."""
         u, du_dz = self._feature_latent(zt, sigma)
-        r, diag = compute_repulsion_gradient(u, self.features, groups)
+        r, diag = compute_repulsion_gradient(u, self.features, groups, normalizer=self.cfg.normalizer)
         return (r * du_dz if du_dz != 1.0 else r), diag
 
     # ------------------------------------------------------------------ sampler interface
@@ -268,7 +305,7 @@ class RepulsionHook(SamplerHook):
             r, lam = None, 0.0
             with torch.no_grad():
                 diag = feature_statistics(self._feature_latent(batch.zt, ctx.sigma)[0], self.features, groups,
-                                          weights=not self.cfg.on)
+                                          weights=not self.cfg.on, normalizer=self.cfg.normalizer)
         if batch.zt.is_cuda:
             torch.cuda.synchronize(batch.zt.device)
         images = list(dict.fromkeys(groups.tolist()))
@@ -358,7 +395,8 @@ class RepulsionHook(SamplerHook):
 
 
 def feature_statistics(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],
-                       groups: torch.Tensor, eps: float = 1e-6, weights: bool = True) -> Dict[str, Any]:
+                       groups: torch.Tensor, eps: float = 1e-6, weights: bool = True,
+                       normalizer: str = "rlsd") -> Dict[str, Any]:
     """The kernel diagnostics of `compute_repulsion_gradient` without any force (logged OFF steps).
 
     `weights=False` keeps only the distance (the OFF steps of a run whose repulsion is on
@@ -373,7 +411,7 @@ def feature_statistics(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor
         if len(good) < 2:
             diag["per_group"][lab] = _empty_stats(len(rows), bad)
             continue
-        _, _, stats = _group_kernel(f[torch.as_tensor(good, device=f.device)], eps)
+        _, _, stats = _group_kernel(f[torch.as_tensor(good, device=f.device)], eps, normalizer)
         if not weights:
             stats = {**stats, "weights_mean": None, "weights_max": None, "weights_nonzero_frac": None}
         diag["per_group"][lab] = {"num_particles": len(rows), "nonfinite_rows": bad, **stats}

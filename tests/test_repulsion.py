@@ -1,9 +1,11 @@
-"""Repulsion: kernel maths, groups, guard rails, OFF = no change, logging, effect on the toy prior."""
+"""Repulsion: kernel maths (RLSD's and the density form), groups, guard rails, OFF = no change,
+logging, effect on the toy prior."""
 from __future__ import annotations
 
 import json
 import math
 import warnings
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from cores.mcmc import MCMCConfig
 from cores.models import build_model
 from cores.operators import get_operator
 from cores.scheduler import DiffusionPFODE, EDMScheduler
+import repulsion
 from repulsion import REPULSION_FIELDS, RepulsionHook, compute_repulsion_gradient, logged_step, schedule_factor
 from sampler import DAPSConfig, StepContext, initial_batch, latent_daps
 
@@ -75,11 +78,11 @@ def _kde_objective(z, phi):
     return total
 
 
-def test_gradient_matches_autograd_and_finite_differences():
+def test_density_gradient_matches_autograd_and_finite_differences():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
     phi = _mlp(18)
-    r, _ = compute_repulsion_gradient(z, phi)
+    r, _ = compute_repulsion_gradient(z, phi, normalizer="density")
     zz = z.clone().requires_grad_(True)
     (auto,) = torch.autograd.grad(_kde_objective(zz, phi), zz)
     torch.testing.assert_close(r, auto, rtol=1e-9, atol=1e-12)  # r = −∇ log KDE
@@ -125,6 +128,151 @@ def test_groups_never_interact_and_nonfinite_is_isolated():
     assert torch.equal(r3[:3], r[:3])
     rest, _ = compute_repulsion_gradient(z[[3, 5, 6]], phi)
     torch.testing.assert_close(r3[[3, 5, 6]], rest)
+
+
+# ----------------------------------------------------------------------------- RLSD's kernel
+def _rlsd_reference(z: torch.Tensor, phi: Callable[[torch.Tensor], torch.Tensor],
+                    groups: Optional[list] = None, median: str = "lower") -> torch.Tensor:
+    """RLSD's repulsion written out particle by particle in float64 (log N bandwidth).
+
+    For each i: the N − 1 distances to the others, their lower median m (the (k−1)//2-th
+    smallest of k), h = m²/log N, w_j = exp(−d_j²/h), g = Σ_j 2·w_j·(f_i − f_j)/h,
+    r_i = J_φ(z_i)ᵀ g / Σ_j w_j with the full Jacobian of the row.
+    """
+    z = z.double()
+    B = z.shape[0]
+    groups = [0] * B if groups is None else groups
+    f = phi(z).detach()
+    r = torch.zeros_like(z)
+    for i in range(B):
+        others = [j for j in range(B) if j != i and groups[j] == groups[i]]
+        n = len(others) + 1
+        if n < 2:
+            continue
+        dist = [math.sqrt(sum(float(f[i, k] - f[j, k]) ** 2 for k in range(f.shape[1]))) for j in others]
+        srt = sorted(dist)
+        k = len(srt)
+        m = srt[(k - 1) // 2] if median == "lower" else 0.5 * (srt[(k - 1) // 2] + srt[k // 2])
+        h = m * m / math.log(n)
+        g = torch.zeros(f.shape[1], dtype=torch.float64)
+        wsum = 0.0
+        for j, dj in zip(others, dist):
+            w = math.exp(-dj * dj / h)
+            wsum += w
+            g += 2.0 * w * (f[i] - f[j]) / h
+        jac = torch.autograd.functional.jacobian(lambda v: phi(v.unsqueeze(0))[0], z[i])  # (D, *shape)
+        r[i] = torch.tensordot(g, jac, dims=1) / wsum
+    return r
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_rlsd_matches_independent_formula_with_groups(n):
+    g = torch.Generator().manual_seed(10 + n)
+    z = torch.randn(2 * n, 2, 3, 3, generator=g, dtype=torch.float64)
+    labels = [4 if k % 2 == 0 else 1 for k in range(2 * n)]  # two images, rows interleaved
+    phi = _mlp(18)
+    r, d = compute_repulsion_gradient(z, phi, torch.tensor(labels))
+    assert r.dtype == torch.float64 and set(d["per_group"]) == {4, 1}
+    ref = _rlsd_reference(z, phi, labels)
+    torch.testing.assert_close(r, ref, rtol=1e-10, atol=1e-12)
+    assert r.abs().sum() > 0
+    assert torch.isfinite(r).all()
+    # the default is RLSD's form, which is not the density form; for odd N the median matters too
+    dens, _ = compute_repulsion_gradient(z, phi, torch.tensor(labels), normalizer="density")
+    assert not torch.allclose(r, dens)
+    if n % 2 == 1:
+        assert not torch.allclose(r, _rlsd_reference(z, phi, labels, median="mean"))
+
+
+def test_rlsd_two_and_four_particles_factor_to_density():
+    """Even N: same median, so |r_rlsd| / |r_density| = (1 + S_i) / S_i per particle (3 at N = 2)."""
+    g = torch.Generator().manual_seed(5)
+    ident = lambda v: v.flatten(1)  # noqa: E731
+    z2 = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    a, _ = compute_repulsion_gradient(z2, ident)
+    b, _ = compute_repulsion_gradient(z2, ident, normalizer="density")
+    torch.testing.assert_close(a.norm(dim=1) / b.norm(dim=1), torch.full((2,), 3.0, dtype=torch.float64))
+    d = float((z2[0] - z2[1]).norm())
+    torch.testing.assert_close(a[0], 2 * math.log(2) * (z2[0] - z2[1]) / d ** 2)  # w = 1/2, S = 1/2
+    z4 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    a, _ = compute_repulsion_gradient(z4, ident)
+    b, _ = compute_repulsion_gradient(z4, ident, normalizer="density")
+    _, s, _ = repulsion._group_kernel(z4, 1e-6, "rlsd")
+    torch.testing.assert_close(a.norm(dim=1) / b.norm(dim=1), (1 + s) / s)
+
+
+def test_rlsd_kernel_sum_lower_bound():
+    """Σ_{j≠i} w_ij ≥ ⌈(N−1)/2⌉ / N, and the bound is reached."""
+    g = torch.Generator().manual_seed(6)
+    for n in range(2, 10):
+        bound = math.ceil((n - 1) / 2) / n
+        for trial in range(40):
+            f = torch.randn(n, 3, generator=g, dtype=torch.float64)
+            f = f * torch.rand(n, 1, generator=g, dtype=torch.float64).pow(4) * 10 ** (trial % 4)  # uneven spread
+            _, s, _ = repulsion._group_kernel(f, 1e-6, "rlsd")
+            assert float(s.min()) >= bound * (1 - 1e-12), (n, trial, float(s.min()))
+    # particle 0 with two neighbours at the median distance and one far away: S_0 = 2/4 exactly
+    f = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1e3]], dtype=torch.float64)
+    _, s, _ = repulsion._group_kernel(f, 1e-6, "rlsd")
+    assert float(s[0]) == pytest.approx(0.5, abs=1e-12)
+    # identical particles: no force, no division by zero
+    r, _ = compute_repulsion_gradient(torch.ones(3, 4), lambda v: v)
+    assert torch.equal(r, torch.zeros(3, 4))
+
+
+def _density_kernel_frozen(f: torch.Tensor, eps: float, normalizer: str = "density"):
+    """The density kernel exactly as it was before the RLSD normaliser existed."""
+    n = f.shape[0]
+    diff = f.unsqueeze(1) - f.unsqueeze(0)
+    d2 = diff.pow(2).sum(-1)
+    d = d2.sqrt()
+    off = ~torch.eye(n, dtype=torch.bool, device=f.device)
+    med = torch.quantile(d[off].view(n, n - 1), 0.5, dim=1)
+    h = (med.pow(2) / max(math.log(n), eps)).clamp_min(1e-30)
+    w = torch.exp(-d2 / h.unsqueeze(1))
+    g = (2 * w.unsqueeze(-1) * diff).sum(1) / h.unsqueeze(1)
+    wo = w[off]
+    stats = {"mean_pairwise_dist": float(d[off].mean()), "weights_mean": float(wo.mean()),
+             "weights_max": float(wo.max()), "weights_nonzero_frac": float((wo > repulsion.WEIGHT_NONZERO_TOL).float().mean())}
+    return g, w.sum(1), stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_density_normalizer_bit_identical_to_before(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(5, 18, generator=g, dtype=dtype)
+    phi = lambda v: torch.tanh(v.flatten(1) @ W.T) * 3.0  # noqa: E731
+    cases = []
+    for n in (2, 3, 4, 5, 8):
+        z = torch.randn(2 * n, 2, 3, 3, generator=g).to(dtype)
+        cases.append((z, torch.arange(2 * n) % 2))
+    got = [compute_repulsion_gradient(z, phi, gr, normalizer="density") for z, gr in cases]
+    monkeypatch.setattr(repulsion, "_group_kernel", _density_kernel_frozen)
+    for (z, gr), (r, d) in zip(cases, got):
+        r0, d0 = compute_repulsion_gradient(z, phi, gr, normalizer="density")
+        assert torch.equal(r, r0) and d == d0
+
+
+def test_normalizer_name_is_checked_and_module_passes_it(toy):
+    model, _ = toy
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="repulsion_normalizer"):
+        compute_repulsion_gradient(z, lambda v: v, normalizer="kde")
+    from cores.config import build_run_config
+    from cores.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="repulsion_normalizer"):
+        RepulsionConfig(scale=1.0, normalizer="kde")
+    base = ["repulsion_scale=1.0", "repulsion_feature=pixel"]
+    hook = RepulsionHook.from_config(build_run_config(compose(base)).repulsion, model, "cpu")
+    assert hook.cfg.normalizer == "rlsd"
+    hook = RepulsionHook.from_config(build_run_config(compose(base + ["repulsion_normalizer=density"])).repulsion,
+                                     model, "cpu")
+    assert hook.cfg.normalizer == "density"
+    b = _batch(model, toy[1], [0], 3)
+    r, _ = hook.repulsion(b.zt, 5.0, torch.zeros(3, dtype=torch.long))  # the hook uses its configured normaliser
+    r0, _ = compute_repulsion_gradient(b.zt, hook.features, torch.zeros(3, dtype=torch.long), normalizer="density")
+    assert torch.equal(r, r0)
 
 
 def test_schedule_and_logged_steps():
