@@ -47,8 +47,9 @@ def main() -> None:
     rows = {
         "exp4": run("exp4", ["+experiment=exp4_optimization", steps, f"optimization_max_iters={args.opt_iters}"], save),
         "exp4_no_hdc": run("exp4_no_hdc", ["+experiment=exp4_optimization", steps, "hard_data_consistency=-1"], save),
-        "exp0_baseline_log": run("exp0_log", ["+experiment=exp0_baseline", steps], save),
-        "exp0_no_log": run("exp0_nolog", ["+experiment=exp0_baseline", steps, "repulsion_log_baseline=false"], save),
+        "exp0_baseline_log": run("exp0_log", ["+experiment=exp0_baseline", steps, "deterministic=true"], save),
+        "exp0_no_log": run("exp0_nolog", ["+experiment=exp0_baseline", steps, "deterministic=true",
+                                             "repulsion_log_baseline=false"], save),
     }
     v = rows["exp4"]["vram"]
     checks = {
