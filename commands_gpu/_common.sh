@@ -1,7 +1,8 @@
 # Shared driver of the experiment scripts (sourced, not run).
 #
-# A script sets EXP (= the Hydra experiment config, configs/experiment/$EXP.yaml, which holds
-# every setting with its reason), EXP_SHORT and RUN_TAG, then calls `exp_main "$@"`.  The
+# A script calls `exp_main EXP EXP_SHORT RUN_TAG "$@"`: EXP names the Hydra experiment config
+# (configs/experiment/$EXP.yaml, which holds every setting with its reason); its second line is
+# the description the usage text shows.  The
 # command adds only the model/dataset, the image range and the run folder; the run folder's
 # config.yaml records every resolved setting.
 #
@@ -78,8 +79,11 @@ _run_one() {  # dataset-label size-flag
   fi
 }
 
-exp_main() {
+exp_main() {  # EXP EXP_SHORT RUN_TAG flags...
+  EXP="$1" EXP_SHORT="$2" RUN_TAG="$3"
+  shift 3
   _REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  EXP_DESCRIPTION="$(sed -n 2p "$0" | sed 's/^# //')"
   local sizes=() datasets=() a
   if [[ $# -eq 0 ]]; then _usage; return 2; fi
   for a in "$@"; do
