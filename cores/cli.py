@@ -24,7 +24,7 @@ def check_command_line(argv: Sequence[str], config_dir: Path) -> None:
     args = list(argv)
     if any(a.startswith("-") for a in args):  # -m, --cfg, --help, …: Hydra's business
         return
-    overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith("hydra")]
+    overrides = [a for a in args if "=" in a]
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
