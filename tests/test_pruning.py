@@ -176,7 +176,8 @@ def test_pipeline_outputs_hold_k_particles(tmp_path):
     assert sorted(Path(p).name for ln in lines for p in ln["pruned_trajectories"]) == pruned
     assert all(f"_pruned{k:02d}.png" in " ".join(ln["pruned_trajectories"]) for ln in lines for k in ln["pruned_indices"])
     grid = Image.open(root / "grid_results.png")
-    assert grid.width * 2 == grid.height * 4  # 2 rows × (gt, measurement, 2 particles) square tiles
+    # 2 rows × (gt, measurement, 2 particles), tiles of 128 px (64 px toy images, nearest ×2) plus captions
+    assert grid.width >= 4 * 128 and grid.height > 2 * 128
 
 
 def test_pruning_step_exact_when_repulsion_off(tmp_path):
