@@ -234,6 +234,13 @@ class RepulsionHook(SamplerHook):
     baseline curve with bit-identical samples.  Norms in the log are per-particle L2 norms
     averaged over the image's particles; the ratio is their quotient.
 
+    Target ratio (`target_ratio` = ρ, replaces the scale): ON while ρ·schedule(σ) > 0; r is
+    computed as above, and at the step's first Euler evaluation, where ||score|| at σ_i is first
+    known, λ is set per image so that mean ||λ·r_i|| / mean ||score_i|| (the log's norms) equals
+    ρ·schedule(σ), capped at `scale_max`, 0 where r = 0.  The same λ serves the step's later
+    Euler evaluations; `repulsion_scale_used` logs it.  The scale then follows the prior's and
+    the particle count's score and force magnitudes instead of being tuned per setting.
+
     Latent decoded for the features (`latent`): `z_t` (default, the original study's
     `compute_repulsion(zt)`); `z_t_vp` = z_t/√(1+σ²), the VP-scaled noisy latent that RLSD
     decodes, with the chain-rule factor 1/√(1+σ²) on the gradient; `z0hat` = D(z_t; σ)
@@ -272,6 +279,27 @@ class RepulsionHook(SamplerHook):
     def factor(self, sigma: float) -> float:
         return self.cfg.scale * schedule_factor(sigma, self.cfg.sigma_break, self.cfg.sigma_max, self.cfg.schedule)
 
+    def target(self, sigma: float) -> Optional[float]:
+        """ρ·schedule(σ) with a target ratio (0 when OFF); None without one (λ = `factor`)."""
+        if self.cfg.target_ratio is None:
+            return None
+        return self.cfg.target_ratio * schedule_factor(sigma, self.cfg.sigma_break, self.cfg.sigma_max,
+                                                       self.cfg.schedule)
+
+    def scale_for_ratio(self, r: torch.Tensor, score_norm: torch.Tensor, groups: torch.Tensor,
+                        target: float) -> Dict[int, float]:
+        """λ per image with mean_i ||λ·r_i|| / mean_i ||score_i|| = target (the log's norms), capped
+        at `scale_max`; 0 where r or the score vanishes (or is not finite)."""
+        rn = r.flatten(1).norm(dim=1).double().cpu()
+        sn = score_norm.double().cpu()
+        out: Dict[int, float] = {}
+        for img in dict.fromkeys(groups.tolist()):
+            rows = groups == img
+            a, b = float(rn[rows].mean()), float(sn[rows].mean())
+            lam = target * b / a if a > 0 and math.isfinite(a) and math.isfinite(b) else 0.0
+            out[int(img)] = min(lam, self.cfg.scale_max) if math.isfinite(lam) else 0.0
+        return out
+
     def _feature_latent(self, zt: torch.Tensor, sigma: float) -> Tuple[torch.Tensor, float]:
         """(latent the features see, d latent / d z_t as a scalar)."""
         if self.cfg.latent == "z0hat":
@@ -290,7 +318,8 @@ class RepulsionHook(SamplerHook):
 
     # ------------------------------------------------------------------ sampler interface
     def wrap_score(self, score_fn: ScoreFn, batch: ParticleBatch, ctx: StepContext) -> ScoreFn:
-        lam = self.factor(ctx.sigma)
+        target = self.target(ctx.sigma)
+        lam = self.factor(ctx.sigma) if target is None else target  # with a target: λ is set per image below
         on = lam > 0 and len(batch) > 0
         logged = logged_step(ctx.step) and len(batch) > 0
         if not (on or logged):
@@ -302,7 +331,7 @@ class RepulsionHook(SamplerHook):
             if not torch.isfinite(r).all():
                 raise AssertionError("repulsion direction is not finite")
         else:
-            r, lam = None, 0.0
+            r, lam, target = None, 0.0, None
             with torch.no_grad():
                 diag = feature_statistics(self._feature_latent(batch.zt, ctx.sigma)[0], self.features, groups,
                                           weights=not self.cfg.on, normalizer=self.cfg.normalizer)
@@ -319,8 +348,11 @@ class RepulsionHook(SamplerHook):
                 if dist is not None:
                     s["dists"].append(dist)
         score_norm: List[torch.Tensor] = []
-        self._pending = {"step": ctx.step, "sigma": ctx.sigma, "on": on, "lam": lam, "r": r, "diag": diag,
-                         "groups": groups, "share": share, "score_norm": score_norm} if logged else None
+        lam_img: Dict[int, float] = {}       # target ratio: λ per image, set at the first Euler evaluation
+        lam_rows: List[torch.Tensor] = []    # ... and per row, shaped like r
+        self._pending = {"step": ctx.step, "sigma": ctx.sigma, "on": on, "lam": lam if target is None else lam_img,
+                         "r": r, "diag": diag, "groups": groups, "share": share,
+                         "score_norm": score_norm} if logged else None
 
         def score_with_repulsion(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             score = score_fn(z, sigma)
@@ -331,7 +363,16 @@ class RepulsionHook(SamplerHook):
                 return score
             if r.shape != score.shape:
                 raise AssertionError(f"repulsion shape {tuple(r.shape)} != score {tuple(score.shape)}")
-            push = lam * r
+            if target is None:
+                push = lam * r
+            else:
+                if first:  # only now is ||score|| at σ_i known
+                    lam_img.update(self.scale_for_ratio(r, score_norm[0], groups, target))
+                    for img, v in lam_img.items():
+                        self._image(img)["scales"].append(v)
+                    lam_rows.append(torch.tensor([lam_img[int(g)] for g in groups.tolist()], dtype=r.dtype,
+                                                 device=r.device).view(-1, *([1] * (r.dim() - 1))))
+                push = lam_rows[0] * r
             if first:
                 self._warn_ratio(push, score, groups, ctx.step)
             return score + push
@@ -350,9 +391,10 @@ class RepulsionHook(SamplerHook):
             sn = float(norms[rows.to(norms.device)].mean()) if norms is not None else None
             g = p["diag"]["per_group"].get(img, {})
             rn = float(p["r"][rows.to(p["r"].device)].flatten(1).norm(dim=1).mean()) if p["on"] else 0.0
-            scaled = p["lam"] * rn
+            lam = p["lam"].get(int(img), 0.0) if isinstance(p["lam"], dict) else p["lam"]
+            scaled = lam * rn
             line = {"image_idx": int(img), "step": int(p["step"]), "sigma": float(p["sigma"]),
-                    "repulsion_on": bool(p["on"]), "repulsion_scale_used": float(p["lam"]),
+                    "repulsion_on": bool(p["on"]), "repulsion_scale_used": float(lam),
                     "score_base_norm": sn, "repulsion_norm": rn, "scaled_repulsion_norm": scaled,
                     "ratio_scaled_to_score": (scaled / sn) if sn else None, "repulsion_cleared": not p["on"],
                     "mean_pairwise_dino_dist": g.get("mean_pairwise_dist"), "weights_mean": g.get("weights_mean"),
@@ -366,18 +408,25 @@ class RepulsionHook(SamplerHook):
         d = s["dists"]
         summary = {"active_steps": int(s["active_steps"]), "total_time_sec": float(s["total_time_sec"]),
                    "mean_pairwise_dist": (sum(d) / len(d)) if d else None, "ratio_warning": s["ratio_warning"]}
+        if self.cfg.target_ratio is not None:  # the constant λ the target ratio amounted to, over ON steps
+            lams = s["scales"]
+            summary.update({"scale_used_mean": (sum(lams) / len(lams)) if lams else None,
+                            "scale_used_min": min(lams, default=None), "scale_used_max": max(lams, default=None),
+                            "scale_capped_steps": sum(v >= self.cfg.scale_max for v in lams)})
         return ImageOutput(record={"repulsion": summary}, jsonl={"repulsion": s["lines"]})
 
     def run_summary(self, records: List[Dict]) -> Dict:
         c = self.cfg
         return {"repulsion": {"scale": c.scale, "sigma_break": c.sigma_break, "schedule": c.schedule,
                               "feature": c.feature, "latent": c.latent, "normalizer": c.normalizer,
-                              "log_baseline": c.log_baseline, **summarize(records)}}
+                              "log_baseline": c.log_baseline, "target_ratio": c.target_ratio,
+                              "scale_max": c.scale_max, **summarize(records)}}
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _new_image() -> Dict[str, Any]:
-        return {"lines": [], "active_steps": 0, "total_time_sec": 0.0, "dists": [], "ratio_warning": False}
+        return {"lines": [], "active_steps": 0, "total_time_sec": 0.0, "dists": [], "ratio_warning": False,
+                "scales": []}
 
     def _image(self, img: int) -> Dict[str, Any]:
         return self._images.setdefault(int(img), self._new_image())
@@ -423,8 +472,11 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
     rep = [r["repulsion"] for r in records if isinstance(r.get("repulsion"), dict)]
     if not rep:
         return {"images": 0}
+    lam = [x["scale_used_mean"] for x in rep if x.get("scale_used_mean") is not None]
+    extra = {"scale_used_mean": sum(lam) / len(lam)} if lam else {}  # target ratio: mean λ over images
     return {"images": len(rep), "active_steps_per_image": sum(x["active_steps"] for x in rep) / len(rep),
             "total_time_sec": float(sum(x["total_time_sec"] for x in rep)),
             "ratio_warnings": sorted(r["image_idx"] for r in records
-                                     if isinstance(r.get("repulsion"), dict) and r["repulsion"].get("ratio_warning"))}
+                                     if isinstance(r.get("repulsion"), dict) and r["repulsion"].get("ratio_warning")),
+            **extra}
 

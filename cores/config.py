@@ -104,11 +104,16 @@ class RepulsionConfig:
     latent: str = "z_t"
     normalizer: str = "rlsd"
     log_baseline: bool = False
+    target_ratio: Optional[float] = None   # ρ: λ chosen per step and image so that ||λr|| / ||score|| = ρ
+    scale_max: float = 1e4                 # cap on the λ a target ratio may choose
     sigma_max: float = 10.0           # the annealing σ_max (schedules decay from it); from the sampler
     dino: DinoConfig = field(default_factory=DinoConfig)
 
     def __post_init__(self) -> None:
         _check_range("repulsion_scale", self.scale, 0)
+        if self.target_ratio is not None:
+            _check_range("repulsion_target_ratio", self.target_ratio, 0)
+        _check_range("repulsion_scale_max", self.scale_max, 0, lo_open=True)
         _check_range("repulsion_sigma_break", self.sigma_break)
         _check_choice("repulsion_schedule", self.schedule, ("constant", "linear", "cosine"))
         _check_choice("repulsion_feature", self.feature, ("dino", "pixel", "latent"))
@@ -117,11 +122,14 @@ class RepulsionConfig:
 
     @property
     def on(self) -> bool:
+        """A target ratio, when set, replaces the scale (ρ = 0 is off, like scale 0)."""
+        if self.target_ratio is not None:
+            return self.target_ratio > 0
         return self.scale > 0
 
     @property
     def needs_hook(self) -> bool:
-        """Scale 0 without baseline logging constructs nothing (plain DAPS, bit-identical)."""
+        """Off without baseline logging constructs nothing (plain DAPS, bit-identical)."""
         return self.on or self.log_baseline
 
 
@@ -161,12 +169,27 @@ class OptimizationConfig:
     max_iters: int = 500
     weight_decay: float = 0.01
     plateau_window: int = 200
+    stop: str = "eps"                 # eps: MSE < eps² | noise: MSE ≤ noise_tau·σ_y² (discrepancy principle)
+    noise_tau: float = 1.0
+    sigma_y: Optional[float] = None   # measurement noise std; from the task config (`task.sigma`)
 
     def __post_init__(self) -> None:
         _check_range("optimization_lr", self.lr, 0, lo_open=True)
         _check_range("optimization_eps", self.eps, 0)
         _check_range("optimization_max_iters", self.max_iters, 0)
         _check_range("optimization_weight_decay", self.weight_decay, 0)
+        _check_choice("optimization_stop", self.stop, ("eps", "noise"))
+        _check_range("optimization_noise_tau", self.noise_tau, 0, lo_open=True)
+
+    @property
+    def noise_threshold(self) -> Optional[float]:
+        """τ·σ_y² when the noise rule is on (None otherwise)."""
+        if self.stop != "noise":
+            return None
+        if self.sigma_y is None or not self.sigma_y > 0:
+            raise ConfigError(f"optimization_stop=noise needs the measurement noise task.sigma > 0 "
+                              f"(got {self.sigma_y})")
+        return self.noise_tau * self.sigma_y ** 2
 
 
 @dataclass
@@ -314,6 +337,8 @@ FLAT_KEYS: Dict[str, Tuple[str, str]] = {
     "repulsion_latent": ("repulsion", "latent"),
     "repulsion_normalizer": ("repulsion", "normalizer"),
     "repulsion_log_baseline": ("repulsion", "log_baseline"),
+    "repulsion_target_ratio": ("repulsion", "target_ratio"),
+    "repulsion_scale_max": ("repulsion", "scale_max"),
     "pruning_step": ("pruning", "step"),
     "pruning_keep": ("pruning", "keep"),
     "pruning_mode": ("pruning", "mode"),
@@ -324,6 +349,8 @@ FLAT_KEYS: Dict[str, Tuple[str, str]] = {
     "optimization_eps": ("optimization", "eps"),
     "optimization_max_iters": ("optimization", "max_iters"),
     "optimization_weight_decay": ("optimization", "weight_decay"),
+    "optimization_stop": ("optimization", "stop"),
+    "optimization_noise_tau": ("optimization", "noise_tau"),
 }
 _RUN_SCALARS = ("seed", "batch_size", "num_samples", "device", "use_tpu", "deterministic", "save_dir", "name",
                 "resume", "save_traj", "traj_every", "save_samples", "grid_max_images", "num_shards", "shard")
@@ -364,6 +391,8 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     pruning.dino_weights_path = repulsion.dino.weights_path
     pruning.save_traj, pruning.traj_every = bool(run.get("save_traj", False)), int(run.get("traj_every", 5))
     optimization = build_dataclass(OptimizationConfig, parts["optimization"], names=names["optimization"])
+    sigma_y = cfg.get("task", {}).get("sigma")
+    optimization.sigma_y = None if sigma_y is None else convert("task.sigma", sigma_y, float)
     from cores.speed import SpeedConfig, speed_config
 
     speed_keys = [f.name for f in fields(SpeedConfig)]

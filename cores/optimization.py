@@ -4,7 +4,10 @@ After the last annealing step every particle's latent z is optimised with
 AdamW on its own loss `mean((A(D_vae(z)) − y)²)`.  Iteration t evaluates the
 loss of the current latent (after t optimiser steps), then for that particle:
 - loss non-finite                      → stop, reason "nan" (never accepted)
-- loss < eps²                          → stop, reason "converged"
+- loss < eps²                          → stop, reason "converged"   (`stop: eps`, the default)
+- loss ≤ τ·σ_y²                        → stop, reason "noise"       (`stop: noise`, instead of eps:
+  the discrepancy principle — at the true image the expected per-element MSE is σ_y², so fitting
+  below it fits the measurement noise)
 - t ≥ 200 and loss(t − 200) < loss(t)  → stop, reason "plateau"
 - otherwise one AdamW step; after `max_iters` steps the loss of the final
   latent is evaluated once more → reason "max_iters".
@@ -77,6 +80,7 @@ def optimize_latents(model, operator, z0: torch.Tensor, y: torch.Tensor,
     frozen = z0.clone()                        # rows' values at the moment they stopped
     x_init: Optional[torch.Tensor] = None
     eps2 = cfg.eps ** 2
+    noise_thr = cfg.noise_threshold   # None unless stop == "noise"
 
     def stop(rows: torch.Tensor, why: str, losses: torch.Tensor) -> None:
         for r in rows.nonzero().flatten().tolist():
@@ -103,7 +107,10 @@ def optimize_latents(model, operator, z0: torch.Tensor, y: torch.Tensor,
             init = losses.clone()
         finite = torch.isfinite(losses)
         stop(active & ~finite, "nan", losses)
-        stop(active & (losses < eps2), "converged", losses)
+        if noise_thr is None:
+            stop(active & (losses < eps2), "converged", losses)
+        else:
+            stop(active & (losses <= noise_thr), "noise", losses)
         if t >= cfg.plateau_window:
             stop(active & (history[t - cfg.plateau_window] < losses), "plateau", losses)
         if t == cfg.max_iters:
@@ -158,6 +165,9 @@ class OptimizationHook(SamplerHook):
                 "total_time_seconds": res.time_sec / len(images),  # images of a batch share its time
                 "lr": self.cfg.lr, "eps": self.cfg.eps, "max_iters": self.cfg.max_iters,
             }
+            if self.cfg.stop != "eps":  # eps runs keep today's line exactly
+                line.update({"stop": self.cfg.stop, "noise_tau": self.cfg.noise_tau, "sigma_y": self.cfg.sigma_y,
+                             "noise_threshold": self.cfg.noise_threshold})
             self._images[img] = {"line": line, "particle_ids": [int(batch.particle_ids[r]) for r in rows],
                                  "x_init": res.x_init[rows] if res.x_init is not None else None}
 
@@ -177,7 +187,8 @@ class OptimizationHook(SamplerHook):
     def run_summary(self, records: List[Dict]) -> Dict:
         c = self.cfg
         return {"optimization": {"lr": c.lr, "eps": c.eps, "max_iters": c.max_iters,
-                                 "weight_decay": c.weight_decay, **summarize(records)}}
+                                 "weight_decay": c.weight_decay, "stop": c.stop, "noise_tau": c.noise_tau,
+                                 **summarize(records)}}
 
 
 def summarize(records: List[Dict]) -> Dict:

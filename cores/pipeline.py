@@ -101,13 +101,15 @@ def feature_totals(config: RunConfig, records: List[Dict]) -> Dict:
     if r.needs_hook:
         out["repulsion"] = {"scale": r.scale, "sigma_break": r.sigma_break, "schedule": r.schedule,
                             "feature": r.feature, "latent": r.latent, "normalizer": r.normalizer,
-                            "log_baseline": r.log_baseline, **repulsion.summarize(records)}
+                            "log_baseline": r.log_baseline, "target_ratio": r.target_ratio,
+                            "scale_max": r.scale_max, **repulsion.summarize(records)}
     if p.on:
         out["pruning"] = {"mode": p.mode, "criterion": p.criterion, "keep": p.keep, "step": p.step,
                           "diversity_tol": p.diversity_tol, "feature": p.feature,
                           "sigma_break_trigger": p.sigma_break, **pruning.summarize(records)}
     if o.enabled:
         out["optimization"] = {"lr": o.lr, "eps": o.eps, "max_iters": o.max_iters, "weight_decay": o.weight_decay,
+                               "stop": o.stop, "noise_tau": o.noise_tau,
                                **optimization.summarize(records)}
     return out
 

@@ -35,6 +35,9 @@ def validate_config(config: RunConfig) -> None:
             _fail(f"pruning_keep={p.keep} must be >= 1 and < num_samples={config.num_samples}")
         if p.step >= a.num_steps:
             _fail(f"pruning_step={p.step} must be < sampler.annealing.num_steps={a.num_steps}")
+    o = config.optimization
+    if o.enabled and o.stop == "noise" and not (o.sigma_y or 0.0) > 0:
+        _fail(f"optimization_stop=noise needs the measurement noise task.sigma > 0 (got {o.sigma_y})")
     check_save_dir(str(config.save_dir))
 
 
