@@ -31,7 +31,7 @@ from cores.scheduler import DiffusionPFODE, EDMScheduler
 
 @dataclass
 class ParticleBatch:
-    """Everything with one row per particle.  `keep(rows)` cuts all of it at once."""
+    """Everything with one row per particle.  `keep(rows)` cuts all of it at once; `refill` adds clones."""
 
     zt: torch.Tensor                 # (B, C, h, w) current latent
     y: torch.Tensor                  # (B, ...) measurement of the row's image
