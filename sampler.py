@@ -31,7 +31,7 @@ from cores.scheduler import DiffusionPFODE, EDMScheduler
 
 @dataclass
 class ParticleBatch:
-    """Everything with one row per particle.  `keep(rows)` cuts all of it at once."""
+    """Everything with one row per particle.  `keep(rows)` cuts all of it at once; `refill` adds clones."""
 
     zt: torch.Tensor                 # (B, C, h, w) current latent
     y: torch.Tensor                  # (B, ...) measurement of the row's image
@@ -66,6 +66,32 @@ class ParticleBatch:
         kept = self._select(rows_t.tolist())
         self.__dict__.update({k: v for k, v in kept.__dict__.items() if k != "nan_events"})
         return gone
+
+    def refill(self, parents: Sequence[int], particle_ids: Sequence[int]) -> None:
+        """Add one clone of row `parents[k]` with id `particle_ids[k]` each (branching after pruning).
+
+        A clone copies every per-row tensor and the recorded trajectory of its parent, but draws from
+        a fresh stream of (seed, image, new id), so it diverges from the next noise draw on and does
+        not depend on batching.  Rows are then ordered by image (first appearance) and particle id.
+        """
+        if len(parents) != len(particle_ids):
+            raise ValueError(f"refill: {len(parents)} parents but {len(particle_ids)} new particle ids")
+        if not len(parents):
+            return
+        clones = self._select(list(parents))
+        clones.particle_ids = torch.as_tensor(list(particle_ids), dtype=self.particle_ids.dtype,
+                                              device=self.particle_ids.device)
+        clones.streams = self.streams.for_clones(clones.image_ids.tolist(), list(particle_ids))
+        cat = lambda a, b: None if a is None else torch.cat([a, b.to(a.device)])  # noqa: E731
+        self.zt, self.y = cat(self.zt, clones.zt), cat(self.y, clones.y)
+        self.image_ids, self.particle_ids = cat(self.image_ids, clones.image_ids), cat(self.particle_ids,
+                                                                                       clones.particle_ids)
+        self.z0hat, self.z0y, self.x = cat(self.z0hat, clones.z0hat), cat(self.z0y, clones.z0y), cat(self.x, clones.x)
+        self.trajectory = [cat(a, b) for a, b in zip(self.trajectory, clones.trajectory)]
+        self.streams = self.streams.concat(clones.streams)
+        first = {img: k for k, img in reversed(list(enumerate(self.image_ids.tolist())))}
+        pids = self.particle_ids.tolist()
+        self.keep(sorted(range(len(self)), key=lambda r: (first[int(self.image_ids[r])], pids[r])))
 
     def _select(self, rows: List[int]) -> "ParticleBatch":
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.zt.device)

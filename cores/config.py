@@ -142,6 +142,7 @@ class PruningConfig:
     mode: str = "slicing"
     criterion: str = "loss"
     diversity_tol: float = 0.5
+    refill: bool = False                  # clone the survivors back to the full particle count (branching)
     sigma_break: Optional[float] = None   # σ-transition trigger; set only while repulsion is on
     feature: str = "pixel"                # diversity distances: pixel | latent | dino
     save_traj: bool = False
@@ -153,6 +154,8 @@ class PruningConfig:
         _check_choice("pruning_criterion", self.criterion, ("loss", "diversity"))
         _check_range("pruning_diversity_tol", self.diversity_tol, 0)
         _check_range("pruning_keep", self.keep, 1)
+        if self.refill and self.mode != "slicing":  # masking keeps every row: there is nothing to refill
+            raise ConfigError(f"pruning_refill=true needs pruning_mode=slicing (got {self.mode})")
 
     @property
     def on(self) -> bool:
@@ -344,6 +347,7 @@ FLAT_KEYS: Dict[str, Tuple[str, str]] = {
     "pruning_mode": ("pruning", "mode"),
     "pruning_criterion": ("pruning", "criterion"),
     "pruning_diversity_tol": ("pruning", "diversity_tol"),
+    "pruning_refill": ("pruning", "refill"),
     "hard_data_consistency": ("optimization", "enabled"),
     "optimization_lr": ("optimization", "lr"),
     "optimization_eps": ("optimization", "eps"),

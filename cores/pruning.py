@@ -23,13 +23,22 @@ Modes: `slicing` cuts every per-row tensor of the batch (`ParticleBatch.keep`),
 so later steps run on fewer particles; `masking` only flags the particles, and
 the image's record reports the pruning regret (did the flagged particles
 include the one that ended best by PSNR?).
+
+Refill (`pruning_refill`, slicing only; TDP-style branching): right after the
+cut, each image is brought back to the particle count it had, by cloning the
+survivors round-robin in kept order (best first).  Clone k of an image with n
+particles gets id n + k and a fresh random stream of (seed, image, id)
+(`ParticleBatch.refill`), so it leaves its parent with the next noise draw and
+the run stays batch-, shard- and resume-invariant.  `pruning.jsonl` and the
+record then carry `parents` (new id → parent id, keys as strings, as JSON
+keeps them) and `batch_refilled`.
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -139,6 +148,8 @@ class PruningHook(SamplerHook):
             losses = ctx.operator.loss(x, batch.y).detach()
             feats = self._features(batch.z0y, x) if self.cfg.criterion == "diversity" else None
         keep_rows: List[int] = []
+        refill = self.cfg.refill and self.cfg.mode == "slicing"
+        clones: List[Tuple[int, int, int]] = []       # (image, new particle id, parent id)
         images = list(dict.fromkeys(batch.image_ids.tolist()))
         for img in images:
             rows = _rows_by_particle(batch, img)
@@ -149,6 +160,10 @@ class PruningHook(SamplerHook):
                 local = select_by_diversity(l, feats[rows].cpu(), self.cfg.keep, self.cfg.diversity_tol)
             pids = batch.particle_ids[rows].tolist()
             kept_ids = [pids[i] for i in local]
+            if refill:
+                clone_ids = list(range(max(pids) + 1, max(pids) + 1 + len(pids) - len(kept_ids)))
+                parents = {c: kept_ids[k % len(kept_ids)] for k, c in enumerate(clone_ids)}
+                clones += [(img, c, p) for c, p in parents.items()]
             pruned = [i for i in range(len(rows)) if i not in local]
             keep_rows += [int(rows[i]) for i in sorted(local)]
             self.lines[img] = {
@@ -160,6 +175,9 @@ class PruningHook(SamplerHook):
                 "batch_after": len(kept_ids) if self.cfg.mode == "slicing" else len(pids),
                 "did_prune": True, "trigger": trigger, "mode": self.cfg.mode,
             }
+            if refill:
+                self.lines[img].update({"parents": {str(c): p for c, p in parents.items()},
+                                        "batch_refilled": len(pids)})
             if self.cfg.save_traj and batch.trajectory:
                 self._pruned_traj[img] = {pids[i]: [t[int(rows[i])] for t in batch.trajectory] for i in pruned}
                 self.lines[img]["pruned_trajectories"] = [
@@ -169,6 +187,10 @@ class PruningHook(SamplerHook):
             self._time[img] = share
         if self.cfg.mode == "slicing":
             batch.keep(sorted(keep_rows))
+        if clones:
+            row = {(int(i), int(p)): r for r, (i, p) in enumerate(zip(batch.image_ids.tolist(),
+                                                                       batch.particle_ids.tolist()))}
+            batch.refill([row[(img, parent)] for img, _, parent in clones], [c for _, c, _ in clones])
 
     def on_end(self, batch: ParticleBatch, ctx: StepContext) -> None:
         self.vram.mark("post_pruning" if self._did_prune else "pre_pruning")
@@ -188,6 +210,7 @@ class PruningHook(SamplerHook):
             return ImageOutput()
         keys = ("did_prune", "trigger", "mode", "prune_step", "kept_indices", "pruned_indices", "batch_before",
                 "batch_after")
+        keys += tuple(k for k in ("parents", "batch_refilled") if k in line)
         summary = {k: line[k] for k in keys} | {"criterion": self.cfg.criterion,
                                                  "prune_time_sec": self._time.pop(int(image_idx), 0.0)}
         if line["did_prune"]:
@@ -203,6 +226,7 @@ class PruningHook(SamplerHook):
     def run_summary(self, records: List[Dict]) -> Dict:
         c = self.cfg
         return {"pruning": {"mode": c.mode, "criterion": c.criterion, "keep": c.keep, "step": c.step,
+                            **({"refill": True} if c.refill else {}),
                             "diversity_tol": c.diversity_tol, "feature": c.feature,
                             "sigma_break_trigger": c.sigma_break, **summarize(records)}}
 
