@@ -280,10 +280,12 @@ def settings_rows(runs: Sequence[Run]) -> List[List[str]]:
         return "n/a" if v is None else ("on" if int(v) == 1 else "off")
 
     def rep(r):
-        s = _cfg(r, "repulsion_scale")
+        s, rho = _cfg(r, "repulsion_scale"), _cfg(r, "repulsion_target_ratio")
         if s is None:
             return "n/a"
-        if float(s) == 0:
+        if rho is not None and float(rho) > 0:
+            s = f"ratio {rho}"
+        elif float(s) == 0:
             return "0"
         return (f"{s} ({_cfg(r, 'repulsion_feature')}, σ_break {_cfg(r, 'repulsion_sigma_break')}, "
                 f"{_cfg(r, 'repulsion_schedule')})")

@@ -17,7 +17,8 @@ DEFAULT_MARGIN_DB = 1.0
 # keys that name a run rather than define it; ignored when looking for a run's counterpart
 RUN_IDENTITY_KEYS = {"name", "save_dir", "resume", "data.start_id", "data.end_id", "shard", "num_shards",
                      "device", "grid_max_images", "save_samples", "save_traj", "traj_every"}
-PRUNING_KEYS = {"pruning_step", "pruning_keep", "pruning_mode", "pruning_criterion", "pruning_diversity_tol"}
+PRUNING_KEYS = {"pruning_step", "pruning_keep", "pruning_mode", "pruning_criterion", "pruning_diversity_tol",
+                "pruning_refill"}
 
 
 # --- small statistics -------------------------------------------------------------------------
