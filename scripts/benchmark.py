@@ -353,9 +353,12 @@ SWITCHES = {
     "tf32": SpeedConfig(tf32=True),
     "attn_math": SpeedConfig(attention="math"),
     "channels_last": SpeedConfig(channels_last=True),
+    "fast_upsample": SpeedConfig(fast_upsample=True),
     "all": SpeedConfig(**_ALL),
     "all+static": SpeedConfig(**_ALL, compile_dynamic=False),
     "all+channels_last": SpeedConfig(**_ALL, channels_last=True),
+    "all+fast_upsample": SpeedConfig(**_ALL, fast_upsample=True),
+    "all+channels_last+fast_upsample": SpeedConfig(**_ALL, channels_last=True, fast_upsample=True),
     "all+cuda_graphs": SpeedConfig(**_ALL, compile_mode="reduce-overhead"),
     "all+tuning": SpeedConfig(**_ALL, compile_tuning=True),
     "fast": None,  # configs/speed/fast.yaml, read when used
