@@ -253,8 +253,12 @@ def _math_attention(fn: Callable) -> Callable:
 
 
 def nearest2x(x: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour 2x upsampling of (B, C, H, W) whose backward is a 2×2 block sum."""
+    """Nearest-neighbour 2x upsampling of (B, C, H, W) whose backward is a 2×2 block sum; an NHWC
+    (channels_last) input stays NHWC, so no layout transpose is added around the next conv."""
     b, c, h, w = x.shape
+    if c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c)
+        return y.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
     return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
@@ -328,10 +332,16 @@ def _warn_no_compile(reason: str) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-def _warm_up(fn: Callable, in_shape, dev: torch.device, grad: bool) -> float:
-    """Run `fn` once on a dummy batch of 2 (forward, and backward when `grad`); wall seconds."""
+def _warm_up(fn: Callable, in_shape, dev: torch.device, grad: bool, model=None) -> float:
+    """Run `fn` once on a dummy batch of 2 (forward, and backward when `grad`); wall seconds.
+    With `model`, its denoiser runs once at that batch too: cuDNN builds its plans for a new
+    batch size on first use (≈ 0.2 s for the UNet), which would land in the first step after
+    pruning (4 → 2 rows) instead."""
     z = torch.randn((2, *in_shape), device=dev)
     t = time.perf_counter()
+    if model is not None and hasattr(model, "tweedie"):
+        with torch.no_grad():
+            model.tweedie(z, 1.0)
     if grad:
         with torch.enable_grad():
             z = z.requires_grad_(True)
@@ -411,11 +421,31 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
 
         install(want_compile)
         shadowed.append("decode")
+    def install_eps(compiled: bool) -> None:
+        if hasattr(model, "eps_model"):
+            eps = _autocast(type(model).eps_model.__get__(model), dev.type, dtype)
+            if compiled and cfg.compile_unet:
+                eps = _compile(eps, cfg)
+            if cfg.cudnn_benchmark:
+                eps = _no_cudnn_benchmark(eps)
+            if dtype is not None or (compiled and cfg.compile_unet) or cfg.cudnn_benchmark:
+                model.eps_model = lambda x, t: eps(x, t).float()
+                if "eps_model" not in shadowed:
+                    shadowed.append("eps_model")
+        elif dtype is not None:
+            tw = _autocast(type(model).tweedie.__get__(model), dev.type, dtype)
+            model.tweedie = lambda z, sigma: tw(z, sigma).float()
+            if "tweedie" not in shadowed:
+                shadowed.append("tweedie")
+
+    install_eps(want_compile)
     if want_compile and "decode" in shadowed:
         handle.compiled = True
         if cfg.compile_warmup:
             try:
                 sec = _warm_up(model.decode, model.get_in_shape(), dev, grad=True)
+                if dev.type == "cuda":
+                    _warm_up(model.decode, model.get_in_shape(), dev, grad=False, model=model)
                 if not cfg.compile_grad_only:
                     sec += _warm_up(model.decode, model.get_in_shape(), dev, grad=False)
             except Exception as err:  # Inductor/Triton/toolchain failure: run on without compile
@@ -425,22 +455,10 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
                 except Exception:  # pragma: no cover
                     pass
                 install(False)
+                install_eps(False)
                 handle.compiled = False
             else:
                 handle.compile_sec = sec
                 _COMPILE["warmup_sec"] += sec
                 _COMPILE["dynamo_at_warmup_end"] = _dynamo_compile_sec()
-    if hasattr(model, "eps_model"):
-        eps = _autocast(type(model).eps_model.__get__(model), dev.type, dtype)
-        if want_compile and cfg.compile_unet:
-            eps = _compile(eps, cfg)
-        if cfg.cudnn_benchmark:
-            eps = _no_cudnn_benchmark(eps)
-        if dtype is not None or (want_compile and cfg.compile_unet) or cfg.cudnn_benchmark:
-            model.eps_model = lambda x, t: eps(x, t).float()
-            shadowed.append("eps_model")
-    elif dtype is not None:
-        tw = _autocast(type(model).tweedie.__get__(model), dev.type, dtype)
-        model.tweedie = lambda z, sigma: tw(z, sigma).float()
-        shadowed.append("tweedie")
     return handle
