@@ -74,9 +74,10 @@ __all__ = ["SpeedConfig", "SpeedHandle", "apply_speed", "speed_config", "compile
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# seconds spent compiling in apply_speed warm-ups, and dynamo's own compile-time total when the
-# last warm-up ended (so later recompiles are counted on top without counting the warm-up twice)
-_COMPILE = {"warmup_sec": 0.0, "dynamo_at_warmup_end": 0.0}
+# seconds spent compiling: wall time of the apply_speed warm-ups, and dynamo's own compile-time
+# total accumulated across `torch._dynamo.reset()` (which clears dynamo's counters), minus the
+# part of it that fell inside the warm-ups (already counted in wall time)
+_COMPILE = {"warmup_sec": 0.0, "dynamo_seen": 0.0, "dynamo_total": 0.0, "dynamo_in_warmups": 0.0}
 
 
 @dataclass
@@ -177,10 +178,20 @@ def _dynamo_compile_sec() -> float:
     return float(sum(sum(m.get(k, [])) for k in ("_compile.compile_inner", "backward._backward_impl")))
 
 
+def _dynamo_total() -> float:
+    now = _dynamo_compile_sec()
+    seen = _COMPILE["dynamo_seen"]
+    _COMPILE["dynamo_total"] += now - seen if now >= seen else now  # now < seen: counters were reset
+    _COMPILE["dynamo_seen"] = now
+    return _COMPILE["dynamo_total"]
+
+
 def compile_seconds() -> float:
-    """Seconds this process spent compiling: the warm-ups of `apply_speed` plus any compile after them."""
-    later = max(0.0, _dynamo_compile_sec() - _COMPILE["dynamo_at_warmup_end"])
-    return _COMPILE["warmup_sec"] + later
+    """Seconds this process spent compiling: the warm-ups of `apply_speed` plus any compile outside
+    them (a recompile mid-run).  For metrics.json `metadata["compile_sec"]`; call it before
+    `torch._dynamo.reset()` if the process resets the compiler."""
+    outside = max(0.0, _dynamo_total() - _COMPILE["dynamo_in_warmups"])
+    return _COMPILE["warmup_sec"] + outside
 
 
 class SpeedHandle:
@@ -442,6 +453,7 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
     if want_compile and "decode" in shadowed:
         handle.compiled = True
         if cfg.compile_warmup:
+            d0 = _dynamo_total()
             try:
                 sec = _warm_up(model.decode, model.get_in_shape(), dev, grad=True)
                 if dev.type == "cuda":
@@ -460,5 +472,5 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
             else:
                 handle.compile_sec = sec
                 _COMPILE["warmup_sec"] += sec
-                _COMPILE["dynamo_at_warmup_end"] = _dynamo_compile_sec()
+                _COMPILE["dynamo_in_warmups"] += _dynamo_total() - d0
     return handle

@@ -115,6 +115,7 @@ def load_preset(name: str) -> SpeedConfig:
 
 
 def reset_compiler() -> None:
+    compile_seconds()  # book dynamo's compile time before reset() clears its counters
     try:
         torch._dynamo.reset()
     except Exception:  # pragma: no cover - no dynamo

@@ -248,9 +248,11 @@ def test_compile_once_for_every_batch_size(tiny_ldm):
         with torch.no_grad():
             xn = tiny_ldm.decode(z)
         assert counters["stats"]["unique_graphs"] == graphs  # no recompile for 4 → 2 rows nor for no-grad
+        after = compile_seconds()
     finally:
         h.restore()
         torch._dynamo.reset()
+    assert compile_seconds() == pytest.approx(after)  # a reset neither loses nor repeats compile time
     for (x0, g0), (x, g) in zip(ref, got):
         assert _rel(x, x0) < 1e-4 and _rel(g, g0) < 1e-4
     assert _rel(xn, ref[0][0]) < 1e-4
@@ -292,3 +294,20 @@ def test_speed_presets_compose():
     assert fast.speed.preset == "fast" and f.preset == "fast" and not f.is_exact and f.compile
     assert f == load_preset("fast") and load_preset("exact").is_exact
     assert speed_config(compose(["speed=fast", "speed.precision=fp32"]).speed).precision == "fp32"
+
+
+def test_compile_seconds_counts_compiles_outside_warm_up(toy):
+    """Without the start-up compile, the first gradient decode compiles; compile_seconds() sees it."""
+    from cores.speed import compile_seconds
+
+    torch._dynamo.reset()
+    before = compile_seconds()
+    h = apply_speed(toy, SpeedConfig(compile=True, compile_backend="aot_eager", compile_warmup=False))
+    try:
+        assert compile_seconds() == pytest.approx(before)
+        z = torch.randn((2, *toy.get_in_shape()), requires_grad=True)
+        torch.autograd.grad(toy.decode(z).sum(), z)
+        assert compile_seconds() > before
+    finally:
+        h.restore()
+        torch._dynamo.reset()
