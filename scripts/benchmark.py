@@ -608,6 +608,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one whole run (50 annealing steps): per-step seconds and compile seconds")
     p.add_argument("--series-legacy", action="store_true",
                    help="--series also with static shapes, compiled no-grad decodes and no start-up compile")
+    p.add_argument("--series-images", default=None,
+                   help="--series: comma list of images per batch, one run each (default --images-per-batch)")
     p.add_argument("--prune-step", type=int, default=29, help="--series: prune after this step (-1 = off)")
     p.add_argument("--prune-keep", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=420.0,
@@ -668,12 +670,16 @@ def main(argv=None) -> Dict[str, Any]:
                           "strict_fp32_vs_exact(DAPS default TF32 convs)": report["agreement_reference_strict_fp32"]},
                          indent=1))
     elif args.series:
-        report["series"] = [series(args, model, operator, image, device, speed)]
+        report["series"] = []
+        for k in _ints(args.series_images or str(args.images_per_batch)):
+            args.images_per_batch = k
+            report["series"].append(series(args, model, operator, image, device, speed))
         if args.series_legacy and speed.compile:
             legacy = speed_config(asdict(speed), compile_dynamic=False, compile_grad_only=False, compile_warmup=False)
             report["series"].append(series(args, model, operator, image, device, legacy))
         for r in report["series"]:
-            print(f"{r['config']}: start-up {r['start_up_sec']:.1f} s, compile {r['compile_sec']:.1f} s, sampling "
+            r["s_per_image"] = (r["sampling_sec"]) / r["images_per_batch"]
+            print(f"{r['config']} {r['images_per_batch']} image(s)/batch, {r['mcmc_algo']}: {r['s_per_image']:.1f} s/image; start-up {r['start_up_sec']:.1f} s, compile {r['compile_sec']:.1f} s, sampling "
                   f"{r['sampling_sec']:.1f} s; steady {r['steady_step_sec_before_pruning']:.3f} / "
                   f"{r['steady_step_sec_after_pruning']:.3f} s per step before / after pruning; max step/steady "
                   f"(excl. step 0) {r['max_step_over_steady_excluding_step0']:.2f}; per step: "
