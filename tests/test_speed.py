@@ -8,6 +8,10 @@ Tolerances (CPU, float32 reference):
 * compile: checked with the `aot_eager` backend (Dynamo tracing + AOT autograd, no code
   generation), because Inductor's C++ compile of even the tiny decoder takes minutes on two
   loaded cores; the Inductor path differs only in the kernels.  ≤ 1e-5 relative.
+* fast_upsample: forward values identical to F.interpolate(nearest); ≤ 1e-5 relative after the
+  convolutions.  compile + channels_last + fast_upsample: one graph serves batches of 4, 3 and 2
+  rows and no-grad decodes (no recompile), ≤ 1e-4 relative.  A compile that fails gives one
+  warning and exactly the exact path's results.
 * bf16 (autocast around decoder body and UNet): one decode ≤ 5e-2 relative (max error over
   max output), decode gradient ≤ 1e-1 relative with cosine ≥ 0.99, denoiser ≤ 1e-2 relative;
   on the toy prior autocast has nothing to convert (no conv/matmul) → bit-identical.
