@@ -16,6 +16,8 @@
 #                 (two exact posterior modes, the orientation question); the toy prior uses
 #                 pixel features for repulsion (no DINO weights needed); results go to results/toy/
 #   SAVE_DIR=dir  results root (default results, or results/toy with MODEL=toy)
+#   SPEED=exact   the exact (reference) path instead of the experiments' `fast` preset
+#                 (MODEL=toy always runs exact: the switches are for GPUs)
 #   EXTRA_ARGS="k=v ..."  extra Hydra overrides appended last (they win), e.g. fewer steps
 #   PYTHON=...    interpreter (default python)
 
@@ -50,7 +52,7 @@ _range() {
 _model_args() {
   local ds="$1"
   if [[ "${MODEL:-}" == toy ]]; then
-    echo "model=toy data=demo-$ds model.include_twins=true"
+    echo "model=toy data=demo-$ds model.include_twins=true speed=exact"
   elif [[ -z "${MODEL:-}" ]]; then
     echo "model=${ds}256ldm data=test-$ds"
   else
@@ -68,7 +70,7 @@ _run_one() {  # dataset-label size-flag
   if [[ "${MODEL:-}" == toy ]]; then root="${SAVE_DIR:-results/toy}"; else root="${SAVE_DIR:-results}"; fi
   local cmd=("${PYTHON:-python}" posterior_sample.py "+experiment=$EXP" $margs "data.start_id=$start"
              "data.end_id=$end" "save_dir=$root/$EXP" "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}"
-             ${EXTRA_ARGS:-})
+             ${SPEED:+speed=$SPEED} ${EXTRA_ARGS:-})
   local envp=()
   [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -31,6 +31,7 @@ from cores.operators import get_operator
 from cores.outputs import to_uint8
 from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
+from cores.speed import compile_seconds
 from cores.vram import VramMeter
 from sampler import SamplerHook, initial_batch, latent_daps
 
@@ -344,6 +345,7 @@ def run_metadata(device: torch.device, start: str, vram: VramMeter) -> Dict:
         "start_time": start,
         "end_time": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
+        "compile_sec": compile_seconds(),
     }
     return {"vram": vram.summary(), "metadata": meta}
 

@@ -12,7 +12,8 @@ decoder forward+backward plus elementwise updates):
 Modes::
 
     python scripts/benchmark.py                     # one config (switches from the flags), JSON with --json
-    python scripts/benchmark.py --matrix            # exact vs each switch vs all, 4/2 particles, 1/10 images
+    python scripts/benchmark.py --matrix            # exact vs each switch vs all vs fast, 4/2 particles, images/batch
+    python scripts/benchmark.py --series --preset fast  # whole run, per-step seconds, pruning 4→2 at step 29
     python scripts/benchmark.py --agreement         # fp32 vs fast: decode / gradient errors, final-sample PSNR
     python scripts/benchmark.py --tiny --device cpu # smoke run on the tiny fixture LDM (64 px)
 
@@ -39,7 +40,8 @@ if str(ROOT) not in sys.path:
 import sampler as S  # noqa: E402
 from cores.mcmc import MCMCConfig, data_gradient  # noqa: E402
 from cores.operators import get_operator  # noqa: E402
-from cores.speed import SpeedConfig, apply_speed, speed_config  # noqa: E402
+from cores.pruning import PruningConfig, PruningHook  # noqa: E402
+from cores.speed import SpeedConfig, apply_speed, compile_seconds, speed_config  # noqa: E402
 
 NUM_ANNEAL = 50
 ODE_STEPS = 2
@@ -47,10 +49,6 @@ TINY_CFG = ROOT / "tests" / "fixtures" / "ldm_tiny_ffhq.yaml"
 TINY_CKPT = ROOT / "tests" / "fixtures" / "ldm_tiny_ffhq.pt"
 MCMC_DEFAULTS = {"langevin": dict(num_steps=100, lr=5e-5, lr_min_ratio=0.01),
                  "hmc": dict(num_steps=65, lr=2.1e-5, lr_min_ratio=0.12, momentum=0.41)}
-
-
-class _Stop(Exception):
-    """Raised from the sampler callback once the timed steps are done."""
 
 
 # ---------------------------------------------------------------------- setup
@@ -100,7 +98,21 @@ def make_batch(model, operator, image, images: int, particles: int, device, seed
     return S.initial_batch(model, torch.cat(ys), list(range(images)), particles, seed, 10.0, device)
 
 
+def load_preset(name: str) -> SpeedConfig:
+    """SpeedConfig of configs/speed/<name>.yaml (its `defaults` list resolved: exact first)."""
+    import yaml
+
+    d = yaml.safe_load((ROOT / "configs" / "speed" / f"{name}.yaml").read_text()) or {}
+    vals: Dict[str, Any] = {}
+    for base in d.pop("defaults", []) or []:
+        if isinstance(base, str) and base != "_self_":
+            vals.update(asdict(load_preset(base)))
+    vals.update(d)
+    return speed_config(vals)
+
+
 def reset_compiler() -> None:
+    compile_seconds()  # book dynamo's compile time before reset() clears its counters
     try:
         torch._dynamo.reset()
     except Exception:  # pragma: no cover - no dynamo
@@ -108,28 +120,32 @@ def reset_compiler() -> None:
 
 
 # ---------------------------------------------------------------------- timing of the real sampler
+class StageTimes:
+    """Sampler callback: seconds per annealing step and per MCMC stage (the loop reports stage ends)."""
+
+    def __init__(self) -> None:
+        self.step_sec: List[float] = []
+        self.mcmc_sec: List[float] = []
+        self._last = self._ode = 0.0
+
+    def __call__(self, info: Dict[str, Any]) -> None:
+        stage, t = info["stage"], info["time"]
+        if stage == "begin":
+            self._last = t
+        elif stage == "ode":
+            self._ode = t
+        elif stage == "mcmc":
+            self.mcmc_sec.append(t - self._ode)
+        elif stage == "step":
+            self.step_sec.append(t - self._last)
+            self._last = t
+
+
 def time_sampler(model, operator, image, device, speed: SpeedConfig, particles: int, images: int,
                  algo: str, steps_workload: int, steps_run: int, warmup: int, steps_to_time: int) -> Dict[str, Any]:
     """Run `warmup + steps_to_time` annealing steps of `latent_daps` on a model that already has the
-    switches `speed` installed; per-step and per-MCMC times."""
-    mcmc_sec: List[float] = []
-    orig = S.run_mcmc
-
-    def timed_mcmc(*a, **k):
-        sync(device)
-        t = time.perf_counter()
-        out = orig(*a, **k)
-        sync(device)
-        mcmc_sec.append(time.perf_counter() - t)
-        return out
-
-    marks: List[float] = []
-
-    def callback(batch, ctx):
-        marks.append(time.perf_counter())
-        if len(marks) >= warmup + steps_to_time:
-            raise _Stop
-
+    switches `speed` installed; per-step and per-MCMC times from the sampler's callback."""
+    times = StageTimes()
     out: Dict[str, Any] = {"config": speed.label(), "speed": asdict(speed), "particles": particles,
                            "images_per_batch": images, "mcmc_algo": algo, "mcmc_steps_workload": steps_workload,
                            "mcmc_steps_run": steps_run, "warmup_steps": warmup, "timed_steps": steps_to_time}
@@ -138,18 +154,12 @@ def time_sampler(model, operator, image, device, speed: SpeedConfig, particles: 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         batch = make_batch(model, operator, image, images, particles, device)
-        daps = S.DAPSConfig.with_steps(NUM_ANNEAL, mcmc=mcmc_config(algo, steps_run))
-        S.run_mcmc = timed_mcmc
-        sync(device)
-        t0 = time.perf_counter()
-        try:
-            S.latent_daps(model, operator, batch, daps, callback=callback)
-        except _Stop:
-            pass
-        marks.insert(0, t0)
-        steps = [b - a for a, b in zip(marks[:-1], marks[1:])]
+        daps = S.DAPSConfig.with_steps(NUM_ANNEAL, mcmc=mcmc_config(algo, steps_run),
+                                       max_steps=warmup + steps_to_time)
+        S.latent_daps(model, operator, batch, daps, callback=times)
+        steps = times.step_sec
         step_t = sum(steps[warmup:]) / steps_to_time
-        mc_t = sum(mcmc_sec[warmup:warmup + steps_to_time]) / steps_to_time
+        mc_t = sum(times.mcmc_sec[warmup:warmup + steps_to_time]) / steps_to_time
         step_w = (step_t - mc_t) + mc_t * steps_workload / max(1, steps_run)
         s_img = step_w * NUM_ANNEAL / images
         out.update({
@@ -165,7 +175,6 @@ def time_sampler(model, operator, image, device, speed: SpeedConfig, particles: 
     except torch.OutOfMemoryError as err:
         out.update({"oom": True, "error": str(err).split("\n")[0][:160]})
     finally:
-        S.run_mcmc = orig
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -270,6 +279,7 @@ def run_config(args, model, operator, image, device, speed: SpeedConfig, particl
         if with_breakdown and not r.get("oom"):
             r["breakdown"] = breakdown(model, operator, image, device, speed, particles * images, args.mcmc_steps,
                                        r["s_per_anneal_step"], args.reps, args.repulsion, images)
+        r["compile_sec"] = handle.compile_sec
         return r
     finally:
         handle.restore()
@@ -329,6 +339,7 @@ def agreement(model, operator, image, device, fast: SpeedConfig, particles: int,
 
 
 # ---------------------------------------------------------------------- matrix
+_ALL = dict(precision="bf16", compile=True, cudnn_benchmark=True, tf32=True, attention="math")
 SWITCHES = {
     "exact": SpeedConfig(),
     "bf16": SpeedConfig(precision="bf16"),
@@ -336,8 +347,23 @@ SWITCHES = {
     "cudnn_benchmark": SpeedConfig(cudnn_benchmark=True),
     "tf32": SpeedConfig(tf32=True),
     "attn_math": SpeedConfig(attention="math"),
-    "all": SpeedConfig(precision="bf16", compile=True, cudnn_benchmark=True, tf32=True, attention="math"),
+    "channels_last": SpeedConfig(channels_last=True),
+    "fast_upsample": SpeedConfig(fast_upsample=True),
+    "all": SpeedConfig(**_ALL),
+    "all+static": SpeedConfig(**_ALL, compile_dynamic=False),
+    "all+channels_last": SpeedConfig(**_ALL, channels_last=True),
+    "all+fast_upsample": SpeedConfig(**_ALL, fast_upsample=True),
+    "all+channels_last+fast_upsample": SpeedConfig(**_ALL, channels_last=True, fast_upsample=True),
+    "all+cuda_graphs": SpeedConfig(**_ALL, compile_mode="reduce-overhead"),
+    "all+tuning": SpeedConfig(**_ALL, compile_tuning=True),
+    "fast": None,  # configs/speed/fast.yaml, read when used
 }
+
+
+def switch(name: str) -> SpeedConfig:
+    if name not in SWITCHES:
+        raise SystemExit(f"unknown switch set {name!r}; known: {', '.join(SWITCHES)}")
+    return SWITCHES[name] if SWITCHES[name] is not None else load_preset("fast")
 
 
 def fmt(v: Optional[float], f: str = "{:.2f}") -> str:
@@ -346,11 +372,11 @@ def fmt(v: Optional[float], f: str = "{:.2f}") -> str:
 
 def table(results: List[Dict[str, Any]], base: Optional[Dict[str, Any]]) -> str:
     lines = ["| config | particles | images/batch | s/anneal step | s/image | images/hour | × vs exact W | "
-             "peak VRAM GB | GB/image | warm-up s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak VRAM GB | GB/image | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
     b = base.get("images_per_hour") if base and not base.get("skipped") else None
     for r in results:
-        if r.get("oom") or r.get("skipped"):
-            what = "OOM" if r.get("oom") else "skipped (time budget)"
+        if r.get("oom") or r.get("skipped") or r.get("error"):
+            what = "OOM" if r.get("oom") else "skipped (time budget)" if r.get("skipped") else "error"
             lines.append(f"| {r['name']} | {r['particles']} | {r['images_per_batch']} | {what} | | | | | | |")
             continue
         x = r["images_per_hour"] / b if b else None
@@ -359,56 +385,155 @@ def table(results: List[Dict[str, Any]], base: Optional[Dict[str, Any]]) -> str:
                      f"{fmt(r['s_per_image'], '{:.1f}')} | {fmt(r['images_per_hour'], '{:.1f}')} | {fmt(x, '{:.2f}×')} | "
                      f"{fmt(None if pv is None else pv / 1024, '{:.2f}')} | "
                      f"{fmt(None if pv is None else pv / 1024 / r['images_per_batch'], '{:.2f}')} | "
-                     f"{fmt(r.get('warmup_sec'), '{:.1f}')} |")
+                     f"{fmt(r.get('compile_sec'), '{:.1f}')} |")
     return "\n".join(lines)
 
 
 def pruned_hmc_estimate(r4: Dict[str, Any], r2: Dict[str, Any], hmc_steps: int = 65, prune_at: int = 30) -> Optional[Dict]:
     """s/image for 4→2 pruning at step 29 (steps 0…29 at 4 particles, 30…49 at 2) with HMC-65, from the
     measured per-Langevin-step and non-MCMC costs (HMC does the same decoder work per step)."""
-    if r4.get("oom") or r2.get("oom") or r4.get("skipped") or r2.get("skipped"):
+    if any(r.get(k) for r in (r4, r2) for k in ("oom", "skipped", "error")):
         return None
     t4 = r4["non_mcmc_sec_per_anneal_step"] + hmc_steps * r4["mcmc_step_sec"]
     t2 = r2["non_mcmc_sec_per_anneal_step"] + hmc_steps * r2["mcmc_step_sec"]
     s_img = (prune_at * t4 + (NUM_ANNEAL - prune_at) * t2) / r4["images_per_batch"]
-    return {"s_per_image": s_img, "images_per_hour": 3600 / s_img}
+    return {"s_per_image": s_img, "images_per_hour": 3600 / s_img, "from_rows": [r4["name"], r2["name"]],
+            "images_per_batch": r4["images_per_batch"]}
 
 
-def matrix(args, model, operator, image, device) -> Dict[str, Any]:
-    results: List[Dict[str, Any]] = []
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def matrix_plan(args) -> List[tuple]:
+    """(name, particles, images) rows; one `apply_speed` (one compile) serves all rows of a name."""
     names = [n for n in args.matrix_switches.split(",") if n]
+    two = [n for n in args.matrix_two_particles.split(",") if n]
     batch_names = [n for n in args.matrix_batch_configs.split(",") if n]
-    for n in names + batch_names:
-        if n not in SWITCHES:
-            raise SystemExit(f"unknown switch set {n!r}; known: {', '.join(SWITCHES)}")
-    plan = [(p, 1, name) for p in (4, 2) for name in names]
-    plan += [(p, args.matrix_images, name) for p in (4, 2) for name in batch_names]
-    # compiled configs last (their warm-up compiles for minutes): the cheap rows always finish
-    plan.sort(key=lambda c: SWITCHES[c[2]].compile)
+    for n in names + two + batch_names:
+        switch(n)
+    rows: List[tuple] = [(n, 4, 1) for n in names]
+    rows += [(n, 2, 1) for n in two]
+    rows += [(n, 4, k) for n in batch_names for k in _ints(args.matrix_images) if k != 1]
+    rows += [(n, 2, k) for n in batch_names if n in two for k in _ints(args.matrix_images) if k != 1]
+    order: List[str] = []
+    for n, _, _ in rows:
+        if n not in order:
+            order.append(n)
+    order.sort(key=lambda n: switch(n).compile)  # compiled configs last: the cheap rows always finish
+    return [r for n in order for r in rows if r[0] == n]
+
+
+def matrix(args, model, operator, image, device, on_row: Optional[Callable] = None) -> Dict[str, Any]:
+    results: List[Dict[str, Any]] = []
+    plan = matrix_plan(args)
     t_start = time.perf_counter()
-    for particles, images, name in plan:
+    handles: Dict[str, Any] = {}
+    for i, (name, particles, images) in enumerate(plan):
+        row = {"name": name, "particles": particles, "images_per_batch": images}
         if time.perf_counter() - t_start > args.budget_s:
-            results.append({"name": name, "particles": particles, "images_per_batch": images, "skipped": True})
+            results.append({**row, "skipped": True})
             print(f"skipped {name} p={particles} imgs={images}: over --budget-s {args.budget_s}", file=sys.stderr)
-            continue
-        r = run_config(args, model, operator, image, device, SWITCHES[name], particles, images,
-                       images == 1 and not args.no_breakdown)
-        r["name"] = name
-        results.append(r)
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {name:16s} p={particles} imgs={images}: "
-              + ("OOM" if r.get("oom") else f"{r['s_per_anneal_step']:.3f} s/step, {r['s_per_image']:.1f} s/img"),
-              file=sys.stderr, flush=True)
-    base = next(r for r in results if r["name"] == "exact" and r["particles"] == 4 and r["images_per_batch"] == 1)
-    base = None if base.get("oom") or base.get("skipped") else base
-    extra = {}
-    a4 = next((r for r in results if r["name"] == "all" and r["particles"] == 4 and r["images_per_batch"] == 1), None)
-    a2 = next((r for r in results if r["name"] == "all" and r["particles"] == 2 and r["images_per_batch"] == 1), None)
-    if a4 and a2:
-        est = pruned_hmc_estimate(a4, a2)
-        if est and base:
-            est["x_vs_exact_W"] = est["images_per_hour"] / base["images_per_hour"]
-        extra["all_pruning4to2_hmc65_estimate"] = est
-    return {"results": results, "derived": extra}
+        else:
+            speed = switch(name)
+            try:
+                if name not in handles:
+                    handles[name] = apply_speed(model, speed)
+                h = handles[name]
+                r = time_sampler(model, operator, image, device, speed, particles, images, args.mcmc_algo,
+                                 args.mcmc_steps, args.time_mcmc_steps, args.warmup, args.steps_to_time)
+                if images == 1 and particles == 4 and not args.no_breakdown and not r.get("oom"):
+                    r["breakdown"] = breakdown(model, operator, image, device, speed, particles * images,
+                                               args.mcmc_steps, r["s_per_anneal_step"], args.reps, args.repulsion, images)
+                r.update(row, compile_sec=h.compile_sec, compiled=h.compiled, preset=speed.preset)
+            except Exception as err:  # keep the other rows
+                r = {**row, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            results.append(r)
+            print(f"[{time.perf_counter() - t_start:6.1f}s] {name:18s} p={particles} imgs={images}: "
+                  + ("OOM" if r.get("oom") else r["error"] if r.get("error") else
+                     f"{r['s_per_anneal_step']:.3f} s/step, {r['s_per_image']:.1f} s/img, compile {r['compile_sec']:.1f} s"),
+                  file=sys.stderr, flush=True)
+        last = i + 1 == len(plan) or plan[i + 1][0] != name
+        if last and name in handles:
+            handles.pop(name).restore()
+            if switch(name).compile:
+                reset_compiler()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row(results)
+    return {"results": results, "derived": derive(results)}
+
+
+def _row(results, name, particles, images):
+    return next((r for r in results if r["name"] == name and r["particles"] == particles
+                 and r["images_per_batch"] == images), None)
+
+
+def derive(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """× vs exact on every row, pruning+HMC estimates, and the best batch within 20 GB (24 GB cards)."""
+    base = _row(results, "exact", 4, 1)
+    ok = lambda r: r is not None and not any(r.get(k) for k in ("oom", "skipped", "error"))  # noqa: E731
+    bph = base["images_per_hour"] if ok(base) else None
+    for r in results:
+        if ok(r) and bph:
+            r["x_vs_exact_W"] = r["images_per_hour"] / bph
+    out: Dict[str, Any] = {}
+    for name in ("fast", "all", "exact"):
+        for k in sorted({r["images_per_batch"] for r in results if r["name"] == name}):
+            r4, r2 = _row(results, name, 4, k), _row(results, name, 2, k)
+            if ok(r4) and ok(r2):
+                est = pruned_hmc_estimate(r4, r2)
+                if est and bph:
+                    est["x_vs_exact_W"] = est["images_per_hour"] / bph
+                out[f"{name}_pruning4to2_hmc65_estimate" + ("" if k == 1 else f"_{k}_images")] = est
+    fits = [r for r in results if ok(r) and r["name"] == "fast" and r["particles"] == 4
+            and r.get("peak_vram_mb", 0) <= 20 * 1024]
+    if fits:
+        best = max(fits, key=lambda r: r["images_per_hour"])
+        out["fast_best_batch_within_20GB"] = {k: best.get(k) for k in (
+            "images_per_batch", "s_per_image", "images_per_hour", "peak_vram_mb", "x_vs_exact_W")}
+    return out
+
+
+# ---------------------------------------------------------------------- step-time series (Exp2-like)
+def series(args, model, operator, image, device, speed: SpeedConfig) -> Dict[str, Any]:
+    """One whole run (50 annealing steps), per-step seconds, compile seconds; each step's time over
+    the median of its segment (before / after pruning)."""
+    import statistics
+
+    c0 = compile_seconds()
+    t0 = time.perf_counter()
+    handle = apply_speed(model, speed)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batch = make_batch(model, operator, image, args.images_per_batch, args.particles, device)
+        daps = S.DAPSConfig.with_steps(NUM_ANNEAL, mcmc=mcmc_config(args.mcmc_algo, args.time_mcmc_steps))
+        hooks = [PruningHook(PruningConfig(step=args.prune_step, keep=args.prune_keep))] if args.prune_step >= 0 else []
+        times = StageTimes()
+        t1 = time.perf_counter()
+        S.latent_daps(model, operator, batch, daps, hooks=hooks, callback=times)
+        sync(device)
+        sample_sec = time.perf_counter() - t1
+    finally:
+        handle.restore()
+        if speed.compile:
+            reset_compiler()
+    per = times.step_sec
+    cut = args.prune_step if args.prune_step >= 0 else NUM_ANNEAL
+    pre, post = per[1:cut], per[cut + 1:]
+    med_pre = statistics.median(pre) if pre else None
+    med_post = statistics.median(post) if post else med_pre
+    ratio = [p / (med_pre if i <= cut else med_post) for i, p in enumerate(per)]
+    return {"config": speed.label(), "preset": speed.preset, "speed": asdict(speed), "particles": args.particles,
+            "images_per_batch": args.images_per_batch, "mcmc_algo": args.mcmc_algo,
+            "mcmc_steps_per_anneal_step": args.time_mcmc_steps, "prune_step": args.prune_step,
+            "prune_keep": args.prune_keep, "start_up_sec": t1 - t0, "compile_sec_at_start_up": handle.compile_sec,
+            "compile_sec": compile_seconds() - c0, "sampling_sec": sample_sec, "per_step_sec": per,
+            "steady_step_sec_before_pruning": med_pre, "steady_step_sec_after_pruning": med_post,
+            "step_over_steady": ratio, "max_step_over_steady_excluding_step0": max(ratio[1:]),
+            "peak_vram_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
 
 
 # ---------------------------------------------------------------------- main
@@ -431,6 +556,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-mcmc-steps", type=int, default=None,
                    help="MCMC steps actually run per annealing step (extrapolated linearly to --mcmc-steps); "
                         "default: all of them (single mode), 10 (--matrix)")
+    p.add_argument("--preset", choices=["exact", "fast"], default=None,
+                   help="switches of configs/speed/<preset>.yaml (instead of the switch flags)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-unet", action="store_true")
@@ -447,9 +574,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matrix", action="store_true")
     p.add_argument("--matrix-switches", default=",".join(SWITCHES),
                    help="switch sets run at 1 image per batch in --matrix (exact must be one of them)")
-    p.add_argument("--matrix-batch-configs", default="exact,bf16,all",
-                   help="switch sets run at --matrix-images images per batch in --matrix ('' = none)")
-    p.add_argument("--matrix-images", type=int, default=10)
+    p.add_argument("--matrix-two-particles", default="exact,all,fast",
+                   help="switch sets also run at 2 particles (the pruned phase; also at --matrix-images "
+                        "when in --matrix-batch-configs)")
+    p.add_argument("--matrix-batch-configs", default="exact,fast",
+                   help="switch sets run at each of --matrix-images images per batch ('' = none)")
+    p.add_argument("--matrix-images", default="2,4,10", help="comma list of images per batch")
+    p.add_argument("--series", action="store_true",
+                   help="one whole run (50 annealing steps): per-step seconds and compile seconds")
+    p.add_argument("--series-legacy", action="store_true",
+                   help="--series also with static shapes, compiled no-grad decodes and no start-up compile")
+    p.add_argument("--series-images", default=None,
+                   help="--series: comma list of images per batch, one run each (default --images-per-batch)")
+    p.add_argument("--prune-step", type=int, default=29, help="--series: prune after this step (-1 = off)")
+    p.add_argument("--prune-keep", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="--matrix: configs not started within this many seconds are reported as skipped")
     p.add_argument("--agreement", action="store_true")
@@ -462,12 +600,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.steps_to_time is None:
         args.steps_to_time = 1 if args.matrix else 2
     if args.time_mcmc_steps is None:
-        args.time_mcmc_steps = 10 if args.matrix else args.mcmc_steps
+        args.time_mcmc_steps = 10 if args.matrix else 20 if args.series else args.mcmc_steps
     args.time_mcmc_steps = min(args.time_mcmc_steps, args.mcmc_steps)
     return args
 
 
 def speed_from_args(args) -> SpeedConfig:
+    if args.preset:
+        return load_preset(args.preset)
     return speed_config(precision=args.precision, compile=args.compile, compile_unet=args.compile_unet,
                         compile_mode=args.compile_mode, cudnn_benchmark=args.cudnn_benchmark,
                         tf32={"default": None, "on": True, "off": False}[args.tf32], channels_last=args.channels_last,
@@ -505,8 +645,29 @@ def main(argv=None) -> Dict[str, Any]:
         print(json.dumps({"fast_vs_exact": report["agreement"],
                           "strict_fp32_vs_exact(DAPS default TF32 convs)": report["agreement_reference_strict_fp32"]},
                          indent=1))
+    elif args.series:
+        report["series"] = []
+        for k in _ints(args.series_images or str(args.images_per_batch)):
+            args.images_per_batch = k
+            report["series"].append(series(args, model, operator, image, device, speed))
+        if args.series_legacy and speed.compile:
+            legacy = speed_config(asdict(speed), compile_dynamic=False, compile_grad_only=False, compile_warmup=False)
+            report["series"].append(series(args, model, operator, image, device, legacy))
+        for r in report["series"]:
+            r["s_per_image"] = (r["sampling_sec"]) / r["images_per_batch"]
+            print(f"{r['config']} {r['images_per_batch']} image(s)/batch, {r['mcmc_algo']}: {r['s_per_image']:.1f} s/image; start-up {r['start_up_sec']:.1f} s, compile {r['compile_sec']:.1f} s, sampling "
+                  f"{r['sampling_sec']:.1f} s; steady {r['steady_step_sec_before_pruning']:.3f} / "
+                  f"{r['steady_step_sec_after_pruning']:.3f} s per step before / after pruning; max step/steady "
+                  f"(excl. step 0) {r['max_step_over_steady_excluding_step0']:.2f}; per step: "
+                  + " ".join(f"{v:.2f}" for v in r["per_step_sec"]))
     elif args.matrix:
-        report.update(matrix(args, model, operator, image, device))
+        def dump(results):
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({**report, "results": results, "partial": True},
+                                                      indent=1, default=str))
+
+        report.update(matrix(args, model, operator, image, device, on_row=dump))
         base = next((r for r in report["results"] if r["name"] == "exact" and r["particles"] == 4
                      and r["images_per_batch"] == 1), None)
         print(f"\n### Speed matrix on {report['card']} (torch {report['torch']}, {report['date']})\n")
@@ -515,11 +676,14 @@ def main(argv=None) -> Dict[str, Any]:
               f"warm-up step(s), {args.time_mcmc_steps} Langevin steps run per annealing step and extrapolated "
               f"linearly to {args.mcmc_steps}.\n")
         print(table(report["results"], base))
-        est = report["derived"].get("all_pruning4to2_hmc65_estimate")
-        if est:
-            print(f"\nall switches + pruning 4→2 at step 29 + HMC-65 (estimated from the 'all' rows): "
-                  f"{est['s_per_image']:.1f} s/image, {est['images_per_hour']:.1f} images/hour, "
-                  f"{fmt(est.get('x_vs_exact_W'), '{:.2f}×')} vs exact W")
+        for key, est in report["derived"].items():
+            if key.endswith("estimate") or "_estimate_" in key:
+                if est:
+                    print(f"\n{key} (pruning 4→2 at step 29 + HMC-65, from the 4- and 2-particle rows): "
+                          f"{est['s_per_image']:.1f} s/image, {est['images_per_hour']:.1f} images/hour, "
+                          f"{fmt(est.get('x_vs_exact_W'), '{:.2f}×')} vs exact W")
+        if report["derived"].get("fast_best_batch_within_20GB"):
+            print("fast, best images/hour within 20 GB:", report["derived"]["fast_best_batch_within_20GB"])
         for r in report["results"]:
             if r.get("breakdown") and r["particles"] == 4 and not r["breakdown"].get("oom") and r["images_per_batch"] == 1:
                 parts = ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"]["per_anneal_step_sec"].items())

@@ -1,6 +1,6 @@
 """Kernel-level profile of one VQ-decoder forward+backward (what each Langevin step costs).
 
-    python scripts/profile_decoder.py [--batch 4] [--precision fp32|bf16] [--compile]
+    python scripts/profile_decoder.py [--batch 4] [--precision fp32|bf16] [--compile] [--preset fast]
 Prints the top CUDA kernels by time, grouped by kind, so it is visible what limits the step.
 """
 from __future__ import annotations
@@ -24,10 +24,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--preset", default=None, help="switches of configs/speed/<preset>.yaml (overrides the flags)")
     args = p.parse_args()
     dev = torch.device("cuda")
     model = build_random_ldm(yaml.safe_load((ROOT / "configs/model/ffhq256ldm.yaml").read_text()), dev)
-    apply_speed(model, speed_config({"precision": args.precision, "compile": args.compile}))
+    if args.preset:
+        from scripts.benchmark import load_preset
+
+        speed = load_preset(args.preset)
+    else:
+        speed = speed_config({"precision": args.precision, "compile": args.compile,
+                              "channels_last": args.channels_last})
+    apply_speed(model, speed)
     z = torch.randn(args.batch, *model.get_in_shape(), device=dev)
 
     def step():
@@ -56,7 +65,7 @@ def main() -> None:
                 "upsample" if "upsample" in name else "other")
         groups[kind] = groups.get(kind, 0.0) + t
         total += t
-    print(f"{torch.cuda.get_device_name(dev)} batch {args.batch} {args.precision} compile={args.compile}: "
+    print(f"{torch.cuda.get_device_name(dev)} batch {args.batch} {speed.label()}: "
           f"{total / 5 / 1e3:.1f} ms GPU time per decoder fwd+bwd")
     for k, v in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {k:24s} {v / total:6.1%}")

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "commands_gpu"
 
 # script → (experiment folder, run tag, settings every command must resolve to)
-COMMON = {"seed": "42", "batch_size": "1", "sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "100"}
+COMMON = {"seed": "42", "batch_size": "4", "sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "100",
+          "speed.preset": "fast"}
 REP = {"repulsion_scale": "10", "repulsion_sigma_break": "1.0", "repulsion_schedule": "constant"}
 EXPECTED = {
     "exp0_baseline.sh": ("exp0_baseline", "exp0", "scale0",
@@ -212,3 +213,17 @@ def test_toy_exp2_writes_survivor_and_pruned_trajectories(tmp_path):
         sorted(f"00000_pruned{k:02d}.png" for k in pruned)
     assert sorted(p.name for p in (run / "trajectory").iterdir()) == \
         sorted(f"00000_sample{k:02d}.png" for k in lines[-1]["kept_indices"])
+
+
+def test_speed_preset_fast_by_default_exact_on_request():
+    """The experiments run the fast path; SPEED=exact (scripts) or speed=exact restores the exact path."""
+    from tests.conftest import compose
+
+    (c,) = dry("exp1_repulsion.sh", "--1")
+    assert compose(c["args"]).speed.preset == "fast" and compose(c["args"]).speed.compile is True
+    (e,) = dry("exp1_repulsion.sh", "--1", SPEED="exact")
+    assert e["overrides"]["speed"] == "exact"
+    cfg = compose(e["args"])
+    assert cfg.speed.preset == "exact" and cfg.speed.compile is False and cfg.speed.precision == "fp32"
+    (t,) = dry("exp1_repulsion.sh", "--1", MODEL="toy")
+    assert compose(t["args"]).speed.preset == "exact"  # the switches are for GPUs

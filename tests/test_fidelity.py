@@ -58,6 +58,7 @@ def test_toy_repulsion_runs_with_default_features(tmp_path):
     assert cfg.repulsion_feature == "pixel"
     metrics = run(cfg)
     assert metrics["metadata"]["repulsion"]["feature"] == "pixel"
+    assert metrics["metadata"]["compile_sec"] == 0  # nothing compiled on the exact path
     lines = [json.loads(s) for s in (tmp_path / "rep" / "repulsion.jsonl").read_text().splitlines()]
     assert lines and all(l["feature"] == "pixel" for l in lines) and any(l["repulsion_on"] for l in lines)
     assert compose(["model=ffhq256ldm"]).repulsion_feature == "dino"  # the real models keep DINO

@@ -8,6 +8,10 @@ Tolerances (CPU, float32 reference):
 * compile: checked with the `aot_eager` backend (Dynamo tracing + AOT autograd, no code
   generation), because Inductor's C++ compile of even the tiny decoder takes minutes on two
   loaded cores; the Inductor path differs only in the kernels.  ≤ 1e-5 relative.
+* fast_upsample: forward values identical to F.interpolate(nearest); ≤ 1e-5 relative after the
+  convolutions.  compile + channels_last + fast_upsample: one graph serves batches of 4, 3 and 2
+  rows and no-grad decodes (no recompile), ≤ 1e-4 relative.  A compile that fails gives one
+  warning and exactly the exact path's results.
 * bf16 (autocast around decoder body and UNet): one decode ≤ 5e-2 relative (max error over
   max output), decode gradient ≤ 1e-1 relative with cosine ≥ 0.99, denoiser ≤ 1e-2 relative;
   on the toy prior autocast has nothing to convert (no conv/matmul) → bit-identical.
@@ -202,3 +206,112 @@ def test_benchmark_tiny_smoke(tmp_path):
     a = rep["agreement"]
     assert a["fast"] == "bf16" and 0 < a["decode_max_rel_err"] < 5e-2
     assert rep["agreement_reference_strict_fp32"]["decode_max_rel_err"] == 0.0  # no-op on CPU
+
+
+def test_fast_upsample_matches(tiny_ldm, ldm_ref):
+    """nearest2x has the forward values of F.interpolate(nearest); only conv summation order moves."""
+    from cores.speed import nearest2x
+
+    x = torch.randn(2, 3, 5, 7)
+    assert torch.equal(nearest2x(x), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    x0, g0, _, _ = ldm_ref
+    h = apply_speed(tiny_ldm, SpeedConfig(fast_upsample=True))
+    assert h._patched
+    x, g, _, _ = _probe(tiny_ldm, 64, denoise=False)
+    h.restore()
+    assert _rel(x, x0) < 1e-5 and _rel(g, g0) < 1e-5
+    assert all("forward" not in m.__dict__ for m in tiny_ldm.vq.decoder.modules())
+
+
+def _grad_decode(model, z):
+    z = z.detach().requires_grad_(True)
+    x = model.decode(z)
+    (g,) = torch.autograd.grad(x.square().sum(), z)
+    return x.detach(), g
+
+
+def test_compile_once_for_every_batch_size(tiny_ldm):
+    """One compile (at start-up) serves batches of 4, 3 and 2 rows with gradients, and decodes
+    without gradients (pruning, final image) run eager: no graph is compiled after apply_speed."""
+    from torch._dynamo.utils import counters
+
+    from cores.speed import compile_seconds
+
+    torch._dynamo.reset()
+    counters.clear()
+    z = torch.randn((4, *tiny_ldm.get_in_shape()), generator=torch.Generator().manual_seed(5))
+    ref = [_grad_decode(tiny_ldm, z[:n]) for n in (4, 3, 2)]
+    before = compile_seconds()
+    h = apply_speed(tiny_ldm, SpeedConfig(compile=True, compile_backend="aot_eager", channels_last=True,
+                                          fast_upsample=True))
+    try:
+        assert h.compiled and h.compile_sec > 0 and compile_seconds() >= before + h.compile_sec - 1e-9
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        got = [_grad_decode(tiny_ldm, z[:n]) for n in (4, 3, 2)]
+        with torch.no_grad():
+            xn = tiny_ldm.decode(z)
+        assert counters["stats"]["unique_graphs"] == graphs  # no recompile for 4 → 2 rows nor for no-grad
+        after = compile_seconds()
+    finally:
+        h.restore()
+        torch._dynamo.reset()
+    assert compile_seconds() == pytest.approx(after)  # a reset neither loses nor repeats compile time
+    for (x0, g0), (x, g) in zip(ref, got):
+        assert _rel(x, x0) < 1e-4 and _rel(g, g0) < 1e-4
+    assert _rel(xn, ref[0][0]) < 1e-4
+
+
+def test_compile_failure_warns_once_and_runs_eager(tiny_ldm, ldm_ref, monkeypatch):
+    """When torch.compile cannot run (no Triton, old GPU, no toolchain) the run goes on eagerly."""
+    import warnings
+
+    import cores.speed as speed
+
+    def broken(fn, cfg):
+        def call(*a, **k):
+            raise RuntimeError("Cannot find a working triton installation")
+        return call
+
+    monkeypatch.setattr(speed, "_compile", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h = apply_speed(tiny_ldm, SpeedConfig(compile=True))
+        x, g, _, _ = _probe(tiny_ldm, 64, denoise=False)
+        h.restore()
+    msgs = [w for w in caught if issubclass(w.category, RuntimeWarning) and "without compile" in str(w.message)]
+    assert len(msgs) == 1 and not h.compiled
+    x0, g0, _, _ = ldm_ref
+    assert torch.equal(x, x0) and torch.equal(g, g0)
+
+
+def test_speed_presets_compose():
+    """`speed: exact` is the default and is the exact path; `speed=fast` names itself in the config."""
+    from conftest import compose
+
+    from scripts.benchmark import load_preset
+
+    exact = compose([])
+    assert exact.speed.preset == "exact" and speed_config(exact.speed).is_exact
+    fast = compose(["speed=fast"])
+    f = speed_config(fast.speed)
+    assert fast.speed.preset == "fast" and f.preset == "fast" and not f.is_exact and f.compile
+    assert f == load_preset("fast") and load_preset("exact").is_exact
+    assert speed_config(compose(["speed=fast", "speed.precision=fp32"]).speed).precision == "fp32"
+
+
+def test_compile_seconds_counts_compiles_outside_warm_up(toy):
+    """Without the start-up compile, the first gradient decode compiles; compile_seconds() sees it."""
+    from cores.speed import compile_seconds
+
+    torch._dynamo.reset()
+    before = compile_seconds()
+    h = apply_speed(toy, SpeedConfig(compile=True, compile_backend="aot_eager", compile_warmup=False))
+    try:
+        assert compile_seconds() == pytest.approx(before)
+        z = torch.randn((2, *toy.get_in_shape()), requires_grad=True)
+        torch.autograd.grad(toy.decode(z).sum(), z)
+        assert compile_seconds() > before
+    finally:
+        h.restore()
+        torch._dynamo.reset()
