@@ -26,16 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cores.config import OptimizationConfig  # noqa: E402
-from cores.data import ImageFolder  # noqa: E402
 from cores.evaluation import psnr  # noqa: E402
 from cores.mcmc import MCMCConfig  # noqa: E402
-from cores.models import build_model  # noqa: E402
-from cores.operators import get_operator  # noqa: E402
 from cores.optimization import optimize_latents  # noqa: E402
 from cores.pipeline import measure_images  # noqa: E402
 from sampler import DAPSConfig, initial_batch, latent_daps  # noqa: E402
+from scripts.toy_problem import toy_twins_problem  # noqa: E402
 
-ROOTS = {"dataset/demo-ffhq": 0, "dataset/demo-imagenet": 100}  # image-id offset per folder
 SIGMA_Y = 0.05
 
 
@@ -77,15 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model({"name": "toy", "prior_images": list(ROOTS), "include_twins": True, "std": 0.05}, "cpu")
-    operator = get_operator("phase_retrieval", oversample=2.0, resolution=64, sigma=SIGMA_Y)
-    xs, ids = [], []
-    for root, off in ROOTS.items():
-        ds = ImageFolder(root, 64, 0, None)
-        xs += [ds[i] for i in range(len(ds))]
-        ids += [off + i for i in ds.indices]
-    with torch.no_grad():
-        gt = model.reference_image(torch.stack(xs))
+    model, operator, gt, ids = toy_twins_problem(SIGMA_Y)
     rules = [("eps", OptimizationConfig(enabled=True, lr=args.lr, eps=args.eps, max_iters=args.max_iters))]
     rules += [(f"noise τ={t:g}", OptimizationConfig(enabled=True, lr=args.lr, eps=args.eps, max_iters=args.max_iters,
                                                     stop="noise", noise_tau=float(t), sigma_y=SIGMA_Y))

@@ -32,17 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cores.data import ImageFolder  # noqa: E402
 from cores.evaluation import image_record, wilson_ci  # noqa: E402
 from cores.mcmc import MCMCConfig  # noqa: E402
-from cores.models import build_model  # noqa: E402
-from cores.operators import get_operator  # noqa: E402
 from cores.pipeline import measure_images  # noqa: E402
 from cores.config import RepulsionConfig  # noqa: E402
 from repulsion import NORMALIZERS, RepulsionHook, compute_repulsion_gradient  # noqa: E402
 from sampler import DAPSConfig, initial_batch, latent_daps  # noqa: E402
+from scripts.toy_problem import toy_twins_problem  # noqa: E402
 
-ROOTS = {"dataset/demo-ffhq": 0, "dataset/demo-imagenet": 100}  # image-id offset per folder
 
 
 class RatioProbe(RepulsionHook):
@@ -185,15 +182,7 @@ def main() -> None:
     if args.random_factor:
         random_factor(args.threads)
         return
-    model = build_model({"name": "toy", "prior_images": list(ROOTS), "include_twins": True, "std": 0.05}, "cpu")
-    operator = get_operator("phase_retrieval", oversample=2.0, resolution=64, sigma=0.05)
-    xs, ids = [], []
-    for root, off in ROOTS.items():
-        ds = ImageFolder(root, 64, 0, None)
-        xs += [ds[i] for i in range(len(ds))]
-        ids += [off + i for i in ds.indices]
-    with torch.no_grad():
-        gt = model.reference_image(torch.stack(xs))
+    model, operator, gt, ids = toy_twins_problem()
     seeds = [42 + s for s in range(args.seeds)]
     settings = [(4, float(s)) for s in args.scales.split(",")] + [(2, float(s)) for s in args.scales2.split(",") if s]
     out = Path(args.out)

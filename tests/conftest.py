@@ -34,6 +34,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def toy_twins_ffhq4():
+    """(toy prior with twins, 64-px phase retrieval, ground truths of the first 4 demo-ffhq images)."""
+    from cores.data import ImageFolder
+    from cores.models import build_model
+    from cores.operators import get_operator
+
+    model = build_model({"name": "toy", "prior_images": [str(ROOT / r) for r in ("dataset/demo-ffhq",
+                                                                                "dataset/demo-imagenet")],
+                         "std": 0.05, "include_twins": True})
+    op = get_operator("phase_retrieval", oversample=2.0, resolution=64, sigma=0.05)
+    ds = ImageFolder(ROOT / "dataset/demo-ffhq", 64, 0, 4)
+    return model, op, model.reference_image(torch.stack([ds[i] for i in range(len(ds))]))
+
+
 TINY = ["sampler.annealing.num_steps=6", "sampler.mcmc.num_steps=4", "data.end_id=2", "num_samples=2",
         "eval.lpips=false"]
 

@@ -11,13 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, compose
+from conftest import compose
 from cores.config import RepulsionConfig, build_run_config
-from cores.data import ImageFolder
 from cores.errors import ConfigError
 from cores.mcmc import MCMCConfig
-from cores.models import build_model
-from cores.operators import get_operator
 from cores.pipeline import measure_images
 from cores.pruning import PruningConfig, PruningHook
 from cores.rng import ParticleStreams
@@ -26,7 +23,6 @@ from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOTS = ["dataset/demo-ffhq", "dataset/demo-imagenet"]
 CFG = DAPSConfig.with_steps(8, mcmc=MCMCConfig(num_steps=3), record_trajectory=True)
 METRIC_KEYS = ("particle_ids", "psnr", "ssim", "psnr_twin", "measurement_loss", "best_idx", "selected_idx",
                "success", "both_orientations", "orientation", "non_finite_particles", "nan_events")
@@ -38,13 +34,8 @@ KILL_RUN = ["sampler.annealing.num_steps=10", "sampler.mcmc.num_steps=8", "num_s
 
 
 @pytest.fixture(scope="module")
-def toy():
-    model = build_model({"name": "toy", "prior_images": [str(ROOT / r) for r in ROOTS], "std": 0.05,
-                         "include_twins": True})
-    op = get_operator("phase_retrieval", oversample=2.0, resolution=64, sigma=0.05)
-    ds = ImageFolder(ROOT / ROOTS[0], 64, 0, 4)
-    gt = model.reference_image(torch.stack([ds[i] for i in range(len(ds))]))
-    return model, op, gt
+def toy(toy_twins_ffhq4):
+    return toy_twins_ffhq4
 
 
 class Rows(SamplerHook):

@@ -5,18 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cores.data import ImageFolder
 from cores.evaluation import psnr
 from cores.mcmc import MCMCConfig
-from cores.models import build_model
-from cores.operators import get_operator
 from cores.pipeline import measure_images
 from cores.pruning import PruningConfig, PruningHook, pruning_regret, select_by_diversity, select_by_loss, summarize
 from cores.run_folder import RunFolder
 from cores.scheduler import EDMScheduler
 from sampler import DAPSConfig, SamplerHook, initial_batch, latent_daps
 
-ROOTS = ["dataset/demo-ffhq", "dataset/demo-imagenet"]
 CFG = DAPSConfig.with_steps(8, mcmc=MCMCConfig(num_steps=3), record_trajectory=True)
 JSONL_FIELDS = {"image_idx", "prune_step", "prev_sigma", "curr_sigma", "repulsion_sigma_break", "losses",
                "kept_indices", "pruned_indices", "kept_losses", "batch_before", "batch_after", "did_prune",
@@ -24,15 +20,8 @@ JSONL_FIELDS = {"image_idx", "prune_step", "prev_sigma", "curr_sigma", "repulsio
 
 
 @pytest.fixture(scope="module")
-def toy():
-    from conftest import ROOT
-
-    model = build_model({"name": "toy", "prior_images": [str(ROOT / r) for r in ROOTS], "std": 0.05,
-                         "include_twins": True})
-    op = get_operator("phase_retrieval", oversample=2.0, resolution=64, sigma=0.05)
-    ds = ImageFolder(ROOT / ROOTS[0], 64, 0, 4)
-    gt = model.reference_image(torch.stack([ds[i] for i in range(len(ds))]))
-    return model, op, gt
+def toy(toy_twins_ffhq4):
+    return toy_twins_ffhq4
 
 
 class Observer(SamplerHook):
