@@ -87,8 +87,8 @@ def run_setting(name: str, model, operator, gt, ids: List[int], seeds: List[int]
         hooks: List[SamplerHook] = [counter]
         if rep_on:
             hooks.insert(0, RepulsionHook(RepulsionConfig(scale=args.scale, sigma_break=args.sigma_break,
-                                                          sigma_max=daps.annealing.sigma_max, feature="pixel"),
-                                          model))
+                                                          sigma_max=daps.annealing.sigma_max, feature="pixel",
+                                                          target_ratio=args.target_ratio), model))
         prune = None
         if criterion is not None:  # as the pipeline: the σ_break transition triggers only while repulsion is on
             prune = PruningHook(PruningConfig(step=prune_step, keep=2, criterion=criterion, refill=refill,
@@ -174,6 +174,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="annealing steps")
     ap.add_argument("--mcmc-steps", type=int, default=10, help="Langevin steps per annealing step")
     ap.add_argument("--scale", type=float, default=430.0, help="repulsion scale (430: step-0 ratio ≈ 1 on the toy)")
+    ap.add_argument("--target-ratio", type=float, default=None,
+                    help="repulsion_target_ratio ρ instead of the fixed scale (λ set per step: ||λr|| / ||score|| = ρ)")
     ap.add_argument("--sigma-break", type=float, default=1.0)
     ap.add_argument("--prune-sigma", type=float, default=1.0, help="prune at the annealing step nearest this σ")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of: " + ", ".join(SETTINGS))
@@ -199,7 +201,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"# toy branching study: {len(ids)} images x {len(seeds)} seeds, {args.steps} x {args.mcmc_steps} steps, "
           f"prune 4 -> 2 at step {prune_step} (sigma {float(sig[prune_step]):.3f}; sigmas "
-          f"{[round(float(s), 3) for s in sig]}), repulsion scale {args.scale:g} (sigma >= {args.sigma_break})",
+          f"{[round(float(s), 3) for s in sig]}), repulsion """
+          f"{f'target ratio {args.target_ratio:g}' if args.target_ratio else f'scale {args.scale:g}'} "
+          f"(sigma >= {args.sigma_break})",
           flush=True)
     results, rows = {}, []
     for name in args.settings.split(","):
