@@ -70,7 +70,8 @@ from sampler import ImageOutput, ParticleBatch, SamplerHook, ScoreFn, StepContex
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["compute_repulsion_gradient", "RepulsionHook", "feature_statistics", "summarize", "schedule_factor", "logged_step",
+__all__ = ["compute_repulsion_gradient", "RepulsionHook", "feature_statistics", "summarize", "run_totals",
+           "schedule_factor", "logged_step",
            "REPULSION_FIELDS", "DinoFeatureExtractor", "WEIGHT_NONZERO_TOL", "NORMALIZERS"]
 
 WEIGHT_NONZERO_TOL = 1e-6
@@ -415,12 +416,6 @@ class RepulsionHook(SamplerHook):
                             "scale_capped_steps": sum(v >= self.cfg.scale_max for v in lams)})
         return ImageOutput(record={"repulsion": summary}, jsonl={"repulsion": s["lines"]})
 
-    def run_summary(self, records: List[Dict]) -> Dict:
-        c = self.cfg
-        return {"repulsion": {"scale": c.scale, "sigma_break": c.sigma_break, "schedule": c.schedule,
-                              "feature": c.feature, "latent": c.latent, "normalizer": c.normalizer,
-                              "log_baseline": c.log_baseline, "target_ratio": c.target_ratio,
-                              "scale_max": c.scale_max, **summarize(records)}}
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -480,3 +475,10 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
                                      if isinstance(r.get("repulsion"), dict) and r["repulsion"].get("ratio_warning")),
             **extra}
 
+
+def run_totals(c: RepulsionConfig, records: List[Dict]) -> Dict:
+    """metrics.json `metadata.repulsion`: the settings and `summarize(records)`."""
+    return {"scale": c.scale, "sigma_break": c.sigma_break, "schedule": c.schedule,
+            "feature": c.feature, "latent": c.latent, "normalizer": c.normalizer,
+            "log_baseline": c.log_baseline, "target_ratio": c.target_ratio,
+            "scale_max": c.scale_max, **summarize(records)}

@@ -136,7 +136,7 @@ class SamplerHook:
     The sampler calls `wrap_score` before each PF-ODE solve (guidance-style: return a new
     score function), `on_step` after MCMC (the hook may shrink the batch with
     `batch.keep`), and `on_end` before the final decode.  The pipeline then asks
-    `image_output` once per finished image and `run_summary` for the run totals.
+    `image_output` once per finished image (run totals: each feature module's `run_totals`).
     """
 
     def wrap_score(self, score_fn: ScoreFn, batch: ParticleBatch, ctx: StepContext) -> ScoreFn:
@@ -151,10 +151,6 @@ class SamplerHook:
     def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
         """Record fields, log lines and trajectories of a finished image (`record` holds its metrics)."""
         return ImageOutput()
-
-    def run_summary(self, records: List[Dict]) -> Dict:
-        """Run totals for metrics.json `metadata`, from every image record of the run."""
-        return {}
 
 
 Callback = Callable[[Dict], None]

@@ -39,7 +39,8 @@ from cores.evaluation import finite_or_none
 from cores.vram import VramMeter
 from sampler import ImageOutput, ParticleBatch, SamplerHook, StepContext
 
-__all__ = ["OptimizationConfig", "OptimizationHook", "optimize_latents", "per_particle_mse", "summarize"]
+__all__ = ["OptimizationConfig", "OptimizationHook", "optimize_latents", "per_particle_mse", "summarize",
+           "run_totals"]
 
 
 @dataclass
@@ -184,12 +185,6 @@ class OptimizationHook(SamplerHook):
         return ImageOutput(record={"optimization": summary}, jsonl={"optimization": [s["line"]]},
                            scored_images=before)
 
-    def run_summary(self, records: List[Dict]) -> Dict:
-        c = self.cfg
-        return {"optimization": {"lr": c.lr, "eps": c.eps, "max_iters": c.max_iters,
-                                 "weight_decay": c.weight_decay, "stop": c.stop, "noise_tau": c.noise_tau,
-                                 **summarize(records)}}
-
 
 def summarize(records: List[Dict]) -> Dict:
     """Run totals of the optimisation from the image records."""
@@ -201,3 +196,10 @@ def summarize(records: List[Dict]) -> Dict:
             "accepted_rate": accepted / len(iters) if iters else None,
             "total_time_sec": float(sum(o["total_time_seconds"] for o in opt)),
             "termination_counts": dict(Counter(w for o in opt for w in o["termination_reasons"]))}
+
+
+def run_totals(c: OptimizationConfig, records: List[Dict]) -> Dict:
+    """metrics.json `metadata.optimization`: the settings and `summarize(records)`."""
+    return {"lr": c.lr, "eps": c.eps, "max_iters": c.max_iters,
+            "weight_decay": c.weight_decay, "stop": c.stop, "noise_tau": c.noise_tau,
+            **summarize(records)}

@@ -93,26 +93,14 @@ def build_hooks(config: RunConfig, model, device: torch.device, vram: VramMeter)
 
 
 def feature_totals(config: RunConfig, records: List[Dict]) -> Dict:
-    """Run totals of each addition that is on (its settings + its own `summarize(records)`)."""
+    """Run totals of each addition that is on: its settings and its own `summarize(records)`."""
     from cores import optimization, pruning
     import repulsion
 
-    out: Dict = {}
-    r, p, o = config.repulsion, config.pruning, config.optimization
-    if r.needs_hook:
-        out["repulsion"] = {"scale": r.scale, "sigma_break": r.sigma_break, "schedule": r.schedule,
-                            "feature": r.feature, "latent": r.latent, "normalizer": r.normalizer,
-                            "log_baseline": r.log_baseline, "target_ratio": r.target_ratio,
-                            "scale_max": r.scale_max, **repulsion.summarize(records)}
-    if p.on:
-        out["pruning"] = {"mode": p.mode, "criterion": p.criterion, "keep": p.keep, "step": p.step,
-                          "diversity_tol": p.diversity_tol, "feature": p.feature,
-                          "sigma_break_trigger": p.sigma_break, **pruning.summarize(records)}
-    if o.enabled:
-        out["optimization"] = {"lr": o.lr, "eps": o.eps, "max_iters": o.max_iters, "weight_decay": o.weight_decay,
-                               "stop": o.stop, "noise_tau": o.noise_tau,
-                               **optimization.summarize(records)}
-    return out
+    parts = [("repulsion", config.repulsion.needs_hook, repulsion, config.repulsion),
+             ("pruning", config.pruning.on, pruning, config.pruning),
+             ("optimization", config.optimization.enabled, optimization, config.optimization)]
+    return {name: module.run_totals(cfg, records) for name, on, module, cfg in parts if on}
 
 
 def git_commit() -> Optional[str]:

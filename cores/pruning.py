@@ -47,7 +47,8 @@ from cores.evaluation import finite_or_none
 from cores.vram import VramMeter
 from sampler import ImageOutput, ParticleBatch, SamplerHook, StepContext
 
-__all__ = ["PruningConfig", "PruningHook", "select_by_loss", "select_by_diversity", "pruning_regret", "summarize"]
+__all__ = ["PruningConfig", "PruningHook", "select_by_loss", "select_by_diversity", "pruning_regret", "summarize",
+           "run_totals"]
 
 FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z0y, decoded x) -> (B, D)
 
@@ -223,12 +224,6 @@ class PruningHook(SamplerHook):
         return ImageOutput(record={"pruning": summary}, jsonl={"pruning": [line]},
                            trajectories={"trajectory_pruned": traj} if traj else {})
 
-    def run_summary(self, records: List[Dict]) -> Dict:
-        c = self.cfg
-        return {"pruning": {"mode": c.mode, "criterion": c.criterion, "keep": c.keep, "step": c.step,
-                            **({"refill": True} if c.refill else {}),
-                            "diversity_tol": c.diversity_tol, "feature": c.feature,
-                            "sigma_break_trigger": c.sigma_break, **summarize(records)}}
 
     # ------------------------------------------------------------------ helpers
     def _features(self, z0y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +244,14 @@ def summarize(records: List[Dict]) -> Dict:
         out.update({"regret_images": sum(regret), "regret_rate": sum(regret) / len(regret),
                     "regret_rate_ci95": wilson_ci(sum(regret), len(regret))})
     return out
+
+
+def run_totals(c: PruningConfig, records: List[Dict]) -> Dict:
+    """metrics.json `metadata.pruning`: the settings and `summarize(records)`."""
+    return {"mode": c.mode, "criterion": c.criterion, "keep": c.keep, "step": c.step,
+            **({"refill": True} if c.refill else {}),
+            "diversity_tol": c.diversity_tol, "feature": c.feature,
+            "sigma_break_trigger": c.sigma_break, **summarize(records)}
 
 
 def _rows_by_particle(batch: ParticleBatch, image_idx: int) -> List[int]:
