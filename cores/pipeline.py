@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -171,22 +171,31 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
         rec["time_sec"] = elapsed * share
         rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}
         rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
-        logs: Dict[str, List[Dict]] = {}
-        frames: Dict[str, Dict[int, List]] = {}
-        if config.save_traj and batch.trajectory:
-            frames["trajectory"] = {p: decode_frames(model, [t[int(r)] for t in batch.trajectory], config.traj_every,
-                                                     device) for p, r in zip(pids, rows.tolist())}
-        for hook in hooks:
-            out = hook.image_output(idx, rec)
-            rec.update(out.record)
-            for name, lines in out.jsonl.items():
-                logs.setdefault(name, []).extend(lines)
-            for sub, per_particle in out.trajectories.items():
-                frames[sub] = {p: decode_frames(model, z, config.traj_every, device) for p, z in per_particle.items()}
-            for name, images in out.scored_images.items():
-                rec[f"psnr_{name}"] = [finite_or_none(v) for v in psnr(torch.nan_to_num(images), gt[k].cpu()).tolist()]
+        logs, frames = collect_outputs(config, model, hooks, batch, idx, rec, gt[k].cpu(), device)
         folder.write_logs_and_trajectories(idx, logs, frames)
         folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), config.save_samples)
+
+
+def collect_outputs(config: RunConfig, model, hooks: List[SamplerHook], batch, idx: int, rec: Dict,
+                    gt: torch.Tensor, device) -> Tuple[Dict[str, List[Dict]], Dict[str, Dict[int, List]]]:
+    """Every hook's output for image `idx`: record fields (merged into `rec`), log lines, and the
+    decoded trajectory frames (survivors' `trajectory/` when `save_traj`, and the hooks' own)."""
+    rows = batch.rows_of_image(idx).tolist()
+    logs: Dict[str, List[Dict]] = {}
+    frames: Dict[str, Dict[int, List]] = {}
+    if config.save_traj and batch.trajectory:
+        frames["trajectory"] = {int(batch.particle_ids[r]): decode_frames(model, [t[r] for t in batch.trajectory],
+                                                                         config.traj_every, device) for r in rows}
+    for hook in hooks:
+        out = hook.image_output(idx, rec)
+        rec.update(out.record)
+        for name, lines in out.jsonl.items():
+            logs.setdefault(name, []).extend(lines)
+        for sub, per_particle in out.trajectories.items():
+            frames[sub] = {p: decode_frames(model, z, config.traj_every, device) for p, z in per_particle.items()}
+        for name, images in out.scored_images.items():
+            rec[f"psnr_{name}"] = [finite_or_none(v) for v in psnr(torch.nan_to_num(images), gt).tolist()]
+    return logs, frames
 
 
 def _xla_mark_step():
