@@ -59,3 +59,29 @@ def sweep_folder_override(args: Sequence[str]) -> List[str]:
     swept = {o.key_or_group for o in parsed if o.is_sweep_override()} - set(SHARED_FOLDER_KEYS)
     exclude = sorted({o.key_or_group for o in parsed} - swept)
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]"]
+
+
+def sweep_subfolder() -> str:
+    """Inside a Hydra job: the subfolder of this sweep job (empty outside a multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    return hc.job.override_dirname if hc.mode == RunMode.MULTIRUN else ""
+
+
+def interrupted_message(save_dir: str, name: str, argv: Sequence[str]) -> str:
+    """One line for Ctrl-C: what is finished and the exact command that continues the run."""
+    import shlex
+
+    from cores.run_folder import RunFolder
+
+    folder = RunFolder(Path(save_dir) / name)
+    done = len(folder.finished_images()) if folder.root.exists() else 0
+    args = [a for a in argv[1:] if not a.startswith(("resume=", "+resume=", "hydra.job.config.override_dirname"))]
+    cmd = " ".join(shlex.quote(a) for a in ["python", "posterior_sample.py", *args, "resume=true"])
+    return f"interrupted: {done} image(s) finished in {folder.root}; continue with: {cmd}"
+
+
+def one_line_error(err: BaseException) -> str:
+    return "error: " + " ".join(str(err).split())
