@@ -50,6 +50,10 @@ class ParticleBatch:
     def rows_of_image(self, image_id: int) -> torch.Tensor:
         return (self.image_ids == image_id).nonzero().flatten()
 
+    def rows_by_particle(self, image_id: int) -> List[int]:
+        """The image's rows in particle-id order (how logs list per-particle values)."""
+        return sorted(self.rows_of_image(image_id).tolist(), key=lambda r: int(self.particle_ids[r]))
+
     def record_step(self, mcmc, step: int, keep_trajectory: bool) -> None:
         """Take the MCMC result as z0y; remember its non-finite resets and, when asked, the latent."""
         self.z0y = mcmc.z

@@ -152,7 +152,7 @@ class OptimizationHook(SamplerHook):
         self.vram.mark("optimization")
         images = list(dict.fromkeys(batch.image_ids.tolist()))
         for img in images:
-            rows = sorted(batch.rows_of_image(img).tolist(), key=lambda r: int(batch.particle_ids[r]))
+            rows = batch.rows_by_particle(img)
             acc = [res.accepted[r] for r in rows]
             line = {
                 "image_idx": img,

@@ -242,7 +242,7 @@ def run(cfg: DictConfig) -> Dict:
         start, t_start = _dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
         vram = VramMeter(device)
         if todo:
-            sample_images(config, cfg, todo, dataset, folder, device, vram, rank.is_main, start)
+            sample_images(config, todo, dataset, folder, device, vram, rank.is_main, start)
         meta = run_metadata(device, start, vram)
         meta["metadata"]["wall_time_sec"] = time.perf_counter() - t_start
         metas = distributed.gather(meta)  # also waits until every rank has written its records
@@ -259,12 +259,12 @@ def run(cfg: DictConfig) -> Dict:
         distributed.teardown()
 
 
-def sample_images(config: RunConfig, cfg: DictConfig, todo: List[int], dataset: ImageFolder, folder: RunFolder,
+def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, folder: RunFolder,
                   device: torch.device, vram: VramMeter, show_progress: bool, start: str) -> None:
     """Build the objects and sample `todo` batch by batch, writing each image as it finishes."""
     from cores.speed import apply_speed
 
-    model = build_model(cfg.model, device)
+    model = build_model(config.model, device)
     apply_speed(model, config.speed)  # speed switches (all off = the exact path)
     if model.image_resolution != config.data.resolution:
         raise ConfigError(f"data.resolution={config.data.resolution} but model {config.model.get('name')} renders "

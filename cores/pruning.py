@@ -153,7 +153,7 @@ class PruningHook(SamplerHook):
         clones: List[Tuple[int, int, int]] = []       # (image, new particle id, parent id)
         images = list(dict.fromkeys(batch.image_ids.tolist()))
         for img in images:
-            rows = _rows_by_particle(batch, img)
+            rows = batch.rows_by_particle(img)
             l = losses[rows].cpu()
             if self.cfg.criterion == "loss":
                 local = select_by_loss(l, self.cfg.keep)
@@ -253,10 +253,6 @@ def run_totals(c: PruningConfig, records: List[Dict]) -> Dict:
             "diversity_tol": c.diversity_tol, "feature": c.feature,
             "sigma_break_trigger": c.sigma_break, **summarize(records)}
 
-
-def _rows_by_particle(batch: ParticleBatch, image_idx: int) -> List[int]:
-    rows = batch.rows_of_image(image_idx).tolist()
-    return sorted(rows, key=lambda r: int(batch.particle_ids[r]))
 
 
 def _dino_feature_fn(weights_path: str) -> Optional[FeatureFn]:
