@@ -71,7 +71,7 @@ from sampler import ImageOutput, ParticleBatch, SamplerHook, ScoreFn, StepContex
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = ["compute_repulsion_gradient", "RepulsionHook", "feature_statistics", "summarize", "run_totals",
-           "schedule_factor", "logged_step",
+           "schedule_factor", "logged_step", "repulsion_groups",
            "REPULSION_FIELDS", "DinoFeatureExtractor", "WEIGHT_NONZERO_TOL", "NORMALIZERS"]
 
 WEIGHT_NONZERO_TOL = 1e-6
@@ -326,7 +326,7 @@ class RepulsionHook(SamplerHook):
         if not (on or logged):
             return score_fn
         t0 = time.perf_counter()
-        groups = batch.image_ids.detach().cpu()
+        groups = repulsion_groups(batch)
         if on:
             r, diag = self.repulsion(batch.zt, ctx.sigma, groups)
             if not torch.isfinite(r).all():
@@ -338,8 +338,8 @@ class RepulsionHook(SamplerHook):
                                           weights=not self.cfg.on, normalizer=self.cfg.normalizer)
         if batch.zt.is_cuda:
             torch.cuda.synchronize(batch.zt.device)
-        images = list(dict.fromkeys(groups.tolist()))
-        share = (time.perf_counter() - t0) / len(images)
+        images = [g for g in dict.fromkeys(groups.tolist()) if g >= 0]
+        share = (time.perf_counter() - t0) / max(1, len(images))
         for img in images:
             s = self._image(img)
             if on:
@@ -370,7 +370,8 @@ class RepulsionHook(SamplerHook):
                 if first:  # only now is ||score|| at σ_i known
                     lam_img.update(self.scale_for_ratio(r, score_norm[0], groups, target))
                     for img, v in lam_img.items():
-                        self._image(img)["scales"].append(v)
+                        if img >= 0:
+                            self._image(img)["scales"].append(v)
                     lam_rows.append(torch.tensor([lam_img[int(g)] for g in groups.tolist()], dtype=r.dtype,
                                                  device=r.device).view(-1, *([1] * (r.dim() - 1))))
                 push = lam_rows[0] * r
@@ -387,7 +388,7 @@ class RepulsionHook(SamplerHook):
             return
         groups = p["groups"]
         norms = p["score_norm"][0] if p["score_norm"] else None
-        for img in dict.fromkeys(groups.tolist()):
+        for img in (g for g in dict.fromkeys(groups.tolist()) if g >= 0):
             rows = (groups == img).nonzero().flatten()
             sn = float(norms[rows.to(norms.device)].mean()) if norms is not None else None
             g = p["diag"]["per_group"].get(img, {})
@@ -429,13 +430,22 @@ class RepulsionHook(SamplerHook):
     def _warn_ratio(self, push: torch.Tensor, score: torch.Tensor, groups: torch.Tensor, step: int) -> None:
         """One warning per image when ||λ·r|| / ||score|| > RATIO_WARN (repulsion dominates the score)."""
         ratio = (push.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)).cpu()
-        for img in dict.fromkeys(groups[ratio > RATIO_WARN].tolist()):
+        for img in (g for g in dict.fromkeys(groups[ratio > RATIO_WARN].tolist()) if g >= 0):
             s = self._image(img)
             if not s["ratio_warning"]:
                 s["ratio_warning"] = True
                 warnings.warn(f"repulsion: image {img}, step {step}: ||λ·r|| / ||score|| = "
                               f"{float(ratio[groups == img].max()):.3g} > {RATIO_WARN:g} "
                               "(repulsion dominates the score; expect collapse)", RuntimeWarning, stacklevel=2)
+
+
+def repulsion_groups(batch: ParticleBatch) -> torch.Tensor:
+    """Group label per row (CPU): the image id; a shadow particle (pruned, running on) gets −1 − image
+    id, so the pruned particles of an image repel each other but never the kept ones, and the kept
+    particles follow the same path as under slicing.  Logs and statistics cover labels ≥ 0 only."""
+    groups = batch.image_ids.detach().cpu()
+    pruned = batch.pruned.detach().cpu()
+    return torch.where(pruned, -1 - groups, groups) if bool(pruned.any()) else groups
 
 
 def feature_statistics(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],

@@ -12,8 +12,11 @@ The loop in `latent_daps` is the whole algorithm; read it next to the paper:
 Rows of the batch are (image, particle) pairs; every row owns its random
 stream (`cores.rng`), so a particle's path is independent of batching.
 Hooks (`SamplerHook`) wrap the score, act after each MCMC step (pruning may
-shrink the batch) and once at the end (latent optimisation); `callback` only
-observes (timing, progress).
+shrink the batch or freeze rows) and once at the end (latent optimisation);
+`callback` only observes (timing, progress).  Guard rail: a row whose score
+entering the PF-ODE, or whose MCMC state, turns non-finite is held at its last
+finite state and listed in `nan_events` (stage "score" / "mcmc"); the other
+rows go on untouched.
 """
 from __future__ import annotations
 
@@ -41,8 +44,14 @@ class ParticleBatch:
     z0hat: Optional[torch.Tensor] = None
     z0y: Optional[torch.Tensor] = None
     x: Optional[torch.Tensor] = None  # final decoded images
+    pruned: Optional[torch.Tensor] = None  # (B,) bool: removed by pruning (masking: frozen; shadow: running on)
     trajectory: List[torch.Tensor] = field(default_factory=list)  # z0y per step (CPU) when recorded
     nan_events: List[Dict] = field(default_factory=list)
+    frozen: Optional["ParticleBatch"] = None  # masking: rows set aside at their z0y until `thaw`
+
+    def __post_init__(self) -> None:
+        if self.pruned is None:
+            self.pruned = torch.zeros(self.zt.shape[0], dtype=torch.bool, device=self.image_ids.device)
 
     def __len__(self) -> int:
         return self.zt.shape[0]
@@ -54,11 +63,15 @@ class ParticleBatch:
         """The image's rows in particle-id order (how logs list per-particle values)."""
         return sorted(self.rows_of_image(image_id).tolist(), key=lambda r: int(self.particle_ids[r]))
 
+    def record_nonfinite(self, rows: Sequence[int], step: int, stage: str) -> None:
+        """Name each contained non-finite row (step, image, particle, stage) in `nan_events`."""
+        self.nan_events += [{"step": step, "image_idx": int(self.image_ids[r]), "particle": int(self.particle_ids[r]),
+                             "stage": stage} for r in rows]
+
     def record_step(self, mcmc, step: int, keep_trajectory: bool) -> None:
         """Take the MCMC result as z0y; remember its non-finite resets and, when asked, the latent."""
         self.z0y = mcmc.z
-        self.nan_events += [{"step": step, "image_idx": int(self.image_ids[r]), "particle": int(self.particle_ids[r]),
-                             "stage": "mcmc"} for r in mcmc.nan_rows]
+        self.record_nonfinite(mcmc.nan_rows, step, "mcmc")
         if keep_trajectory:
             self.trajectory.append(self.z0y.detach().cpu())
 
@@ -68,8 +81,30 @@ class ParticleBatch:
         dropped = [r for r in range(len(self)) if r not in set(rows_t.tolist())]
         gone = self._select(dropped)
         kept = self._select(rows_t.tolist())
-        self.__dict__.update({k: v for k, v in kept.__dict__.items() if k != "nan_events"})
+        self.__dict__.update({k: v for k, v in kept.__dict__.items() if k not in ("nan_events", "frozen")})
         return gone
+
+    def freeze(self, rows: Sequence[int]) -> None:
+        """Masking: set `rows` aside, flagged pruned, with z_t = their current z0y.  They skip every
+        later step (no ODE, MCMC or gradient) and rejoin the batch at `thaw`, before the final decode."""
+        rows = set(int(r) for r in rows)
+        if not rows:
+            return
+        gone = self.keep([r for r in range(len(self)) if r not in rows])
+        gone.zt, gone.pruned = gone.z0y, torch.ones_like(gone.pruned)
+        if self.frozen is None:
+            self.frozen = gone
+        else:
+            self.frozen._extend(gone)
+
+    def thaw(self) -> None:
+        """Bring the frozen rows back (their trajectory held at the frozen z0y for the later steps)."""
+        gone, self.frozen = self.frozen, None
+        if gone is None:
+            return
+        if gone.trajectory:
+            gone.trajectory += [gone.z0y.detach().cpu()] * (len(self.trajectory) - len(gone.trajectory))
+        self._extend(gone)
 
     def refill(self, parents: Sequence[int], particle_ids: Sequence[int]) -> None:
         """Add one clone of row `parents[k]` with id `particle_ids[k]` each (branching after pruning).
@@ -86,13 +121,18 @@ class ParticleBatch:
         clones.particle_ids = torch.as_tensor(list(particle_ids), dtype=self.particle_ids.dtype,
                                               device=self.particle_ids.device)
         clones.streams = self.streams.for_clones(clones.image_ids.tolist(), list(particle_ids))
+        self._extend(clones)
+
+    def _extend(self, other: "ParticleBatch") -> None:
+        """Append `other`'s rows, then order rows by image (first appearance) and particle id."""
         cat = lambda a, b: None if a is None else torch.cat([a, b.to(a.device)])  # noqa: E731
-        self.zt, self.y = cat(self.zt, clones.zt), cat(self.y, clones.y)
-        self.image_ids, self.particle_ids = cat(self.image_ids, clones.image_ids), cat(self.particle_ids,
-                                                                                       clones.particle_ids)
-        self.z0hat, self.z0y, self.x = cat(self.z0hat, clones.z0hat), cat(self.z0y, clones.z0y), cat(self.x, clones.x)
-        self.trajectory = [cat(a, b) for a, b in zip(self.trajectory, clones.trajectory)]
-        self.streams = self.streams.concat(clones.streams)
+        self.zt, self.y = cat(self.zt, other.zt), cat(self.y, other.y)
+        self.image_ids, self.particle_ids = cat(self.image_ids, other.image_ids), cat(self.particle_ids,
+                                                                                      other.particle_ids)
+        self.z0hat, self.z0y, self.x = cat(self.z0hat, other.z0hat), cat(self.z0y, other.z0y), cat(self.x, other.x)
+        self.pruned = cat(self.pruned, other.pruned)
+        self.trajectory = [cat(a, b) for a, b in zip(self.trajectory, other.trajectory)]
+        self.streams = self.streams.concat(other.streams)
         first = {img: k for k, img in reversed(list(enumerate(self.image_ids.tolist())))}
         pids = self.particle_ids.tolist()
         self.keep(sorted(range(len(self)), key=lambda r: (first[int(self.image_ids[r])], pids[r])))
@@ -104,7 +144,7 @@ class ParticleBatch:
             zt=self.zt[idx], y=self.y[idx], image_ids=self.image_ids[idx.to(self.image_ids.device)],
             particle_ids=self.particle_ids[idx.to(self.particle_ids.device)],
             streams=self.streams.select(rows), z0hat=cut(self.z0hat), z0y=cut(self.z0y), x=cut(self.x),
-            trajectory=[cut(t) for t in self.trajectory], nan_events=[],
+            pruned=cut(self.pruned), trajectory=[cut(t) for t in self.trajectory], nan_events=[],
         )
 
 
@@ -163,7 +203,8 @@ Callback = Callable[[Dict], None]
 def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, hooks: Sequence[SamplerHook] = (),
                 callback: Optional[Callback] = None) -> None:
     """Run LatentDAPS in place on `batch`; `batch.x` holds the decoded result.  `callback` observes:
-    {"stage", "step", "sigma", "time", "batch"} at "begin", after "ode", "mcmc", each "step", and at "end"."""
+    {"stage", "step", "sigma", "time", "batch"} at "begin", after "ode", "mcmc", each "step", after the
+    end hooks ("end_hooks") and at "end"."""
     a = cfg.annealing
     sigmas = EDMScheduler(a.num_steps, a.sigma_max, a.sigma_min, a.timestep).sigma_steps
     observe = _observer(callback, batch, float(sigmas[0]))  # reports "begin" now
@@ -174,8 +215,9 @@ def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, hooks: S
         score = model.score
         for hook in hooks:
             score = hook.wrap_score(score, batch, ctx)
-        ode_schedule = EDMScheduler(cfg.ode.num_steps, sigmas[i], cfg.ode.sigma_min, a.timestep)
-        batch.z0hat = DiffusionPFODE(score, ode_schedule).sample(batch.zt)
+        ode = DiffusionPFODE(score, EDMScheduler(cfg.ode.num_steps, sigmas[i], cfg.ode.sigma_min, a.timestep))
+        batch.z0hat = ode.sample(batch.zt)  # a row with a non-finite score stops at its last finite state
+        batch.record_nonfinite(ode.nonfinite_rows, i, "score")
         observe("ode", ctx)
         # 2. MCMC on p(z0 | z_t, y) started at z0hat (DAPS: lr ratio = i / number of time points)
         mcmc = run_mcmc(model, operator, batch.y, batch.zt, batch.z0hat, sigmas[i].to(batch.zt.device),
@@ -191,6 +233,8 @@ def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, hooks: S
         observe("step", ctx)
     for hook in hooks:
         hook.on_end(batch, ctx)
+    observe("end_hooks", ctx)
+    batch.thaw()  # masking: the frozen particles are decoded with the others
     with torch.no_grad():
         batch.x = model.decode(batch.zt)
     observe("end", ctx)

@@ -150,11 +150,11 @@ class PruningConfig:
     dino_weights_path: str = "checkpoints/dino_deitsmall16_pretrain.pth"
 
     def __post_init__(self) -> None:
-        _check_choice("pruning_mode", self.mode, ("slicing", "masking"))
+        _check_choice("pruning_mode", self.mode, ("slicing", "masking", "shadow"))
         _check_choice("pruning_criterion", self.criterion, ("loss", "diversity"))
         _check_range("pruning_diversity_tol", self.diversity_tol, 0)
         _check_range("pruning_keep", self.keep, 1)
-        if self.refill and self.mode != "slicing":  # masking keeps every row: there is nothing to refill
+        if self.refill and self.mode != "slicing":  # masking/shadow keep every particle: nothing to refill
             raise ConfigError(f"pruning_refill=true needs pruning_mode=slicing (got {self.mode})")
 
     @property

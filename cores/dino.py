@@ -222,4 +222,10 @@ class DinoFeatureExtractor(nn.Module):
         return t[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS features; the call is counted as `dino` rows when a compute meter is counting."""
+        from cores.compute import counted_call
+
+        return counted_call("dino", self._features_of, x)
+
+    def _features_of(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.preprocess(x))

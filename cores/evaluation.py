@@ -8,6 +8,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .compute import run_compute
+
 _LPIPS_STATE: Dict[str, object] = {}
 
 
@@ -85,9 +87,12 @@ def orientation(p: Optional[float], p_twin: Optional[float], margin_db: float) -
 
 def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses: torch.Tensor,
                  particle_ids: Sequence[int], success_psnr: float, use_lpips: bool = True,
-                 orientation_margin_db: float = 1.0, measurement_numel: Optional[int] = None) -> Dict:
+                 orientation_margin_db: float = 1.0, measurement_numel: Optional[int] = None,
+                 pruned: Optional[Sequence[bool]] = None) -> Dict:
     """Per-image entry of metrics.json: per particle PSNR/SSIM/LPIPS, twin PSNR, orientation, loss,
-    best/selected.  `measurement_numel` (elements of one measurement) adds the per-element loss."""
+    best/selected.  `measurement_numel` (elements of one measurement) adds the per-element loss.
+    `pruned` flags particles removed by pruning (masking/shadow keep them in the outputs): the
+    oracle `best_idx` looks at every particle, loss selection (`selected_idx`) at the kept ones."""
     twin = gt.flip(-2, -1)
     ok = torch.isfinite(samples).flatten(1).all(dim=1)  # piq rejects NaN: score finite rows, NaN the rest
     samples = torch.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
@@ -100,7 +105,9 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
     loss = [float(v) for v in losses.tolist()]
     finite = [i for i, v in enumerate(p) if math.isfinite(v) and math.isfinite(loss[i])]
     best = max(finite, key=lambda i: p[i]) if finite else None
-    selected = min(finite, key=lambda i: loss[i]) if finite else None
+    pruned = [bool(v) for v in pruned] if pruned is not None else [False] * len(p)
+    kept = [i for i in finite if not pruned[i]]
+    selected = min(kept, key=lambda i: loss[i]) if kept else None
     correct = any(p[i] >= success_psnr and p[i] >= pt[i] for i in finite)
     twin_found = any(pt[i] >= success_psnr and pt[i] > p[i] for i in finite)
     orient = [orientation(p[i], pt[i], float(orientation_margin_db)) if i in finite else "unclear"
@@ -114,6 +121,7 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
         "lpips": [finite_or_none(v) if v is not None else None for v in lp],
         "psnr_twin": [finite_or_none(v) for v in pt],
         "measurement_loss": [finite_or_none(v) for v in loss],
+        "pruned": pruned,
         "best_idx": best,
         "selected_idx": selected,
         "success": bool(correct),
@@ -185,7 +193,18 @@ def summarize(images: List[Dict]) -> Dict:
         "non_finite_particles": sum(len(r.get("non_finite_particles", [])) for r in images),
         "orientation": orientation_summary(images),
         "measurement_loss_unit": MEASUREMENT_LOSS_UNIT,
+        "time_segments": time_segment_totals(images),
+        **run_compute(images),
     }
+
+
+def time_segment_totals(images: List[Dict]) -> Dict[str, float]:
+    """Seconds per phase summed over the run's images (records without `time_segments` add nothing)."""
+    out: Dict[str, float] = {}
+    for r in images:
+        for name, sec in (r.get("time_segments") or {}).items():
+            out[name] = out.get(name, 0.0) + float(sec)
+    return out
 
 
 def orientation_summary(images: List[Dict]) -> Dict:

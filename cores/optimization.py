@@ -179,9 +179,14 @@ class OptimizationHook(SamplerHook):
         keys = ("init_losses", "final_losses", "final_iters", "termination_reasons", "accepted_mask",
                 "total_time_seconds")
         summary = {"particle_ids": s["particle_ids"], **{k: s["line"][k] for k in keys}}
-        # scored against the ground truth by the pipeline, in the order of the record's particles
-        order = [s["particle_ids"].index(p) for p in record["particle_ids"]]
-        before = {"before_optimization": s["x_init"][order]} if s["x_init"] is not None else {}
+        # scored against the ground truth by the pipeline, in the order of the record's particles; a
+        # particle frozen by masking-mode pruning was not optimised: a NaN image, scored as null
+        before = {}
+        if s["x_init"] is not None:
+            x, ids = s["x_init"], s["particle_ids"]
+            gone = torch.full_like(x[0], float("nan"))
+            before["before_optimization"] = torch.stack([x[ids.index(p)] if p in ids else gone
+                                                         for p in record["particle_ids"]])
         return ImageOutput(record={"optimization": summary}, jsonl={"optimization": [s["line"]]},
                            scored_images=before)
 

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from cores.compute import ComputeMeter, instrument_model
 from cores.config import RunConfig, build_run_config
 from cores.data import ImageFolder
 from cores.errors import ConfigError
@@ -128,27 +129,57 @@ def decode_frames(model, latents: List[torch.Tensor], every: int, device) -> Lis
 
 
 class StepTimer:
-    """The sampler callback of a run: per-step wall time, progress bar, XLA step marker."""
+    """The sampler callback of a run: per-step wall time, time per phase, progress bar, XLA step marker.
+    Every timestamp is the sampler's own, taken after the GPU finished the stage."""
 
     def __init__(self, pbar: tqdm, images: int, xla_mark_step=None):
         self.pbar, self.images, self.mark_step = pbar, images, xla_mark_step
         self.per_step_sec: List[float] = []
+        self.step_end: Dict[int, float] = {}   # step -> time its "step" stage ended
+        self.marks: Dict[str, float] = {}      # "begin", "end_hooks", "end" -> time
         self._t0 = 0.0
 
     def __call__(self, info: Dict) -> None:
+        if info["stage"] in ("begin", "end_hooks", "end"):
+            self.marks[info["stage"]] = info["time"]
         if info["stage"] == "begin":
             self._t0 = info["time"]
         elif info["stage"] == "step":
             if self.mark_step is not None:
                 self.mark_step()
             self.per_step_sec.append(info["time"] - self._t0)
-            self._t0 = info["time"]
+            self.step_end[info["step"]] = self._t0 = info["time"]
             self.pbar.update(self.images)
+
+    def segments(self, pruning: bool, prune_step: Optional[int], optimization: bool) -> Dict[str, float]:
+        """Seconds per phase of the batch (record field `time_segments`, before sharing among images).
+
+        `optimization`: the end hooks, from the last step to just before the final decode (hard data
+        consistency).  The rest, begin → end, is `sampling`; with pruning on it is split at the end of
+        the prune step (the pruning itself included) into `pre_pruning` and `post_pruning` (the later
+        steps and the final decode; 0 when the prune never fired)."""
+        begin, end = self.marks["begin"], self.marks["end"]
+        last = self.step_end[max(self.step_end)] if self.step_end else begin
+        out: Dict[str, float] = {}
+        opt = self.marks["end_hooks"] - last if optimization else 0.0
+        sampling = end - begin - opt
+        if pruning:
+            pre = self.step_end[prune_step] - begin if prune_step in self.step_end else sampling
+            out.update(pre_pruning=pre, post_pruning=sampling - pre)
+        else:
+            out["sampling"] = sampling
+        if optimization:
+            out["optimization"] = opt
+        return out
 
 
 def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_ids: List[int],
-              hooks: List[SamplerHook], folder: RunFolder, device, pbar: tqdm) -> None:
-    """Sample one batch of images and write each image's files and record."""
+              hooks: List[SamplerHook], folder: RunFolder, device, pbar: tqdm,
+              meter: Optional[ComputeMeter] = None) -> None:
+    """Sample one batch of images and write each image's files and record (with its time per phase
+    and, when `meter` counts, its network evaluations)."""
+    from cores.pruning import PruningHook
+
     x = torch.stack([dataset[i - dataset.start_id] for i in image_ids]).to(device)
     with torch.no_grad():
         gt = model.reference_image(x)
@@ -156,9 +187,13 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
     batch = initial_batch(model, y, image_ids, config.num_samples, config.seed, config.sampler.annealing.sigma_max,
                           device)
     timer = StepTimer(pbar, len(image_ids), _xla_mark_step() if config.use_tpu else None)
+    meter = meter or ComputeMeter()
     t0 = time.perf_counter()
-    latent_daps(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
+    with meter.counting(lambda: batch.image_ids):  # every network call is counted for its rows' images
+        latent_daps(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
     elapsed = time.perf_counter() - t0
+    prune_step = next((h.fired_step for h in hooks if isinstance(h, PruningHook)), None)
+    segments = timer.segments(config.pruning.on, prune_step, config.optimization.enabled)
     with torch.no_grad():
         losses = operator.loss(batch.x, batch.y)
     share = 1.0 / len(image_ids)  # images of one batch share its wall time equally
@@ -167,8 +202,11 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
         pids = batch.particle_ids[rows].tolist()
         ev = config.eval
         rec = image_record(idx, batch.x[rows].cpu(), gt[k].cpu(), losses[rows].cpu(), pids, ev.success_psnr,
-                           ev.lpips, orientation_margin_db=ev.orientation_margin_db, measurement_numel=y[k].numel())
+                           ev.lpips, orientation_margin_db=ev.orientation_margin_db, measurement_numel=y[k].numel(),
+                           pruned=batch.pruned[rows].tolist())
         rec["time_sec"] = elapsed * share
+        rec["time_segments"] = {name: sec * share for name, sec in segments.items()}
+        rec.update(meter.take(idx))
         rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}
         rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
         logs, frames = collect_outputs(config, model, hooks, batch, idx, rec, gt[k].cpu(), device)
@@ -193,8 +231,10 @@ def collect_outputs(config: RunConfig, model, hooks: List[SamplerHook], batch, i
             logs.setdefault(name, []).extend(lines)
         for sub, per_particle in out.trajectories.items():
             frames[sub] = {p: decode_frames(model, z, config.traj_every, device) for p, z in per_particle.items()}
-        for name, images in out.scored_images.items():
-            rec[f"psnr_{name}"] = [finite_or_none(v) for v in psnr(torch.nan_to_num(images), gt).tolist()]
+        for name, images in out.scored_images.items():  # a non-finite image scores null
+            ok = torch.isfinite(images).flatten(1).all(dim=1).tolist()
+            rec[f"psnr_{name}"] = [finite_or_none(v) if good else None
+                                   for v, good in zip(psnr(torch.nan_to_num(images), gt).tolist(), ok)]
     return logs, frames
 
 
@@ -266,18 +306,20 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
 
     model = build_model(config.model, device)
     apply_speed(model, config.speed)  # speed switches (all off = the exact path)
+    instrument_model(model)  # network evaluations per image (cores/compute.py)
     if model.image_resolution != config.data.resolution:
         raise ConfigError(f"data.resolution={config.data.resolution} but model {config.model.get('name')} renders "
                           f"{model.image_resolution} px images")
     operator = get_operator(**config.task)
     hooks = build_hooks(config, model, device, vram)
+    meter = ComputeMeter()
     vram.start()
     bs = config.batch_size
     steps = config.sampler.annealing.num_steps
     with tqdm(total=len(todo) * steps, desc=config.name, unit="img·step", file=sys.stderr,
               disable=not show_progress) as pbar:
         for k in range(0, len(todo), bs):
-            run_batch(config, model, operator, dataset, todo[k:k + bs], hooks, folder, device, pbar)
+            run_batch(config, model, operator, dataset, todo[k:k + bs], hooks, folder, device, pbar, meter)
             if show_progress:  # one writer of the intermediate summary (rank 0)
                 write_summary(folder, config, run_metadata(device, start, vram))
 
@@ -317,17 +359,20 @@ def merge_metadata(per_rank: List[Dict]) -> Dict:
     merged = json.loads(json.dumps(per_rank[0]))
     if len(per_rank) == 1:
         return merged
-    peaks = [m["vram"]["peak_memory_mb"] for m in per_rank if m["vram"]["peak_memory_mb"] is not None]
-    merged["vram"]["peak_memory_mb"] = max(peaks) if peaks else None
+    for key in ("peak_memory_mb", "peak_reserved_mb"):
+        peaks = [m["vram"].get(key) for m in per_rank if m["vram"].get(key) is not None]
+        merged["vram"][key] = max(peaks) if peaks else None
     for m in per_rank[1:]:
-        for k, v in m["vram"]["segments"].items():
-            merged["vram"]["segments"][k] = max(v, merged["vram"]["segments"].get(k, v))
+        for seg in ("segments", "segments_reserved"):
+            for k, v in (m["vram"].get(seg) or {}).items():
+                merged["vram"].setdefault(seg, {})[k] = max(v, merged["vram"][seg].get(k, v))
     merged["metadata"]["world_size"] = len(per_rank)
     merged["metadata"]["wall_time_sec"] = max(m["metadata"]["wall_time_sec"] for m in per_rank)
     merged["metadata"]["wall_time_sum_over_ranks_sec"] = sum(m["metadata"]["wall_time_sec"] for m in per_rank)
     merged["metadata"]["ranks"] = [{"rank": r, "device": m["metadata"]["device"],
                                     "gpu_name": m["metadata"]["gpu_name"],
                                     "peak_memory_mb": m["vram"]["peak_memory_mb"],
+                                    "peak_reserved_mb": m["vram"].get("peak_reserved_mb"),
                                     "wall_time_sec": m["metadata"]["wall_time_sec"]}
                                    for r, m in enumerate(per_rank)]
     return merged

@@ -19,10 +19,19 @@ Criteria, evaluated per image on the current `z0y` (after MCMC):
   modes have (nearly) equal loss but lie far apart in pixel space, which is
   what this rule is meant to keep.
 
-Modes: `slicing` cuts every per-row tensor of the batch (`ParticleBatch.keep`),
-so later steps run on fewer particles; `masking` only flags the particles, and
-the image's record reports the pruning regret (did the flagged particles
-include the one that ended best by PSNR?).
+Modes (every mode prunes the same particles, and the kept ones follow exactly the same path
+in all three: per-particle streams, row-independent steps):
+- `slicing` cuts every per-row tensor of the batch (`ParticleBatch.keep`), so later steps run
+  on fewer particles; the pruned ones are gone from the outputs.
+- `masking` freezes the pruned particles at their z0y of the prune step (`ParticleBatch.freeze`):
+  afterwards they do no ODE, MCMC or gradient work (nor hard data consistency), and they are
+  decoded with the others at the end.  Same compute as slicing plus one final decode per
+  pruned particle.
+- `shadow` flags them and lets them run on to the end, to measure what pruning gave up; they
+  form their own repulsion group, so they never push the kept particles.
+In masking and shadow the record lists every particle with a `pruned` flag; loss selection
+(`selected_idx`) picks among the kept ones, the oracle `best_idx` among all, and the pruning
+regret says whether the best final particle (by PSNR) was a pruned one.
 
 Refill (`pruning_refill`, slicing only; TDP-style branching): right after the
 cut, each image is brought back to the particle count it had, by cloning the
@@ -82,7 +91,7 @@ def select_by_diversity(losses: torch.Tensor, features: torch.Tensor, keep: int,
 
 def pruning_regret(psnr: Sequence[Optional[float]], particle_ids: Sequence[int],
                    pruned_ids: Sequence[int]) -> Dict:
-    """Regret of a masking-mode prune: did the flagged particles include the best final one (by PSNR)?"""
+    """Regret of a masking/shadow-mode prune: did the pruned particles include the best final one (by PSNR)?"""
     vals = {int(p): v for p, v in zip(particle_ids, psnr) if v is not None and math.isfinite(v)}
     pruned = {int(p) for p in pruned_ids}
     kept_v = [v for p, v in vals.items() if p not in pruned]
@@ -112,6 +121,7 @@ class PruningHook(SamplerHook):
         self._time: Dict[int, float] = {}             # image_idx -> seconds spent pruning it
         self._pruned_traj: Dict[int, Dict[int, List[torch.Tensor]]] = {}  # image -> particle -> z0y latents
         self._did_prune = False                       # for the batch in flight
+        self.fired_step: Optional[int] = None         # the step the batch in flight was pruned at
 
     @classmethod
     def from_config(cls, cfg: PruningConfig, vram: Optional[VramMeter] = None) -> Optional["PruningHook"]:
@@ -135,13 +145,13 @@ class PruningHook(SamplerHook):
     # ------------------------------------------------------------------ hook points
     def on_step(self, batch: ParticleBatch, ctx: StepContext) -> None:
         if ctx.step == 0:
-            self._did_prune = False
+            self._did_prune, self.fired_step = False, None
         if self._did_prune:
             return
         trigger = self.trigger(ctx)
         if trigger is None:
             return
-        self._did_prune = True
+        self._did_prune, self.fired_step = True, ctx.step
         t0 = time.perf_counter()
         self.vram.mark("pre_pruning")
         with torch.no_grad():
@@ -173,7 +183,7 @@ class PruningHook(SamplerHook):
                 "losses": [finite_or_none(v) for v in l.tolist()], "kept_indices": kept_ids,
                 "pruned_indices": [pids[i] for i in pruned], "kept_losses": [finite_or_none(l[i]) for i in local],
                 "batch_before": len(pids),
-                "batch_after": len(kept_ids) if self.cfg.mode == "slicing" else len(pids),
+                "batch_after": len(pids) if self.cfg.mode == "shadow" else len(kept_ids),
                 "did_prune": True, "trigger": trigger, "mode": self.cfg.mode,
             }
             if refill:
@@ -186,8 +196,13 @@ class PruningHook(SamplerHook):
         share = (time.perf_counter() - t0) / max(1, len(images))
         for img in images:
             self._time[img] = share
+        pruned_rows = sorted(set(range(len(batch))) - set(keep_rows))
         if self.cfg.mode == "slicing":
             batch.keep(sorted(keep_rows))
+        elif self.cfg.mode == "masking":
+            batch.freeze(pruned_rows)
+        else:  # shadow: flagged, running on
+            batch.pruned[torch.as_tensor(pruned_rows, dtype=torch.long, device=batch.pruned.device)] = True
         if clones:
             row = {(int(i), int(p)): r for r, (i, p) in enumerate(zip(batch.image_ids.tolist(),
                                                                        batch.particle_ids.tolist()))}
@@ -215,7 +230,7 @@ class PruningHook(SamplerHook):
         summary = {k: line[k] for k in keys} | {"criterion": self.cfg.criterion,
                                                  "prune_time_sec": self._time.pop(int(image_idx), 0.0)}
         if line["did_prune"]:
-            if self.cfg.mode == "masking":
+            if self.cfg.mode != "slicing":
                 summary.update(pruning_regret(record["psnr"], record["particle_ids"], line["pruned_indices"]))
             else:  # slicing cannot know what the pruned particles would have become
                 summary.update({"pruning_regret": None, "best_kept_psnr": None, "best_pruned_psnr": None,
@@ -233,7 +248,7 @@ class PruningHook(SamplerHook):
 
 
 def summarize(records: List[Dict]) -> Dict:
-    """Run totals of pruning from the image records: images pruned, time, regret (masking mode)."""
+    """Run totals of pruning from the image records: images pruned, time, regret (masking/shadow modes)."""
     from cores.evaluation import wilson_ci
 
     pru = [r["pruning"] for r in records if isinstance(r.get("pruning"), dict)]

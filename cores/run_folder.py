@@ -50,6 +50,8 @@ def read_record(path: Path) -> Tuple[Optional[Dict], str]:
             wrong.append(k)
     if not isinstance(rec.get("saved_particles", []), list):
         wrong.append("saved_particles")
+    if "pruned" in rec and (not isinstance(rec["pruned"], list) or len(rec["pruned"]) != n):
+        wrong.append("pruned")
     if wrong:
         return None, "bad " + ", ".join(wrong)
     if Path(path).stem != f"{rec['image_idx']:05d}":

@@ -7,7 +7,7 @@ given (the sampler hands it the model's score, possibly wrapped by a hook).
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, List, Union
 
 import numpy as np
 import torch
@@ -51,15 +51,25 @@ class DiffusionPFODE:
     def __init__(self, score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler: EDMScheduler):
         self.score_fn = score_fn
         self.scheduler = scheduler
+        self.nonfinite_rows: List[int] = []  # rows of the last `sample` whose score was not finite
 
     def derivative(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return -sigma * self.score_fn(z, sigma)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor) -> torch.Tensor:
+        """Integrate from the scheduler's σ_max to its last point.  Guard rail: a row whose score
+        (with whatever a hook added, e.g. repulsion) is not finite stops where it is, at its last
+        finite state, for the rest of this solve; the rows are listed in `nonfinite_rows` and the
+        other rows are untouched (the MCMC contains a non-finite row the same way)."""
         ts = self.scheduler.time_steps
+        finite = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
         for k in range(len(ts) - 1):
             t0 = ts[k].to(z.device)
             dt = (ts[k + 1] - ts[k]).to(device=z.device, dtype=z.dtype)
-            z = z + dt * self.derivative(z, t0.to(z.dtype))
+            sigma = t0.to(z.dtype)
+            score = self.score_fn(z, sigma)
+            finite &= torch.isfinite(score).flatten(1).all(dim=1)
+            z = torch.where(finite.view(-1, *[1] * (z.dim() - 1)), z + dt * (-sigma * score), z)
+        self.nonfinite_rows = (~finite).nonzero().flatten().tolist()  # one device sync per solve
         return z

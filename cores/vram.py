@@ -2,7 +2,11 @@
 
 Hooks mark segment boundaries; every reading also folds into the whole-run peak, so a
 hook that starts a new segment can never hide an earlier, higher peak (PROJECT.md §2).
-On CPU every reading is None.
+Two readings each: allocated (`max_memory_allocated`, the tensors alive at the peak) and reserved
+(`max_memory_reserved`, what the caching allocator holds from the driver: allocated plus its cache).
+nvidia-smi shows the reserved figure plus the CUDA context (≈ 0.5 GB, not visible to PyTorch).
+The cache is never handed back between segments, so a later segment's reserved reading includes
+what an earlier one left cached.  On CPU every reading is None.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ class VramMeter:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.peak_mb: Optional[float] = None
+        self.peak_reserved_mb: Optional[float] = None
         self.segments: Dict[str, float] = {}
+        self.segments_reserved: Dict[str, float] = {}
 
     @property
     def active(self) -> bool:
@@ -31,12 +37,16 @@ class VramMeter:
         if not self.active:
             return
         mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        res = torch.cuda.max_memory_reserved(self.device) / 2 ** 20
         self.peak_mb = mb if self.peak_mb is None else max(self.peak_mb, mb)
+        self.peak_reserved_mb = res if self.peak_reserved_mb is None else max(self.peak_reserved_mb, res)
         if segment is not None:
             self.segments[segment] = max(mb, self.segments.get(segment, 0.0))
+            self.segments_reserved[segment] = max(res, self.segments_reserved.get(segment, 0.0))
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def summary(self) -> Dict:
-        """The `vram` block of metrics.json: the whole-run peak and the segments."""
+        """The `vram` block of metrics.json: the whole-run peaks and the segments, allocated and reserved."""
         self.mark()
-        return {"peak_memory_mb": self.peak_mb, "segments": dict(self.segments)}
+        return {"peak_memory_mb": self.peak_mb, "peak_reserved_mb": self.peak_reserved_mb,
+                "segments": dict(self.segments), "segments_reserved": dict(self.segments_reserved)}

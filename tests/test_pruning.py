@@ -1,4 +1,4 @@
-"""Once-only pruning: triggers, criteria, slicing everywhere, per-image independence, masking regret."""
+"""Once-only pruning: triggers, criteria, slicing everywhere, per-image independence, the three modes."""
 import json
 from pathlib import Path
 
@@ -103,18 +103,84 @@ def test_several_images_pruned_independently_equal_to_alone(toy):
         assert torch.allclose(both.x[rows], alone.x, atol=1e-5)
 
 
-def test_masking_keeps_all_and_reports_regret(toy):
+def test_shadow_keeps_all_running_and_reports_regret(toy):
     model, op, gt = toy
-    batch, hook, obs, _ = _run(toy, [0], 4, PruningConfig(step=3, keep=2, mode="masking", sigma_break=None))
+    batch, hook, obs, _ = _run(toy, [0], 4, PruningConfig(step=3, keep=2, mode="shadow", sigma_break=None))
     assert obs.sizes == [4] * 8 and len(batch) == 4
     rec = hook.lines[0]
     assert rec["batch_after"] == 4 and len(rec["pruned_indices"]) == 2
+    assert batch.pruned.tolist() == [p in rec["pruned_indices"] for p in batch.particle_ids.tolist()]
     p = psnr(batch.x, gt[0:1]).tolist()
     image = {"image_idx": 0, "psnr": p, "particle_ids": batch.particle_ids.tolist()}
     image.update(hook.image_output(0, image).record)
     best = max(range(4), key=lambda i: p[i])
     assert image["pruning"]["pruning_regret"] == (best in rec["pruned_indices"])
     assert summarize([image])["regret_images"] == int(best in rec["pruned_indices"])
+
+
+def _by_particle(batch, ids):
+    rows = {int(p): r for r, p in enumerate(batch.particle_ids.tolist())}
+    return [rows[p] for p in ids]
+
+
+def test_modes_prune_alike_kept_identical_masking_frozen_shadow_running(toy):
+    """The three modes prune the same particles and their kept particles are bit-identical; masking's
+    pruned particles stay at their z0y of the prune step (no later work), shadow's run on."""
+    model = toy[0]
+    runs = {m: _run(toy, [0], 4, PruningConfig(step=3, keep=2, mode=m, sigma_break=None))
+            for m in ("slicing", "masking", "shadow")}
+    kept = runs["slicing"][1].lines[0]["kept_indices"]
+    pruned = sorted(set(range(4)) - set(kept))
+    assert all(h.lines[0]["kept_indices"] == kept for _, h, _, _ in runs.values())
+    sl = runs["slicing"][0]
+    assert runs["masking"][2].sizes == [4] * 4 + [2] * 4       # frozen rows take no later step
+    assert runs["shadow"][2].sizes == [4] * 8
+    for mode in ("masking", "shadow"):
+        b = runs[mode][0]
+        assert len(b) == 4 and b.particle_ids.tolist() == [0, 1, 2, 3]
+        k_rows = _by_particle(b, sorted(kept))
+        assert torch.equal(b.x[k_rows], sl.x) and torch.equal(b.zt[k_rows], sl.zt)
+        assert b.pruned.tolist() == [p in pruned for p in range(4)]
+        assert runs[mode][1].lines[0]["batch_after"] == (2 if mode == "masking" else 4)
+    masked, shadow = runs["masking"][0], runs["shadow"][0]
+    p_rows = _by_particle(masked, pruned)
+    z0y_at_prune = shadow.trajectory[3][p_rows]                # identical in every mode up to the prune
+    assert torch.equal(masked.zt[p_rows], z0y_at_prune)
+    assert all(torch.equal(t[p_rows], z0y_at_prune) for t in masked.trajectory[3:])
+    assert torch.equal(masked.x[p_rows], model.decode(z0y_at_prune))
+    assert not torch.equal(shadow.zt[p_rows], z0y_at_prune)    # shadow particles kept moving
+
+
+def test_pruned_flag_selection_among_kept_oracle_among_all(toy):
+    """selected_idx (lowest loss) is taken among the kept particles, best_idx (PSNR) among all."""
+    from cores.evaluation import image_record
+
+    model, op, gt = toy
+    x = torch.stack([gt[0], gt[0].flip(-2, -1), gt[1], gt[0] * 0.5])  # particle 0 is the exact image
+    losses = torch.tensor([0.0, 1.0, 3.0, 2.0])
+    plain = image_record(0, x, gt[0], losses, [0, 1, 2, 3], 20.0, use_lpips=False)
+    assert plain["best_idx"] == 0 and plain["selected_idx"] == 0 and plain["pruned"] == [False] * 4
+    rec = image_record(0, x, gt[0], losses, [0, 1, 2, 3], 20.0, use_lpips=False,
+                       pruned=[True, True, False, False])
+    assert rec["best_idx"] == 0 and rec["selected_idx"] == 3 and rec["pruned"] == [True, True, False, False]
+
+
+def test_masking_pipeline_records_every_particle_with_flags(tmp_path):
+    from conftest import compose
+    from cores.pipeline import run
+
+    cfg = compose(["sampler.annealing.num_steps=6", "sampler.mcmc.num_steps=2", "data.end_id=1", "num_samples=3",
+                   "eval.lpips=false", f"save_dir={tmp_path}", "name=run", "pruning_step=2", "pruning_keep=2",
+                   "pruning_mode=masking", "hard_data_consistency=1", "optimization_max_iters=2"])
+    (rec,) = run(cfg)["images"]
+    assert rec["particle_ids"] == [0, 1, 2] and sum(rec["pruned"]) == 1
+    gone = rec["pruned"].index(True)
+    assert rec["pruning"]["pruned_indices"] == [gone] and rec["pruning"]["pruning_regret"] is not None
+    assert rec["selected_idx"] != gone
+    # the frozen particle did no hard data consistency: no before-optimisation PSNR
+    assert rec["optimization"]["particle_ids"] == [p for p in range(3) if p != gone]
+    assert rec["psnr_before_optimization"][gone] is None
+    assert all(rec["psnr_before_optimization"][i] is not None for i in range(3) if i != gone)
 
 
 def test_regret_helper():
