@@ -132,3 +132,40 @@ def test_hmc_runs_and_differs_from_langevin(toy):
     lang = _run(model, op, gt, [0], 2, DAPSConfig.with_steps(4, mcmc=MCMCConfig(num_steps=3)))
     hmc = _run(model, op, gt, [0], 2, DAPSConfig.with_steps(4, mcmc=MCMCConfig(algo="hmc", num_steps=3, lr=2.1e-5)))
     assert torch.isfinite(hmc.x).all() and not torch.equal(lang.x, hmc.x)
+
+
+def test_nonfinite_score_names_step_and_particle_and_is_contained(toy):
+    """Guard rail: a score entering the PF-ODE that is not finite (here planted by a hook, as a
+    diverging repulsion force would be) holds that row at its last finite state for the solve, names
+    step and particle in nan_events, and leaves every other row bit-identical."""
+    from sampler import SamplerHook
+
+    class Poison(SamplerHook):
+        def wrap_score(self, score_fn, batch, ctx):
+            if ctx.step != 2:
+                return score_fn
+
+            def poisoned(z, sigma):
+                s = score_fn(z, sigma).clone()
+                s[1] = float("inf")
+                return s
+            return poisoned
+
+    model, _, op, gt = toy
+    cfg = DAPSConfig.with_steps(6, mcmc=MCMCConfig(num_steps=4))
+    y = measure_images(op, gt[[0]], [0], 42)
+    clean = initial_batch(model, y, [0], 3, 42, cfg.annealing.sigma_max, torch.device("cpu"))
+    latent_daps(model, op, clean, cfg)
+    dirty = initial_batch(model, y, [0], 3, 42, cfg.annealing.sigma_max, torch.device("cpu"))
+    class Look(SamplerHook):
+        def on_step(self, batch, ctx):
+            if ctx.step == 2:  # z_t is still the step's input here
+                self.held = torch.equal(batch.z0hat[1], batch.zt[1])
+                self.moved = [not torch.equal(batch.z0hat[r], batch.zt[r]) for r in (0, 2)]
+
+    look = Look()
+    latent_daps(model, op, dirty, cfg, hooks=[Poison(), look])
+    assert look.held and all(look.moved)  # the row stopped at its last finite state (the first Euler point)
+    assert dirty.nan_events == [{"step": 2, "image_idx": 0, "particle": 1, "stage": "score"}]
+    assert torch.equal(dirty.x[[0, 2]], clean.x[[0, 2]])
+    assert torch.isfinite(dirty.x[1]).all() and not torch.equal(dirty.x[1], clean.x[1])
