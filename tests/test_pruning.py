@@ -249,3 +249,21 @@ def test_pruning_step_exact_when_repulsion_off(tmp_path):
                    "repulsion_scale=1"])
     rec = run(cfg)["images"][0]["pruning"]
     assert rec["prune_step"] == 30 and rec["trigger"] == "transition"  # σ_29 ≥ 1.0 > σ_30
+
+
+def test_kept_identical_across_modes_with_repulsion_on_after_the_prune(toy):
+    """Shadow particles form their own repulsion group: they never push the kept ones."""
+    from cores.config import RepulsionConfig
+    from repulsion import RepulsionHook
+
+    model, op, gt = toy
+    y = measure_images(op, gt[[0]], [0], 42)
+    out = {}
+    for mode in ("slicing", "masking", "shadow"):
+        batch = initial_batch(model, y, [0], 4, 42, CFG.annealing.sigma_max, torch.device("cpu"))
+        rep = RepulsionHook(RepulsionConfig(scale=5.0, sigma_break=0.0, feature="pixel"), model)
+        hook = PruningHook(PruningConfig(step=3, keep=2, mode=mode, sigma_break=None))
+        latent_daps(model, op, batch, CFG, hooks=[rep, hook])
+        kept = hook.lines[0]["kept_indices"]
+        out[mode] = batch.x[_by_particle(batch, sorted(kept))]
+    assert torch.equal(out["masking"], out["slicing"]) and torch.equal(out["shadow"], out["slicing"])
