@@ -2,8 +2,9 @@
 
 Cases = (image, seed) pairs; each case runs 4 independent LatentDAPS particles
 on the two-mode toy posterior (the image and its rot180 twin).  Pruning is
-evaluated in masking mode: both criteria look at the same step-`step` state and
-flag 2 of 4 particles; since the particles are independent chains (no
+evaluated in shadow mode (flagged particles run on; this mode was called masking
+before masking came to freeze them): both criteria look at the same step-`step`
+state and flag 2 of 4 particles; since the particles are independent chains (no
 repulsion), a flagged particle's final result is exactly what slicing would
 have discarded.  Regret = the best final particle (by PSNR to the ground truth)
 was flagged; orientation regret = some particle found the correct orientation
@@ -46,7 +47,7 @@ def run_seed(model, op, gt, ids: List[int], seed: int, daps: DAPSConfig, args, m
     batch = initial_batch(model, y, ids, args.particles, seed, daps.annealing.sigma_max, torch.device("cpu"))
     hooks = [PruningHook(PruningConfig(step=args.step, keep=args.keep, mode=mode, criterion=c,
                                        diversity_tol=args.tol, sigma_break=args.sigma_break))
-             for c in (("loss", "diversity") if mode == "masking" else ("loss",))]
+             for c in (("loss", "diversity") if mode == "shadow" else ("loss",))]
     t0, c0 = time.perf_counter(), time.process_time()
     stamps: List[float] = []
     latent_daps(model, op, batch, daps, hooks=hooks,
@@ -82,7 +83,7 @@ def main() -> None:
 
     cases, timing = [], []
     for seed in range(args.seeds):
-        res = run_seed(model, op, gt, ids, seed, daps, args, "masking")
+        res = run_seed(model, op, gt, ids, seed, daps, args, "shadow")
         b = res["batch"]
         for k, img in enumerate(ids):
             rows = b.rows_of_image(img)
