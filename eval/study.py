@@ -332,10 +332,14 @@ def hdc_summary(run) -> Dict:
         iters += finite(opt.get("final_iters") or [])
         if isinstance(before, list):
             images += 1
+            # accepted flags are in the optimisation's particle order (masking leaves frozen ones out)
+            opt_ids = opt.get("particle_ids")
+            pids = rec.get("particle_ids") or list(range(len(before)))
+            accepted_of = dict(zip(opt_ids, acc)) if isinstance(opt_ids, list) else dict(zip(pids, acc))
             for j, (a, b) in enumerate(zip(rec.get("psnr", []), before)):
                 if a is not None and b is not None:
                     deltas.append(float(a) - float(b))
-                    if j < len(acc) and acc[j]:
+                    if j < len(pids) and accepted_of.get(pids[j]):
                         deltas_acc.append(float(a) - float(b))
     return {"delta": mean_ci(deltas), "delta_accepted": mean_ci(deltas_acc), "images": images,
             "improved": sum(d > 0 for d in deltas), "accepted": rate(sum(accepted), len(accepted)),

@@ -13,7 +13,7 @@ def test_totals_after_resume_cover_all_images(tmp_path):
 
     base = ["sampler.annealing.num_steps=4", "sampler.mcmc.num_steps=2", "num_samples=2", "batch_size=1",
             "eval.lpips=false", "hard_data_consistency=1", "optimization_max_iters=3", "pruning_step=1",
-            "pruning_keep=1", "pruning_mode=masking", f"save_dir={tmp_path}", "name=r"]
+            "pruning_keep=1", "pruning_mode=shadow", f"save_dir={tmp_path}", "name=r"]
     run(compose(base + ["data.end_id=1"]))
     first = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert first["metadata"]["optimization"]["num_images"] == 1
