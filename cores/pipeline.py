@@ -178,8 +178,6 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
               meter: Optional[ComputeMeter] = None) -> None:
     """Sample one batch of images and write each image's files and record (with its time per phase
     and, when `meter` counts, its network evaluations)."""
-    from cores.pruning import PruningHook
-
     x = torch.stack([dataset[i - dataset.start_id] for i in image_ids]).to(device)
     with torch.no_grad():
         gt = model.reference_image(x)
@@ -192,8 +190,6 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
     with meter.counting(lambda: batch.image_ids):  # every network call is counted for its rows' images
         latent_daps(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
     elapsed = time.perf_counter() - t0
-    prune_step = next((h.fired_step for h in hooks if isinstance(h, PruningHook)), None)
-    segments = timer.segments(config.pruning.on, prune_step, config.optimization.enabled)
     with torch.no_grad():
         losses = operator.loss(batch.x, batch.y)
     share = 1.0 / len(image_ids)  # images of one batch share its wall time equally
@@ -205,11 +201,13 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
                            ev.lpips, orientation_margin_db=ev.orientation_margin_db, measurement_numel=y[k].numel(),
                            pruned=batch.pruned[rows].tolist())
         rec["time_sec"] = elapsed * share
-        rec["time_segments"] = {name: sec * share for name, sec in segments.items()}
         rec.update(meter.take(idx))
         rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}
         rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
         logs, frames = collect_outputs(config, model, hooks, batch, idx, rec, gt[k].cpu(), device)
+        prune_step = (rec.get("pruning") or {}).get("prune_step")  # the batch's, as its pruning hook reported
+        segments = timer.segments(config.pruning.on, prune_step, config.optimization.enabled)
+        rec["time_segments"] = {name: sec * share for name, sec in segments.items()}
         folder.write_logs_and_trajectories(idx, logs, frames)
         folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), config.save_samples)
 

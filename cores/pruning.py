@@ -121,7 +121,6 @@ class PruningHook(SamplerHook):
         self._time: Dict[int, float] = {}             # image_idx -> seconds spent pruning it
         self._pruned_traj: Dict[int, Dict[int, List[torch.Tensor]]] = {}  # image -> particle -> z0y latents
         self._did_prune = False                       # for the batch in flight
-        self.fired_step: Optional[int] = None         # the step the batch in flight was pruned at
 
     @classmethod
     def from_config(cls, cfg: PruningConfig, vram: Optional[VramMeter] = None) -> Optional["PruningHook"]:
@@ -145,13 +144,13 @@ class PruningHook(SamplerHook):
     # ------------------------------------------------------------------ hook points
     def on_step(self, batch: ParticleBatch, ctx: StepContext) -> None:
         if ctx.step == 0:
-            self._did_prune, self.fired_step = False, None
+            self._did_prune = False
         if self._did_prune:
             return
         trigger = self.trigger(ctx)
         if trigger is None:
             return
-        self._did_prune, self.fired_step = True, ctx.step
+        self._did_prune = True
         t0 = time.perf_counter()
         self.vram.mark("pre_pruning")
         with torch.no_grad():
