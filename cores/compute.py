@@ -89,14 +89,15 @@ class ComputeMeter:
 
     @contextlib.contextmanager
     def counting(self, owners: Callable[[], torch.Tensor]) -> Iterator["ComputeMeter"]:
-        """Count every network call meanwhile; `owners()` gives the image id of each row it sees."""
-        self._owners = owners
+        """Count every network call meanwhile; `owners()` gives the image id of each row it sees.
+        Nestable: an inner scope (a call on a subset of rows) restores the outer owners on exit."""
+        outer, self._owners = self._owners, owners
         _ACTIVE.append(self)
         try:
             yield self
         finally:
-            _ACTIVE.remove(self)
-            self._owners = None
+            _ACTIVE.pop()
+            self._owners = outer
 
     # ------------------------------------------------------------------ recording
     def record(self, net: str, x: torch.Tensor, out: Any, exact: Callable, args: tuple, kwargs: dict) -> None:

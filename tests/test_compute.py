@@ -179,3 +179,15 @@ def test_pipeline_plain_run_has_one_sampling_segment(tmp_path):
     (rec,) = run(cfg)["images"]
     assert set(rec["time_segments"]) == {"sampling"} and 0 < rec["time_segments"]["sampling"] <= rec["time_sec"]
     assert rec["compute"] == _expect(unet=2 * 3 * 2, decoder_forward=3 * 2 + 2, decoder_backward=3 * 2)
+
+
+def test_nested_scope_counts_a_subset_of_rows(toy):
+    model, _, _ = toy
+    meter = ComputeMeter()
+    z = torch.zeros(3, *model.get_in_shape())
+    with meter.counting(lambda: torch.tensor([0, 0, 1])):
+        model.decode(z)
+        with meter.counting(lambda: torch.tensor([1])):
+            model.decode(z[2:])
+        model.decode(z)
+    assert meter.take(0)["compute"]["decoder_forward"] == 4 and meter.take(1)["compute"]["decoder_forward"] == 3
