@@ -210,9 +210,10 @@ DEFINITIONS = """## Definitions
   choose the files written (`save_traj`, `traj_every`, `save_samples`, `grid_max_images`) are ignored but
   listed, with every pruning key that differs. Time is per image from the records (`time_segments`, else
   the per-step times), never wall time. A time saving is shown only beyond run-to-run noise: the 95 % t
-  interval of the paired per-step differences (same image and step, unpruned − pruned) from the pruning
-  step on must lie beyond the largest |bound| of the same interval before the pruning step, where both
-  runs do the same work; otherwise the row says "within noise".
+  interval of the paired per-step differences (same image and step, unpruned − pruned; the images of one
+  batch share its step times and count once) from the pruning step on must lie beyond the largest
+  |bound| of the same interval before the pruning step, where both runs do the same work; otherwise the
+  row says "within noise".
 - Hard data consistency: PSNR of each particle after the optimisation minus `psnr_before_optimization`,
   paired per particle (the t interval treats the particles of one image as independent).
 """

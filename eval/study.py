@@ -327,8 +327,8 @@ def pruning_summary(run, runs: Sequence = ()) -> Dict:
     out = {"pruned_images": sum(bool(b.get("did_prune")) for b in blocks), "modes": modes,
            "regret": rate(k, len(judged)), "db_lost_all": mean_ci(gaps), "db_lost_regret": mean_ci(regret_gaps),
            "counterpart": None}
-    other = counterpart(run, runs, PRUNING_KEYS)
-    if other is not None and not pruning_on(other):
+    other = counterpart(run, [r for r in runs if not pruning_on(r)], PRUNING_KEYS)
+    if other is not None:
         mine, theirs = cost_summary(run), cost_summary(other)
         diff = config_differences(run.config, other.config)
         out["counterpart"] = {"label": other.label,
@@ -379,7 +379,8 @@ def timing_savings(pruned, unpruned) -> Dict:
     """Seconds per image saved by pruning, shown only when larger than the run-to-run noise.
 
     Both runs do the same work before the pruning step, so the paired per-step differences
-    (unpruned − pruned, same image and step) before it are pure run-to-run noise; their 95 % t interval
+    (unpruned − pruned, same image and step; images of one batch, whose step times are shares of the
+    same clock readings, count once) before it are pure run-to-run noise; their 95 % t interval
     bounds how far two identical runs drift apart.  After the pruning step (the step itself included) the
     same differences hold the saving.  The saving is real when the 95 % t interval of the post-pruning
     differences lies entirely beyond that noise bound (verdict 'saving', or 'slower' on the other side);
@@ -397,12 +398,15 @@ def timing_savings(pruned, unpruned) -> Dict:
         return out
     a, b = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
     out.update(pruned_sec=a, unpruned_sec=b, saved_sec=b - a, saved_frac=((b - a) / b) if b else None)
-    pre, post = [], []
+    pre, post, seen = [], [], set()
     for i in common:
         ta, tb = step_times(mine[i]), step_times(theirs[i])
         if ta is None or tb is None or len(ta) != len(tb):
             continue
         p = prune_step_of(mine[i], pruned.config)
+        if (tuple(ta), tuple(tb), p) in seen:  # images of one batch share its step times: count them once
+            continue
+        seen.add((tuple(ta), tuple(tb), p))
         for s, (x, y) in enumerate(zip(ta, tb)):
             (post if p is not None and s >= p else pre).append(y - x)
     if len(post) >= 2:

@@ -117,3 +117,13 @@ def test_no_counterpart_when_anything_else_differs(tmp_path, other_cfg):
     p, runs = pair(tmp_path, steps, steps, unpruned_cfg=other_cfg)
     assert study.pruning_summary(p, runs)["counterpart"] is None
     assert cell(pm.report(runs).split("## Pruning")[1], "time / image saved (s)").startswith("n/a (no unpruned")
+
+
+def test_images_of_one_batch_count_once(tmp_path):
+    # two images sampled in one batch carry the same (shared) step times: one sample per step, not two
+    rng = np.random.default_rng(5)
+    (a,), (b,) = noisy(rng, 1, 1.0, 0.5, 0.02), noisy(rng, 1, 1.0, 1.0, 0.02)
+    p, runs = pair(tmp_path, [a, a], [b, b])
+    t = study.pruning_summary(p, runs)["counterpart"]["time"]
+    assert t["post"]["n"] == STEPS - PRUNE_AT and t["pre"]["n"] == PRUNE_AT
+    assert t["images"] == 2
