@@ -112,7 +112,8 @@ def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
             style = run_style(k)
             ax.plot(xs, ys, ms=3, label=label, ls="--" if base else "-", marker=style["marker"],
                     color="0.4" if base else style["color"])
-        if logy and any(v > 0 for c in curves for v in c[2]):
+        positive = [v for c in curves for v in c[2] if v > 0]
+        if logy and positive and max(positive) > 10 * min(positive):  # log only where values span decades
             ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("annealing step")
