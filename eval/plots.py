@@ -155,7 +155,8 @@ def compute_axis_label(runs: Sequence) -> str:
 
 
 def quality_points(runs: Sequence) -> List[Tuple[str, float, dict]]:
-    """(label, GPU-seconds per image, best-PSNR mean with 95 % t interval) per run with both known."""
+    """(label, device-seconds per image (wall time × processes), best-PSNR mean with 95 % t interval)
+    per run with both known."""
     out = []
     for r in runs:
         x = cost_summary(r)["gpu_sec_per_image"]
@@ -192,8 +193,9 @@ def place_labels(ax, xy: Sequence[Tuple[float, float]], texts: Sequence[str], fo
     from matplotlib.transforms import Bbox
 
     fig = ax.figure
+    anns: List = []
     for attempt in range(4):
-        for a in list(ax.texts):
+        for a in anns:  # a new attempt starts from scratch (other texts of the axes stay)
             a.remove()
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
