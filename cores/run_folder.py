@@ -171,20 +171,22 @@ class RunFolder:
 
 
 def pruned_particle_ids(rec: Dict) -> List[int]:
-    """Ids of the image's particles removed by pruning: the per-particle `pruned` flags (a list aligned
-    with `particle_ids`, or `pruned` inside each entry of `particles`), else the record's
-    `pruning.pruned_indices` (particle ids, as pruning.jsonl lists them)."""
+    """Ids of the image's particles removed by pruning: those flagged by the per-particle `pruned`
+    (a list aligned with `particle_ids`, or `pruned` inside each entry of `particles`) together with
+    the record's `pruning.pruned_indices` (particle ids, as pruning.jsonl lists them; the only trace
+    of particles that slicing dropped from the record)."""
     ids = [int(i) for i in rec.get("particle_ids", [])]
+    out = set()
     flags = rec.get("pruned")
     if isinstance(flags, list) and len(flags) == len(ids):
-        return [i for i, f in zip(ids, flags) if f]
+        out |= {i for i, f in zip(ids, flags) if f}
     parts = rec.get("particles")
-    if isinstance(parts, list) and parts and all(isinstance(p, dict) and "pruned" in p for p in parts):
-        return [int(p.get("id", p.get("particle_id", i))) for i, p in enumerate(parts) if p["pruned"]]
+    if isinstance(parts, list) and all(isinstance(p, dict) for p in parts):
+        out |= {int(p.get("id", p.get("particle_id", k))) for k, p in enumerate(parts) if p.get("pruned")}
     block = rec.get("pruning")
     if isinstance(block, dict) and block.get("did_prune"):
-        return sorted(int(i) for i in block.get("pruned_indices") or [])
-    return []
+        out |= {int(i) for i in block.get("pruned_indices") or []}
+    return sorted(out)
 
 
 def removed_caption(rec: Dict) -> List[str]:

@@ -74,11 +74,13 @@ def test_slicing_names_removed_particles_under_the_ground_truth():
     sliced = {**base, "pruning": {"did_prune": True, "mode": "slicing", "prune_step": 3, "pruned_indices": [1, 3]}}
     assert pruned_particle_ids(sliced) == [1, 3] and removed_caption(sliced) == ["pruned: p1, p3 (step 3)"]
     assert "pruned" not in particle_caption(sliced, 0)[1]
-    # the per-particle `pruned` flags win over the pruning block (aligned with particle_ids)
+    # per-particle `pruned` flags (aligned with particle_ids) mark particles still in the record ...
     flagged = {**base, "pruned": [False, True]}
     assert pruned_particle_ids(flagged) == [2] and particle_caption(flagged, 2)[1] == ["best", "pruned"]
     assert removed_caption(flagged) == []
-    # and so do flags inside per-particle entries
+    # ... as do flags inside per-particle entries; the pruning block adds the ones slicing dropped
     entries = {**base, "particles": [{"id": 0, "pruned": True}, {"id": 2, "pruned": False}]}
     assert pruned_particle_ids(entries) == [0]
+    both = {**sliced, "pruned": [False, False]}
+    assert pruned_particle_ids(both) == [1, 3] and removed_caption(both) == ["pruned: p1, p3 (step 3)"]
     assert pruned_particle_ids({**base, "pruning": {"did_prune": False, "pruned_indices": []}}) == []
