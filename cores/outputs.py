@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -114,10 +114,12 @@ def measurement_view(y: torch.Tensor) -> np.ndarray:
 
 # --- grid_results.png -----------------------------------------------------------------------------
 GRID_BACKGROUND = 255
-GRID_MARGIN = 5          # space around a tile; the best/selected frames are drawn inside it
-MARK_COLOURS = {"best": (0, 160, 0), "selected": (0, 90, 230)}
+GRID_MARGIN = 7          # space around a tile; the best/selected/pruned frames are drawn inside it
+MARK_COLOURS = {"best": (0, 160, 0), "selected": (0, 90, 230), "pruned": (210, 0, 0)}
 GRID_LEGEND = ("PSNR in dB vs ground truth (twin: vs its 180-degree rotation, shown when higher); "
                "green frame = best PSNR (oracle), blue = selected (lowest measurement loss)")
+GRID_LEGEND_PRUNED = ("red frame = pruned (masking: sampled to the end but not kept); "
+                      "'pruned' under the ground truth lists particles removed by slicing")
 
 
 @dataclass
@@ -147,9 +149,10 @@ def _text_size(draw, text: str, font) -> Tuple[int, int]:
 
 
 def render_grid(header: List[List[str]], rows: List[List[GridCell]], scale: int = 1,
-                legend: str = GRID_LEGEND) -> Optional[np.ndarray]:
+                legend: Union[str, List[str]] = GRID_LEGEND) -> Optional[np.ndarray]:
     """Header row (one list of lines per column), then one row per image with captions under the
-    tiles; tiles are enlarged by the integer `scale` with nearest-neighbour only."""
+    tiles; tiles are enlarged by the integer `scale` with nearest-neighbour only; the legend (one or
+    more lines) at the bottom."""
     from PIL import ImageDraw
 
     rows = [r for r in rows if r]
@@ -169,8 +172,10 @@ def render_grid(header: List[List[str]], rows: List[List[GridCell]], scale: int 
     header_h = header_lines * line_h + 2 * GRID_MARGIN
     cap_lines = max(len(c.caption) for r in rows for c in r)
     row_h = [max(t.shape[0] for t in r) + 2 * GRID_MARGIN + cap_lines * line_h for r in cells]
-    legend_h = line_h + 2 * GRID_MARGIN if legend else 0
-    width = max(sum(col_w), _text_size(probe, legend, font)[0] + 2 * GRID_MARGIN)
+    legend_lines = [legend] if isinstance(legend, str) else list(legend)
+    legend_lines = [line for line in legend_lines if line]
+    legend_h = len(legend_lines) * line_h + 2 * GRID_MARGIN if legend_lines else 0
+    width = max([sum(col_w)] + [_text_size(probe, line, font)[0] + 2 * GRID_MARGIN for line in legend_lines])
     canvas = Image.new("RGB", (width, header_h + sum(row_h) + legend_h), (GRID_BACKGROUND,) * 3)
     draw = ImageDraw.Draw(canvas)
     x0 = np.cumsum([0] + col_w)
@@ -191,6 +196,42 @@ def render_grid(header: List[List[str]], rows: List[List[GridCell]], scale: int 
             for k, line in enumerate(cell.caption):
                 draw.text((tx, ty + tile.shape[0] + GRID_MARGIN - 2 + k * line_h), line, fill=(0, 0, 0), font=font)
         y += row_h[r]
-    if legend:
-        draw.text((GRID_MARGIN, y + GRID_MARGIN), legend, fill=(90, 90, 90), font=font)
+    for k, line in enumerate(legend_lines):
+        draw.text((GRID_MARGIN, y + GRID_MARGIN + k * line_h), line, fill=(90, 90, 90), font=font)
     return np.asarray(canvas)
+
+
+# --- trajectory strips -----------------------------------------------------------------------------
+def frame_with_label(img: np.ndarray, lines: List[str]) -> np.ndarray:
+    """The frame with a white band under it holding `lines` (e.g. step and σ), so a strip of such
+    frames says where along the annealing each one was taken."""
+    from PIL import ImageDraw
+
+    font = _greek_font()
+    if font is None:  # no font with Greek letters: spell σ out rather than draw a missing-glyph box
+        font, lines = _font(), [line.replace("σ", "sigma") for line in lines]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = max(_text_size(probe, "Ag|(0", font)[1], 8) + 3
+    band = Image.new("RGB", (img.shape[1], len(lines) * line_h + 4), (GRID_BACKGROUND,) * 3)
+    draw = ImageDraw.Draw(band)
+    for k, line in enumerate(lines):
+        draw.text((2, 1 + k * line_h), line, fill=(0, 0, 0), font=font)
+    return np.concatenate([img, np.asarray(band)], axis=0)
+
+
+def _greek_font(size: int = 10):
+    """DejaVu Sans (shipped with matplotlib), which has σ; Pillow's built-in font does not. None if absent."""
+    try:
+        import os
+
+        import matplotlib
+        from PIL import ImageFont
+
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        return None
+
+
+def trajectory_label(step: int, sigma: float) -> List[str]:
+    """Text under a trajectory frame: the annealing step and its noise level σ."""
+    return [f"step {step}", f"σ {sigma:.3g}"]

@@ -29,7 +29,7 @@ from cores.errors import ConfigError
 from cores.evaluation import finite_or_none, image_record, psnr
 from cores.models import build_model
 from cores.operators import get_operator
-from cores.outputs import to_uint8
+from cores.outputs import frame_with_label, to_uint8, trajectory_label
 from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
 from cores.speed import compile_seconds
@@ -120,12 +120,31 @@ def measure_images(operator, gt: torch.Tensor, image_ids: Sequence[int], seed: i
     return torch.cat(ys)
 
 
-def decode_frames(model, latents: List[torch.Tensor], every: int, device) -> List:
-    """Decode recorded z0y latents (every `every`-th step and the last) into uint8 frames."""
+def trajectory_steps(recorded: int, every: int) -> List[int]:
+    """The steps a trajectory strip shows: every `every`-th of the `recorded` steps, and the last."""
     every = max(1, every)
-    picked = latents[::every] + ([latents[-1]] if (len(latents) - 1) % every else [])
+    steps = list(range(0, recorded, every))
+    return steps + ([recorded - 1] if recorded and (recorded - 1) % every else [])
+
+
+def step_sigmas(annealing) -> List[float]:
+    """σ of each annealing step (the noise level step i starts from), as the sampler computes it."""
+    from cores.scheduler import EDMScheduler
+
+    a = annealing
+    return [float(v) for v in EDMScheduler(a.num_steps, a.sigma_max, a.sigma_min, a.timestep).sigma_steps]
+
+
+def decode_frames(model, latents: List[torch.Tensor], every: int, device,
+                  sigmas: Optional[Sequence[float]] = None) -> List:
+    """Decode recorded z0y latents (every `every`-th step and the last) into uint8 frames; with
+    `sigmas` (σ per step) each frame carries its step and σ in a band under it."""
+    steps = trajectory_steps(len(latents), every)
     with torch.no_grad():
-        return [to_uint8(model.decode(z.unsqueeze(0).to(device))[0]) for z in picked]
+        frames = [to_uint8(model.decode(latents[s].unsqueeze(0).to(device))[0]) for s in steps]
+    if sigmas is None:
+        return frames
+    return [frame_with_label(f, trajectory_label(s, sigmas[s])) for f, s in zip(frames, steps)]
 
 
 class StepTimer:
@@ -219,16 +238,19 @@ def collect_outputs(config: RunConfig, model, hooks: List[SamplerHook], batch, i
     rows = batch.rows_of_image(idx).tolist()
     logs: Dict[str, List[Dict]] = {}
     frames: Dict[str, Dict[int, List]] = {}
+    sigmas = step_sigmas(config.sampler.annealing) if config.save_traj else None
     if config.save_traj and batch.trajectory:
         frames["trajectory"] = {int(batch.particle_ids[r]): decode_frames(model, [t[r] for t in batch.trajectory],
-                                                                         config.traj_every, device) for r in rows}
+                                                                         config.traj_every, device, sigmas)
+                                for r in rows}
     for hook in hooks:
         out = hook.image_output(idx, rec)
         rec.update(out.record)
         for name, lines in out.jsonl.items():
             logs.setdefault(name, []).extend(lines)
         for sub, per_particle in out.trajectories.items():
-            frames[sub] = {p: decode_frames(model, z, config.traj_every, device) for p, z in per_particle.items()}
+            frames[sub] = {p: decode_frames(model, z, config.traj_every, device, sigmas)
+                           for p, z in per_particle.items()}
         for name, images in out.scored_images.items():  # a non-finite image scores null
             ok = torch.isfinite(images).flatten(1).all(dim=1).tolist()
             rec[f"psnr_{name}"] = [finite_or_none(v) if good else None

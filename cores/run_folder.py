@@ -17,7 +17,8 @@ from PIL import Image
 
 from .console import one_line, warn
 from .evaluation import summarize
-from .outputs import GridCell, append_jsonl, measurement_view, render_grid, save_png, to_uint8, write_json
+from .outputs import (GRID_LEGEND, GRID_LEGEND_PRUNED, GridCell, append_jsonl, measurement_view, render_grid,
+                      save_png, to_uint8, write_json)
 
 RECORD_DIR = "records"
 GRID_HEADER = [["ground truth"], ["measurement", "(log-amplitude)"], ["particles:", "id, PSNR"]]
@@ -146,7 +147,7 @@ class RunFolder:
         """grid_results.png: a header row, then per image gt, measurement and every saved particle,
         with image id, per-particle PSNR (and twin PSNR when higher) and best/selected frames.
         Tiles smaller than `size` are enlarged by an integer factor, nearest-neighbour only."""
-        rows, scale = [], None
+        rows, scale, any_pruned = [], None, False
         for rec in (self.records() if records is None else records)[:max_images]:
             idx = rec["image_idx"]
             gt_path, m_path = self.root / "gt" / f"{idx:05d}.png", self.root / "measurement" / f"{idx:05d}.png"
@@ -154,13 +155,15 @@ class RunFolder:
             if gt_path.exists():
                 gt = np.asarray(Image.open(gt_path).convert("RGB"))
                 scale = scale or max(1, size // max(gt.shape[:2]))
-                row.append(GridCell(gt, [f"image {idx}"]))
+                row.append(GridCell(gt, [f"image {idx}"] + removed_caption(rec)))
             if m_path.exists():
                 row.append(GridCell(np.asarray(Image.open(m_path).convert("RGB")), [""]))
             row += [self._particle_cell(rec, p) for p in rec.get("saved_particles", [])
                     if self.sample_path(idx, p).exists()]
+            any_pruned = any_pruned or bool(pruned_particle_ids(rec))
             rows.append(row)
-        grid = render_grid(GRID_HEADER, rows, scale or 1)
+        grid = render_grid(GRID_HEADER, rows, scale or 1,
+                           [GRID_LEGEND] + ([GRID_LEGEND_PRUNED] if any_pruned else []))
         if grid is not None:
             save_png(self.root / "grid_results.png", grid)
 
@@ -169,8 +172,36 @@ class RunFolder:
         return GridCell(img, *particle_caption(rec, particle))
 
 
+def pruned_particle_ids(rec: Dict) -> List[int]:
+    """Ids of the image's particles removed by pruning: those flagged by the per-particle `pruned`
+    (a list aligned with `particle_ids`, or `pruned` inside each entry of `particles`) together with
+    the record's `pruning.pruned_indices` (particle ids, as pruning.jsonl lists them; the only trace
+    of particles that slicing dropped from the record)."""
+    ids = [int(i) for i in rec.get("particle_ids", [])]
+    out = set()
+    flags = rec.get("pruned")
+    if isinstance(flags, list) and len(flags) == len(ids):
+        out |= {i for i, f in zip(ids, flags) if f}
+    parts = rec.get("particles")
+    if isinstance(parts, list) and all(isinstance(p, dict) for p in parts):
+        out |= {int(p.get("id", p.get("particle_id", k))) for k, p in enumerate(parts) if p.get("pruned")}
+    block = rec.get("pruning")
+    if isinstance(block, dict) and block.get("did_prune"):
+        out |= {int(i) for i in block.get("pruned_indices") or []}
+    return sorted(out)
+
+
+def removed_caption(rec: Dict) -> List[str]:
+    """Text under the ground truth naming the pruned particles the grid cannot show (slicing drops them)."""
+    gone = [p for p in pruned_particle_ids(rec) if p not in {int(i) for i in rec.get("particle_ids", [])}]
+    if not gone:
+        return []
+    step = (rec.get("pruning") or {}).get("prune_step") if isinstance(rec.get("pruning"), dict) else None
+    return [f"pruned: {', '.join(f'p{p}' for p in gone)}" + (f" (step {step})" if step is not None else "")]
+
+
 def particle_caption(rec: Dict, particle: int) -> Tuple[List[str], List[str]]:
-    """Grid text under a particle (id, PSNR, twin PSNR when higher, best/selected) and its frames."""
+    """Grid text under a particle (id, PSNR, twin PSNR when higher, best/selected/pruned) and its frames."""
     ids = [int(i) for i in rec.get("particle_ids", [])]
     if particle not in ids:
         return [f"p{particle}"], []
@@ -180,6 +211,8 @@ def particle_caption(rec: Dict, particle: int) -> Tuple[List[str], List[str]]:
     if pt is not None and (p is None or pt > p):
         caption.append(f"twin {pt:.2f} dB")
     marks = [m for m, key in (("best", "best_idx"), ("selected", "selected_idx")) if rec.get(key) == k]
+    if particle in pruned_particle_ids(rec):
+        marks.append("pruned")
     if marks:
         caption.append(", ".join(marks))
     return caption, marks

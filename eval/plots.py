@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -26,20 +26,63 @@ def _best(rec) -> float:
     return float(v) if v is not None else np.nan
 
 
-def best_psnr_plot(runs: Sequence, path: Path) -> Path:
+# --- readable figures: one style per run, legends beside the data, labels that do not collide ------
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+DODGE_MAX_IMAGES = 20   # up to this many images, runs are spread sideways around each image index
+
+
+def run_style(k: int) -> Dict[str, object]:
+    """Colour and marker of the k-th run, the same in every plot."""
+    return {"color": f"C{k % 10}", "marker": MARKERS[k % len(MARKERS)]}
+
+
+def legend_below(ax, count: int):
+    """A legend under the axes, so it never covers data; the figure is saved with a tight box."""
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1 if count > 4 else min(count, 2),
+                     fontsize=7, frameon=False)
+
+
+def dodge_offsets(count: int, images: int) -> List[float]:
+    """Sideways shift of each run's markers (image-index units): runs with equal values stay visible."""
+    if count < 2 or images > DODGE_MAX_IMAGES:
+        return [0.0] * count
+    width = min(0.5, 0.12 * (count - 1))
+    return [float(v) for v in np.linspace(-width / 2, width / 2, count)]
+
+
+def best_psnr_figure(runs: Sequence):
+    """Best-particle PSNR per image: integer image ticks, one marker per run, runs shifted sideways
+    around each image so equal values do not hide each other, legend under the axes."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * max((len(r.images) for r in runs), default=1) + 4), 4))
-    for r in runs:
-        ax.plot([int(rec["image_idx"]) for rec in r.images], [_best(rec) for rec in r.images],
-                marker="o", ms=3, lw=1, label=r.label)
-    ax.set_xlabel("image index")
+    n_img = len({int(rec["image_idx"]) for r in runs for rec in r.images})
+    fig, ax = plt.subplots(figsize=(max(6.0, min(0.12 * n_img + 4, 16.0)), 4))
+    offsets = dodge_offsets(len(runs), n_img)
+    for k, (r, dx) in enumerate(zip(runs, offsets)):
+        ax.plot([int(rec["image_idx"]) + dx for rec in r.images], [_best(rec) for rec in r.images],
+                ms=5, lw=1, label=r.label, markerfacecolor="none" if k % 2 else None, **run_style(k))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    idx = [int(rec["image_idx"]) for r in runs for rec in r.images]
+    if idx:
+        ax.set_xlim(min(idx) - 0.6, max(idx) + 0.6)
+    ax.set_xlabel("image index" + (" (runs shifted sideways to stay visible)" if any(offsets) else ""))
     ax.set_ylabel("best PSNR (dB)")
     ax.set_title("Best-particle PSNR per image")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    if runs:
+        legend_below(ax, len(runs))
+    return fig
+
+
+def best_psnr_plot(runs: Sequence, path: Path) -> Path:
+    return _save(best_psnr_figure(runs), path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Save with a tight box (legends below the axes stay in) and close."""
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    _plt().close(fig)
     return path
 
 
@@ -57,31 +100,63 @@ def repulsion_curves(runs: Sequence, key: str) -> List[Tuple[str, List[int], Lis
 
 def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
     """repulsion_distance.png (a scale-0 baseline dashed) and repulsion_ratio.png (runs with ON steps)."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     written: List[Path] = []
     for key, fname, ylabel, logy in (("dist", "repulsion_distance.png", "mean pairwise feature distance", False),
                                      ("ratio", "repulsion_ratio.png", "‖λ·r‖ / ‖score‖", True)):
         fig, ax = plt.subplots(figsize=(7, 4))
         curves = repulsion_curves(runs, key)
-        for label, xs, ys, base in curves:
-            ax.plot(xs, ys, marker="o", ms=3, label=label, ls="--" if base else "-", color="0.4" if base else None)
-        if logy and any(v > 0 for c in curves for v in c[2]):
+        for k, (label, xs, ys, base) in enumerate(curves):
+            style = run_style(k)
+            ax.plot(xs, ys, ms=3, label=label, ls="--" if base else "-", marker=style["marker"],
+                    color="0.4" if base else style["color"])
+        positive = [v for c in curves for v in c[2] if v > 0]
+        if logy and positive and max(positive) > 10 * min(positive):  # log only where values span decades
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("annealing step")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel} per step (mean over images)")
         ax.grid(alpha=0.3)
         if curves:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(outdir / fname)
-        fig.savefig(written[-1], dpi=DPI)
-        plt.close(fig)
+            legend_below(ax, len(curves))
+        written.append(_save(fig, outdir / fname))
     return written
 
 
+# --- quality against compute -----------------------------------------------------------------------
+def device_kind(run) -> str:
+    """'cpu', 'gpu' or 'unknown' from the devices in the run's metadata (every rank of every folder)."""
+    devices = []
+    for part in run.parts:
+        meta = part.get("metadata") or {}
+        ranks = meta.get("ranks") if isinstance(meta.get("ranks"), list) else []
+        devices += [str(d.get("device")) for d in ranks if isinstance(d, dict) and d.get("device")]
+        if meta.get("device"):
+            devices.append(str(meta["device"]))
+        elif meta.get("gpu_name"):
+            devices.append("cuda")
+    kinds = {"cpu" if d.startswith("cpu") else "gpu" for d in devices}
+    return kinds.pop() if len(kinds) == 1 else "unknown"
+
+
+def compute_axis_label(runs: Sequence) -> str:
+    """What the cost axis measures: GPU-seconds only when every run used a GPU."""
+    kinds = {device_kind(r) for r in runs}
+    if kinds == {"cpu"}:
+        return "seconds per image (CPU; wall time × processes)"
+    if kinds == {"gpu"}:
+        return "GPU-seconds per image (wall time × processes)"
+    if kinds == {"cpu", "gpu"}:
+        return "seconds per image on each run's device (CPU and GPU runs; wall time × processes)"
+    return "seconds per image (wall time × processes; device not recorded)"
+
+
 def quality_points(runs: Sequence) -> List[Tuple[str, float, dict]]:
-    """(label, GPU-seconds per image, best-PSNR mean with 95 % t interval) per run with both known."""
+    """(label, device-seconds per image (wall time × processes), best-PSNR mean with 95 % t interval)
+    per run with both known."""
     out = []
     for r in runs:
         x = cost_summary(r)["gpu_sec_per_image"]
@@ -91,26 +166,114 @@ def quality_points(runs: Sequence) -> List[Tuple[str, float, dict]]:
     return out
 
 
-def quality_vs_compute_plot(runs: Sequence, path: Path) -> Path:
-    """Best PSNR (mean, 95 % t interval) against GPU-seconds per image; one labelled point per run."""
+def point_labels(labels: Sequence[str]) -> List[str]:
+    """The run name (last path part), or the whole label where names repeat across experiments."""
+    short = [label.split("/")[-1] for label in labels]
+    return [s if short.count(s) == 1 else label for s, label in zip(short, labels)]
+
+
+def _candidate_offsets() -> List[Tuple[float, float]]:
+    """Offsets (points) around a marker to try for its label: near ones first, right before left."""
+    out = []
+    for radius in (7, 14, 24, 36, 50, 66, 84):
+        for deg in (20, -20, 60, -60, 90, -90, 160, -160, 120, -120, 0, 180):
+            a = np.deg2rad(deg)
+            out.append((radius * float(np.cos(a)), radius * float(np.sin(a))))
+    return out
+
+
+def place_labels(ax, xy: Sequence[Tuple[float, float]], texts: Sequence[str], fontsize: float = 8,
+                 bars: Sequence[Tuple[float, float, float]] = ()) -> List:
+    """Annotate each point with its text at the first nearby spot inside the axes that overlaps no
+    other label, marker or error bar (`bars`: (x, low, high) in data units); a leader line joins
+    far labels.
+
+    Greedy: labels are placed in order and never moved; when no spot is free the axes limits grow
+    and the placement starts again (up to three times), then the least-overlapping spot is taken."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    anns: List = []
+    for attempt in range(4):
+        for a in anns:  # a new attempt starts from scratch (other texts of the axes stay)
+            a.remove()
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        inner = ax.get_window_extent(renderer).padded(-2)
+        to_px = fig.dpi / 72.0
+        pts = ax.transData.transform(np.asarray(xy, dtype=float).reshape(-1, 2))
+        r = 4.5 * to_px
+        blocked = [Bbox.from_extents(px - r, py - r, px + r, py + r) for px, py in pts]
+        for bx, blo, bhi in bars:
+            (x0, y0), (_, y1) = ax.transData.transform([(bx, blo), (bx, bhi)])
+            blocked.append(Bbox.from_extents(x0 - r, y0 - 1, x0 + r, y1 + 1))
+        placed: List = []
+        anns, clash = [], False
+        for (x, y), text in zip(xy, texts):
+            ann = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=fontsize)
+            best, best_cost = None, None
+            for dx, dy in _candidate_offsets():
+                ann.set_ha("left" if dx > 1 else "right" if dx < -1 else "center")
+                ann.set_va("bottom" if dy > 1 else "top" if dy < -1 else "center")
+                ann.xyann = (dx, dy)
+                box = ann.get_window_extent(renderer).padded(1)
+                inside = inner.contains(box.x0, box.y0) and inner.contains(box.x1, box.y1)
+                cost = sum(box.overlaps(b) for b in placed) * 10 + sum(box.overlaps(b) for b in blocked)
+                cost += 0 if inside else 100
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = (dx, dy, ann.get_ha(), ann.get_va(), box), cost
+                if cost == 0:
+                    break
+            dx, dy, ha, va, box = best
+            ann.remove()
+            far = np.hypot(dx, dy) > 10
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                              ha=ha, va=va, arrowprops=({"arrowstyle": "-", "color": "0.5", "lw": 0.6,
+                                                         "shrinkA": 0, "shrinkB": 4} if far else None))
+            anns.append(ann)
+            placed.append(box)
+            clash = clash or best_cost > 0
+        if not clash or attempt == 3:
+            return anns
+        for get, set_ in ((ax.get_xlim, ax.set_xlim), (ax.get_ylim, ax.set_ylim)):
+            lo, hi = get()
+            pad = 0.15 * (hi - lo)
+            set_(lo - pad, hi + pad)
+    return anns
+
+
+def quality_vs_compute_figure(runs: Sequence):
+    """Best PSNR (mean, 95 % t interval) against seconds per image; one colour, marker and
+    non-overlapping label per run; the cost axis names the device (CPU or GPU)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     points = quality_points(runs)
-    short = [label.split("/")[-1] for label, _, _ in points]
-    for (label, x, c), name in zip(points, short):
+    styles = {r.label: run_style(k) for k, r in enumerate(runs)}
+    for label, x, c in points:
         err = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]] if c["low"] is not None else None
-        ax.errorbar([x], [c["mean"]], yerr=err, fmt="o", capsize=4)
-        text = name if short.count(name) == 1 else label  # run names repeat across experiments
-        ax.annotate(text, (x, c["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("GPU-seconds per image (wall time × processes)")
+        ax.errorbar([x], [c["mean"]], yerr=err, fmt=styles[label]["marker"], color=styles[label]["color"],
+                    capsize=4, ms=6)
+    xs = [x for _, x, _ in points]
+    if xs:
+        lo, hi = min(xs), max(xs)
+        span = (hi - lo) or max(abs(hi) * 0.2, 1e-3)
+        ax.set_xlim(max(0.0, lo - 0.35 * span) if lo >= 0 else lo - 0.35 * span, hi + 0.35 * span)
+        ys = [v for _, _, c in points for v in (c["low"], c["mean"], c["high"]) if v is not None]
+        ylo, yhi = min(ys), max(ys)
+        yspan = (yhi - ylo) or max(abs(yhi) * 0.02, 0.1)
+        ax.set_ylim(ylo - 0.3 * yspan, yhi + 0.3 * yspan)
+    ax.set_xlabel(compute_axis_label(runs))
     ax.set_ylabel("best PSNR (dB), mean ± 95% CI")
     ax.set_title("Quality against compute")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    place_labels(ax, [(x, c["mean"]) for _, x, c in points], point_labels([p[0] for p in points]),
+                 bars=[(x, c["low"], c["high"]) for _, x, c in points if c["low"] is not None])
+    return fig
+
+
+def quality_vs_compute_plot(runs: Sequence, path: Path) -> Path:
+    return _save(quality_vs_compute_figure(runs), path)
 
 
 def write_plots(runs: Sequence, outdir: Path) -> List[Path]:
@@ -125,5 +288,6 @@ def write_plots(runs: Sequence, outdir: Path) -> List[Path]:
     return written
 
 
-__all__ = ["write_plots", "best_psnr_plot", "repulsion_curves", "repulsion_plots", "quality_points",
-           "quality_vs_compute_plot"]
+__all__ = ["write_plots", "best_psnr_plot", "best_psnr_figure", "repulsion_curves", "repulsion_plots",
+           "quality_points", "quality_vs_compute_plot", "quality_vs_compute_figure", "place_labels",
+           "compute_axis_label", "device_kind", "dodge_offsets"]

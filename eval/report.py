@@ -100,26 +100,62 @@ def repulsion_table(runs: Sequence) -> str:
 
 
 # --- pruning -------------------------------------------------------------------------------------
+def key_changes(diff: Dict) -> str:
+    """`pruning_step -1 → 29, pruning_keep 4 → 2` from {key: (this run's value, counterpart's value)}."""
+    return ", ".join(f"{k} {theirs} → {mine}" for k, (mine, theirs) in diff.items())
+
+
+def counterpart_text(cp: Optional[Dict]) -> str:
+    """The unpruned run compared against, and every config key in which it differs from this run."""
+    if cp is None:
+        return "none among the inputs (no run differs only in the pruning keys)"
+    text = f"{cp['label']}; differs in {key_changes(cp['pruning_keys']) or 'no pruning key'}"
+    if cp["output_only_keys"]:
+        text += f"; output-only (ignored): {key_changes(cp['output_only_keys'])}"
+    return text
+
+
+def time_saved_text(cp: Optional[Dict]) -> str:
+    """Seconds per image saved, or 'within noise' with the intervals that say why (see timing_savings)."""
+    if cp is None:
+        return "n/a (no unpruned counterpart among the inputs)"
+    t = cp["time"]
+    if t["verdict"] == "n/a":
+        return f"n/a (no per-image times; vs {cp['label']})"
+    totals = f"{fmt(t['unpruned_sec'], '{:.3g}')} → {fmt(t['pruned_sec'], '{:.3g}')} s, {t['source']}"
+    if t["criterion"] == "per-step":
+        why = (f"per-step difference after pruning {ci_text(t['post'], '{:+.3g}')} s vs run-to-run "
+               f"±{t['noise_bound']:.3g} s before it")
+    else:
+        why = f"per-image difference {ci_text(t['post'], '{:+.3g}')} s (no per-step times)"
+    if t["verdict"] == "within noise":
+        return f"within noise ({totals}; {why})"
+    pct = f", {t['saved_frac']:.0%}" if t["saved_frac"] is not None else ""
+    head = fmt(t["saved_sec"], "{:.3g}") + pct if t["verdict"] == "saving" else \
+        f"none: pruned run slower by {fmt(-t['saved_sec'], '{:.3g}')} s"
+    return f"{head} ({totals}; {why})"
+
+
 def pruning_table(runs: Sequence, all_runs: Sequence) -> str:
     pr = [pruning_summary(r, all_runs) for r in runs]
 
-    def saved(x: Dict, key: str, spec: str) -> str:
-        cp = x["counterpart"]
+    def vram_saved(cp: Optional[Dict]) -> str:
         if cp is None:
             return "n/a (no unpruned counterpart among the inputs)"
-        mine, theirs = cp[key]
+        mine, theirs = cp["peak_memory_mb"]
         if mine is None or theirs is None:
-            return f"n/a (vs {cp['label']})"
+            return "n/a"
         pct = f", {(theirs - mine) / theirs:.0%}" if theirs else ""
-        return f"{fmt(theirs - mine, spec)}{pct} ({fmt(theirs, spec)} → {fmt(mine, spec)}, vs {cp['label']})"
+        return f"{fmt(theirs - mine, '{:.0f}')}{pct} ({fmt(theirs, '{:.0f}')} → {fmt(mine, '{:.0f}')})"
 
     rows = [["mode"] + [", ".join(x["modes"]) or "n/a" for x in pr],
             ["pruned images"] + [str(x["pruned_images"]) for x in pr],
             ["regret: best particle was pruned [95% CI] (masking)"] + [_rate(x["regret"]) for x in pr],
             ["dB lost per pruned image [95% CI]"] + [ci_text(x["db_lost_all"]) for x in pr],
             ["dB lost per regret image [95% CI]"] + [ci_text(x["db_lost_regret"]) for x in pr],
-            ["GPU-seconds / image saved"] + [saved(x, "gpu_sec_per_image", "{:.3g}") for x in pr],
-            ["peak VRAM saved (MB)"] + [saved(x, "peak_memory_mb", "{:.0f}") for x in pr]]
+            ["unpruned counterpart"] + [counterpart_text(x["counterpart"]) for x in pr],
+            ["time / image saved (s)"] + [time_saved_text(x["counterpart"]) for x in pr],
+            ["peak VRAM saved (MB)"] + [vram_saved(x["counterpart"]) for x in pr]]
     return table(_cols(runs), rows)
 
 
@@ -169,8 +205,15 @@ DEFINITIONS = """## Definitions
 - Pairwise feature distance: from `repulsion.jsonl`, per image at its last logged step with repulsion ON;
   a scale-0 baseline (all lines OFF) is read at the other runs' last ON step.
 - Pruning regret (masking mode): the best final particle was among the pruned ones; dB lost is best
-  pruned − best kept PSNR (0 without regret). Savings are against the input run whose config differs only
-  in the pruning keys.
+  pruned − best kept PSNR (0 without regret).
+- Pruning savings are against the input run whose config differs only in the pruning keys; keys that only
+  choose the files written (`save_traj`, `traj_every`, `save_samples`, `grid_max_images`) are ignored but
+  listed, with every pruning key that differs. Time is per image from the records (`time_segments`, else
+  the per-step times), never wall time. A time saving is shown only beyond run-to-run noise: the 95 % t
+  interval of the paired per-step differences (same image and step, unpruned − pruned; the images of one
+  batch share its step times and count once) from the pruning step on must lie beyond the largest
+  |bound| of the same interval before the pruning step, where both runs do the same work; otherwise the
+  row says "within noise".
 - Hard data consistency: PSNR of each particle after the optimisation minus `psnr_before_optimization`,
   paired per particle (the t interval treats the particles of one image as independent).
 """
@@ -207,7 +250,7 @@ def write_report(runs: Sequence, outdir: Path, body: str, argv: Optional[Sequenc
     outdir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(runs, outdir)
     captions = {"best_psnr_per_image.png": "Best-particle PSNR per image",
-                "quality_vs_compute.png": "Best PSNR against GPU-seconds per image",
+                "quality_vs_compute.png": "Best PSNR against seconds per image (the axis names the device)",
                 "repulsion_distance.png": "Mean pairwise feature distance per step (dashed: scale-0 baseline)",
                 "repulsion_ratio.png": "‖λ·r‖ / ‖score‖ per step (ON steps)"}
     cmd = "python eval/parse_metrics.py " + " ".join(argv) if argv is not None else None

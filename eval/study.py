@@ -14,9 +14,12 @@ from cores.evaluation import wilson_ci
 
 ORIENTATIONS = ("gt", "twin", "unclear")
 DEFAULT_MARGIN_DB = 1.0
-# keys that name a run rather than define it; ignored when looking for a run's counterpart
-RUN_IDENTITY_KEYS = {"name", "save_dir", "resume", "data.start_id", "data.end_id", "shard", "num_shards",
-                     "device", "grid_max_images", "save_samples", "save_traj", "traj_every"}
+# keys that name a run or pick its images rather than define it: ignored (silently) when looking for a
+# run's counterpart
+RUN_NAME_KEYS = {"name", "save_dir", "resume", "data.start_id", "data.end_id", "shard", "num_shards"}
+# keys that only choose which files a run writes: ignored for the counterpart, but listed when they differ
+OUTPUT_ONLY_KEYS = {"grid_max_images", "save_samples", "save_traj", "traj_every"}
+RUN_IDENTITY_KEYS = RUN_NAME_KEYS | OUTPUT_ONLY_KEYS
 PRUNING_KEYS = {"pruning_step", "pruning_keep", "pruning_mode", "pruning_criterion", "pruning_diversity_tol",
                 "pruning_refill"}
 
@@ -280,16 +283,30 @@ def flat_config(d, prefix: str = "") -> Dict[str, object]:
     return out
 
 
+def config_differences(a: Dict, b: Dict, skip: set = RUN_NAME_KEYS) -> Dict[str, Tuple[object, object]]:
+    """{flat key: (value in a, value in b)} for every key outside `skip` whose values differ
+    ('<missing>' where one config lacks the key)."""
+    fa, fb = flat_config(a), flat_config(b)
+    out = {}
+    for k in sorted(set(fa) | set(fb)):
+        if k in skip:
+            continue
+        va, vb = fa.get(k, "<missing>"), fb.get(k, "<missing>")
+        if va != vb:
+            out[k] = (va, vb)
+    return out
+
+
 def counterpart(run, runs: Sequence, ignore: set) -> Optional[object]:
-    """The other input run whose config equals this one's outside `ignore` and the identity keys."""
+    """The other input run (sharing images with this one) whose config differs from this one's only in
+    `ignore` and the output-only keys (run name, folder and image range never count)."""
     if not run.config:
         return None
-    mine = {k: v for k, v in flat_config(run.config).items() if k not in ignore | RUN_IDENTITY_KEYS}
     for other in runs:
         if other is run or not other.config:
             continue
-        theirs = {k: v for k, v in flat_config(other.config).items() if k not in ignore | RUN_IDENTITY_KEYS}
-        if theirs == mine and set(other.by_image()) & set(run.by_image()):
+        diff = config_differences(run.config, other.config)
+        if set(diff) <= ignore | OUTPUT_ONLY_KEYS and set(other.by_image()) & set(run.by_image()):
             return other
     return None
 
@@ -310,12 +327,106 @@ def pruning_summary(run, runs: Sequence = ()) -> Dict:
     out = {"pruned_images": sum(bool(b.get("did_prune")) for b in blocks), "modes": modes,
            "regret": rate(k, len(judged)), "db_lost_all": mean_ci(gaps), "db_lost_regret": mean_ci(regret_gaps),
            "counterpart": None}
-    other = counterpart(run, runs, PRUNING_KEYS)
-    if other is not None and not pruning_on(other):
+    other = counterpart(run, [r for r in runs if not pruning_on(r)], PRUNING_KEYS)
+    if other is not None:
         mine, theirs = cost_summary(run), cost_summary(other)
+        diff = config_differences(run.config, other.config)
         out["counterpart"] = {"label": other.label,
+                              "pruning_keys": {k: v for k, v in diff.items() if k in PRUNING_KEYS},
+                              "output_only_keys": {k: v for k, v in diff.items() if k in OUTPUT_ONLY_KEYS},
+                              "time": timing_savings(run, other),
                               "gpu_sec_per_image": (mine["gpu_sec_per_image"], theirs["gpu_sec_per_image"]),
                               "peak_memory_mb": (mine["peak_memory_mb"], theirs["peak_memory_mb"])}
+    return out
+
+
+# --- time saved by pruning, judged against run-to-run noise -----------------------------------------
+def step_times(rec: Dict) -> Optional[List[float]]:
+    """The image's per-step sampling seconds (`timing.per_step_sec`), or None when not recorded."""
+    t = rec.get("timing")
+    steps = t.get("per_step_sec") if isinstance(t, dict) else None
+    return [float(x) for x in steps] if isinstance(steps, list) and steps and len(finite(steps)) == len(steps) \
+        else None
+
+
+def image_seconds(rec: Dict) -> Tuple[Optional[float], str]:
+    """(seconds this image took, source): the sum of `time_segments` (all phases), else of the per-step
+    times, else `time_sec`; never the run's wall time, which also holds start-up and loading."""
+    seg = rec.get("time_segments")
+    if isinstance(seg, dict) and seg and len(finite(seg.values())) == len(seg):
+        return float(sum(float(v) for v in seg.values())), "time_segments"
+    steps = step_times(rec)
+    if steps is not None:
+        return float(sum(steps)), "per-step times"
+    t = rec.get("time_sec")
+    return (float(t), "time_sec") if t is not None and math.isfinite(float(t)) else (None, "none")
+
+
+def prune_step_of(rec: Dict, config: Dict) -> Optional[int]:
+    """The step at which this image's particles were pruned (record first, then the config); None when
+    the image was not pruned."""
+    block = rec.get("pruning")
+    if isinstance(block, dict):
+        if not block.get("did_prune"):
+            return None
+        if block.get("prune_step") is not None:
+            return int(block["prune_step"])
+    s = config.get("pruning_step") if isinstance(config, dict) else None
+    return int(s) if s is not None and int(s) >= 0 else None
+
+
+def timing_savings(pruned, unpruned) -> Dict:
+    """Seconds per image saved by pruning, shown only when larger than the run-to-run noise.
+
+    Both runs do the same work before the pruning step, so the paired per-step differences
+    (unpruned − pruned, same image and step; images of one batch, whose step times are shares of the
+    same clock readings, count once) before it are pure run-to-run noise; their 95 % t interval
+    bounds how far two identical runs drift apart.  After the pruning step (the step itself included) the
+    same differences hold the saving.  The saving is real when the 95 % t interval of the post-pruning
+    differences lies entirely beyond that noise bound (verdict 'saving', or 'slower' on the other side);
+    otherwise 'within noise'.  Without per-step times the per-image differences' interval must exclude 0.
+    The seconds shown are the per-image totals (`image_seconds`) averaged over the common images."""
+    mine, theirs = pruned.by_image(), unpruned.by_image()
+    common = sorted(set(mine) & set(theirs))
+    totals = [(image_seconds(mine[i]), image_seconds(theirs[i])) for i in common]
+    pairs = [(a, b) for (a, _), (b, _) in totals if a is not None and b is not None]
+    sources = sorted({s for pair in totals for _, s in pair if s != "none"})
+    out: Dict = {"images": len(pairs), "source": "+".join(sources) or "none", "pruned_sec": None,
+                 "unpruned_sec": None, "saved_sec": None, "saved_frac": None, "verdict": "n/a",
+                 "criterion": None, "post": mean_ci([]), "pre": mean_ci([]), "noise_bound": None}
+    if not pairs:
+        return out
+    a, b = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+    out.update(pruned_sec=a, unpruned_sec=b, saved_sec=b - a, saved_frac=((b - a) / b) if b else None)
+    pre, post, seen = [], [], set()
+    for i in common:
+        ta, tb = step_times(mine[i]), step_times(theirs[i])
+        if ta is None or tb is None or len(ta) != len(tb):
+            continue
+        p = prune_step_of(mine[i], pruned.config)
+        if (tuple(ta), tuple(tb), p) in seen:  # images of one batch share its step times: count them once
+            continue
+        seen.add((tuple(ta), tuple(tb), p))
+        for s, (x, y) in enumerate(zip(ta, tb)):
+            (post if p is not None and s >= p else pre).append(y - x)
+    if len(post) >= 2:
+        out["post"], out["pre"] = mean_ci(post), mean_ci(pre)
+        pre_ci = out["pre"]
+        noise = max(abs(pre_ci["low"]), abs(pre_ci["high"])) if pre_ci["low"] is not None else 0.0
+        out["noise_bound"], out["criterion"] = noise, "per-step"
+        lo, hi = out["post"]["low"], out["post"]["high"]
+    else:
+        c = mean_ci(y - x for x, y in pairs)
+        out["post"], out["noise_bound"], out["criterion"] = c, 0.0, "per-image"
+        lo, hi, noise = c["low"], c["high"], 0.0
+    if lo is None:
+        out["verdict"] = "within noise"
+    elif lo > noise:
+        out["verdict"] = "saving"
+    elif hi < -noise:
+        out["verdict"] = "slower"
+    else:
+        out["verdict"] = "within noise"
     return out
 
 
