@@ -309,9 +309,9 @@ def probe(model, operator, z: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.
         zz = z.detach().requires_grad_(True)
         xg = model.decode(zz)
         (g,) = torch.autograd.grad(operator.loss(xg, y).sum(), zz)
-        xg = xg.detach().clone()
+        xg, g = xg.detach().clone(), g.clone()  # before the next replay
     gcl, _ = data_gradient(model, operator, z, y)
-    return {"x": x, "x_grad_path": xg, "g": g.clone(), "g_clamped": gcl.clone()}
+    return {"x": x, "x_grad_path": xg, "g": g, "g_clamped": gcl.clone()}
 
 
 def compare(test: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -635,8 +635,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-mcmc-steps", type=int, default=None,
                    help="MCMC steps actually run per annealing step (extrapolated linearly to --mcmc-steps); "
                         "default: all of them (single mode), 10 (--matrix)")
-    p.add_argument("--preset", choices=["exact", "faithful", "fast"], default=None,
-                   help="switches of configs/speed/<preset>.yaml (instead of the switch flags)")
+    p.add_argument("--preset", default=None,
+                   help="switches of configs/speed/<preset>.yaml (instead of the switch flags), or a --matrix "
+                        "row name such as faithful+tf32")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-unet", action="store_true")
@@ -673,6 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--agreement", action="store_true")
     p.add_argument("--agreement-anneal-steps", type=int, default=3)
     p.add_argument("--agreement-mcmc-steps", type=int, default=20)
+    p.add_argument("--sample-hash", action="store_true",
+                   help="sha256 of the final samples of the --agreement run under the switches (compare processes)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.mcmc_steps is None:
@@ -687,7 +690,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def speed_from_args(args) -> SpeedConfig:
     if args.preset:
-        return load_preset(args.preset)
+        return switch(args.preset)
     return speed_config(precision=args.precision, compile=args.compile, compile_unet=args.compile_unet,
                         compile_mode=args.compile_mode, cudnn_benchmark=args.cudnn_benchmark,
                         tf32={"default": None, "on": True, "off": False}[args.tf32], channels_last=args.channels_last,
@@ -728,6 +731,16 @@ def main(argv=None) -> Dict[str, Any]:
         print(f"| {a['test']} | " + " | ".join(f"{a['test_vs_strict_fp32'][k]:.3g}" for k in keys)
               + f" | {a['test_vs_exact']['final_sample_psnr_db_min']:.2f} |")
         print("conditions:", a["conditions"])
+    elif args.sample_hash:
+        h = apply_speed(model, speed)
+        try:
+            batch = make_batch(model, operator, image, 1, args.particles, device)
+            S.latent_daps(model, operator, batch, S.DAPSConfig.with_steps(
+                args.agreement_anneal_steps, mcmc=mcmc_config(args.mcmc_algo, args.agreement_mcmc_steps)))
+        finally:
+            h.restore()
+        report["sample_hash"] = {"config": speed.label(), "final_sample_sha256": _sha256(batch.x)}
+        print(report["sample_hash"])
     elif args.series:
         report["series"] = []
         for k in _ints(args.series_images or str(args.images_per_batch)):

@@ -28,13 +28,14 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--preset", default=None, help="a preset or `benchmark.py --matrix` row name (overrides the flags)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="with --benchmark-peak")
     p.add_argument("--benchmark-peak", action="store_true",
                    help="peak memory of the first and of a later decoder step with cudnn.benchmark on / off")
     args = p.parse_args()
     dev = torch.device("cuda")
     model = build_random_ldm(yaml.safe_load((ROOT / "configs/model/ffhq256ldm.yaml").read_text()), dev)
     if args.benchmark_peak:
-        benchmark_peak(model, args.batch, dev)
+        benchmark_peak(model, args.batch, dev, args.channels_last, args.cudnn_benchmark)
         return
     if args.preset:
         from scripts.benchmark import switch
@@ -86,34 +87,30 @@ def main() -> None:
                                     row_limit=12, max_name_column_width=60))
 
 
-def benchmark_peak(model, batch: int, dev: torch.device) -> None:
-    """Peak allocated memory of the first decoder fwd+bwd (cuDNN picks algorithms here) and of the
-    next one, fp32 with default TF32 flags, NCHW and NHWC, cudnn.benchmark off and on."""
+def benchmark_peak(model, batch: int, dev: torch.device, channels_last: bool, bench: bool) -> None:
+    """Peak allocated memory of the first decoder fwd+bwd (cuDNN picks its algorithms here) and of
+    the next one, fp32 with PyTorch's default TF32 flags.  One setting per process: PyTorch caches a
+    cuDNN plan per convolution shape and layout, picked or timed, and reuses it whatever the
+    benchmark flag says later.  CUDNN_CONV_WSCAP_DBG=<MiB> caps the workspace of each candidate."""
+    import os
+
     from cores.speed import SpeedConfig, apply_speed
 
-    for channels_last in (False, True):
-        for bench in (False, True):
-            h = apply_speed(model, SpeedConfig(channels_last=channels_last, fast_upsample=channels_last,
-                                               cudnn_benchmark=bench))
-            torch.backends.cudnn.benchmark = bench
-            try:
-                z = torch.randn(batch, *model.get_in_shape(), device=dev)
-                peaks = []
-                for _ in range(2):
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    zz = z.detach().requires_grad_(True)
-                    torch.autograd.grad(model.decode(zz).square().sum(), zz)
-                    torch.cuda.synchronize()
-                    peaks.append(torch.cuda.max_memory_allocated() / 2 ** 30)
-            finally:
-                h.restore()
-                torch.backends.cudnn.benchmark = False
-                torch.cuda.empty_cache()
-            print(f"{torch.cuda.get_device_name(dev)} batch {batch} fp32 {'NHWC' if channels_last else 'NCHW'} "
-                  f"cudnn.benchmark={bench}: peak first step {peaks[0]:.2f} GB, second step {peaks[1]:.2f} GB",
-                  flush=True)
+    h = apply_speed(model, SpeedConfig(channels_last=channels_last, fast_upsample=channels_last, cudnn_benchmark=bench))
+    z = torch.randn(batch, *model.get_in_shape(), device=dev)
+    peaks = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        zz = z.detach().requires_grad_(True)
+        torch.autograd.grad(model.decode(zz).square().sum(), zz)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() / 2 ** 30)
+    h.restore()
+    print(f"{torch.cuda.get_device_name(dev)} batch {batch} fp32 {'NHWC' if channels_last else 'NCHW'} "
+          f"cudnn.benchmark={bench} CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}: "
+          f"peak first step {peaks[0]:.2f} GB, second step {peaks[1]:.2f} GB, reserved "
+          f"{torch.cuda.memory_reserved() / 2 ** 30:.2f} GB", flush=True)
 
 
 if __name__ == "__main__":
