@@ -674,6 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--agreement", action="store_true")
     p.add_argument("--agreement-anneal-steps", type=int, default=3)
     p.add_argument("--agreement-mcmc-steps", type=int, default=20)
+    p.add_argument("--agreement-extra", default="",
+                   help="--agreement: comma list of further presets / matrix row names measured the same way")
     p.add_argument("--sample-hash", action="store_true",
                    help="sha256 of the final samples of the --agreement run under the switches (compare processes)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -731,6 +733,16 @@ def main(argv=None) -> Dict[str, Any]:
         print(f"| {a['test']} | " + " | ".join(f"{a['test_vs_strict_fp32'][k]:.3g}" for k in keys)
               + f" | {a['test_vs_exact']['final_sample_psnr_db_min']:.2f} |")
         print("conditions:", a["conditions"])
+        report["agreement_extra"] = []
+        for name in [n for n in args.agreement_extra.split(",") if n]:
+            e = agreement(model, operator, image, device, switch(name), args.particles,
+                          args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
+            report["agreement_extra"].append(e)
+            print(f"| {name}: {e['test']} | " + " | ".join(f"{e['test_vs_strict_fp32'][k]:.3g}" for k in keys)
+                  + f" | {e['test_vs_exact']['final_sample_psnr_db_min']:.2f} | exact in this pass: "
+                  + " ".join(f"{e['exact_vs_strict_fp32'][k]:.3g}" for k in keys)
+                  + f" floor {e['floor_strict_fp32_vs_exact_final_sample_psnr_db_min']:.2f}")
+            print("conditions:", e["conditions"])
     elif args.sample_hash:
         h = apply_speed(model, speed)
         try:
