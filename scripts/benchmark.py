@@ -734,6 +734,13 @@ def main(argv=None) -> Dict[str, Any]:
               + f" | {a['test_vs_exact']['final_sample_psnr_db_min']:.2f} |")
         print("conditions:", a["conditions"])
         report["agreement_extra"] = []
+
+        def dump_agreement():  # each result on disk as soon as it exists
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+
+        dump_agreement()
         for name in [n for n in args.agreement_extra.split(",") if n]:
             e = agreement(model, operator, image, device, switch(name), args.particles,
                           args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
@@ -743,6 +750,7 @@ def main(argv=None) -> Dict[str, Any]:
                   + " ".join(f"{e['exact_vs_strict_fp32'][k]:.3g}" for k in keys)
                   + f" floor {e['floor_strict_fp32_vs_exact_final_sample_psnr_db_min']:.2f}")
             print("conditions:", e["conditions"])
+            dump_agreement()
     elif args.sample_hash:
         h = apply_speed(model, speed)
         try:
