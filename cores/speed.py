@@ -62,12 +62,14 @@ Notes on what each one changes:
   by timing, reduction configs restricted to one summation order), so a run gives the same bits
   in every process.  It excludes `cudnn_benchmark`: an algorithm picked by timing can differ
   from one process to the next, and with it the rounding.
-* **The 68.6 GB of cudnn_benchmark.**  With `cudnn.benchmark` PyTorch times up to
-  `torch.backends.cudnn.benchmark_limit` (10) cuDNN engines per new convolution shape and
-  allocates each one's workspace through the caching allocator; for fp32/TF32 NHWC
-  convolutions on the decoder's 256² maps some engines ask for tens of GB.  That is a peak of
-  the first call per shape only (the kept algorithm needs little), but it is the process's
-  peak and it stays reserved in the cache.  The `faithful` preset runs without benchmark.
+* **The 68.6 GB of cudnn_benchmark.**  With `cudnn.benchmark` PyTorch times the candidate
+  cuDNN engines (up to `torch.backends.cudnn.benchmark_limit`, 10) of every new convolution
+  shape on its first call, each with its own workspace from the caching allocator.  fp32/TF32
+  NHWC decoder, 4 rows, one H100: peak 68.9 GB on the first fwd+bwd, 7.6 GB on the next
+  (`scripts/profile_decoder.py --benchmark-peak --channels-last --cudnn-benchmark`; the
+  `CUDNN_CONV_WSCAP_DBG` cap did not lower it).  PyTorch keeps one cuDNN plan per shape and
+  layout, timed or not, so benchmark has no effect (and no peak) for shapes already seen.
+  The `faithful` preset runs without benchmark.
 
 `apply_speed(model, cfg)` installs the switches on a model built by `build_model` (instance
 attributes shadow `decode` / `eps_model`; the class methods — the exact path — stay
