@@ -62,6 +62,10 @@ Notes on what each one changes:
   by timing, reduction configs restricted to one summation order), so a run gives the same bits
   in every process.  It excludes `cudnn_benchmark`: an algorithm picked by timing can differ
   from one process to the next, and with it the rounding.
+  The run option `deterministic=true` (`cores.pipeline.set_deterministic`) sets the cuDNN/PyTorch
+  part for the whole process and also turns off the memory-efficient attention backend; this
+  switch is the preset's own and undone by `restore()`.  With `attention: default` the decoder's
+  memory-efficient attention backward stays non-deterministic: the faithful preset uses `math`.
 * **The 68.6 GB of cudnn_benchmark.**  With `cudnn.benchmark` PyTorch times the candidate
   cuDNN engines (up to `torch.backends.cudnn.benchmark_limit`, 10) of every new convolution
   shape on its first call, each with its own workspace from the caching allocator.  fp32/TF32
