@@ -15,6 +15,9 @@ Modes::
     python scripts/benchmark.py --matrix            # exact vs each switch vs all vs fast, 4/2 particles, images/batch
     python scripts/benchmark.py --series --preset fast  # whole run, per-step seconds, pruning 4→2 at step 29
     python scripts/benchmark.py --agreement --preset faithful  # faithful and exact vs strict fp32: errors, final PSNR
+    python scripts/benchmark.py --sample-hash --preset faithful  # sha256 of a short run's samples (same bits?)
+    python scripts/benchmark.py --matrix --matrix-switches exact,faithful,faithful-cuda_graphs,faithful+tf32
+                                                    # rows: a switch set, a preset, or <preset>±<switch>
     python scripts/benchmark.py --tiny --device cpu # smoke run on the tiny fixture LDM (64 px)
 
 The exact path (the baseline) is fp32 with PyTorch's default backend flags (as DAPS), one image
