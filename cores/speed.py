@@ -1,5 +1,5 @@
-"""Speed switches (config group `speed`, presets configs/speed/{exact,fast}.yaml); all off = the
-exact path, the reference.
+"""Speed switches (config group `speed`, presets configs/speed/{exact,faithful,fast}.yaml); all
+off = the exact path, the reference.
 
 Each switch keeps the sampler's math in float32: only the network forwards (VQ decoder,
 UNet) and the decoder's backward run in reduced precision or compiled; what `decode` and
@@ -24,6 +24,7 @@ Switches (defaults = exact path)::
       channels_last: false   # NHWC decoder weights and input (inside the compiled graph when compiled)
       fast_upsample: false   # nearest-2x upsampling as expand+reshape: backward is a sum, not a scatter
       attention: default     # default | math: SDPA backend of the decoder's 512-wide attention head
+      deterministic: false   # deterministic cuDNN / Inductor / PyTorch kernels: bit-identical runs
 
 Notes on what each one changes:
 
@@ -56,12 +57,31 @@ Notes on what each one changes:
   H200 that took ≈ 6 % of a bf16 decoder step.  `x[:, :, :, None, :, None].expand(...)` gives
   the same forward values and a backward that is a plain sum over each 2×2 block.
 
+* **deterministic** sets `torch.backends.cudnn.deterministic`, `torch.use_deterministic_algorithms
+  (warn_only)` and Inductor's `deterministic` mode (no on-device benchmarking that picks kernels
+  by timing, reduction configs restricted to one summation order), so a run gives the same bits
+  in every process.  It excludes `cudnn_benchmark`: an algorithm picked by timing can differ
+  from one process to the next, and with it the rounding.
+  The run option `deterministic=true` (`cores.pipeline.set_deterministic`) sets the cuDNN/PyTorch
+  part for the whole process and also turns off the memory-efficient attention backend; this
+  switch is the preset's own and undone by `restore()`.  With `attention: default` the decoder's
+  memory-efficient attention backward stays non-deterministic: the faithful preset uses `math`.
+* **The 68.6 GB of cudnn_benchmark.**  With `cudnn.benchmark` PyTorch times the candidate
+  cuDNN engines (up to `torch.backends.cudnn.benchmark_limit`, 10) of every new convolution
+  shape on its first call, each with its own workspace from the caching allocator.  fp32/TF32
+  NHWC decoder, 4 rows, one H100: peak 68.9 GB on the first fwd+bwd, 7.6 GB on the next
+  (`scripts/profile_decoder.py --benchmark-peak --channels-last --cudnn-benchmark`; the
+  `CUDNN_CONV_WSCAP_DBG` cap did not lower it).  PyTorch keeps one cuDNN plan per shape and
+  layout, timed or not, so benchmark has no effect (and no peak) for shapes already seen.
+  The `faithful` preset runs without benchmark.
+
 `apply_speed(model, cfg)` installs the switches on a model built by `build_model` (instance
 attributes shadow `decode` / `eps_model`; the class methods — the exact path — stay
 untouched) and returns a handle whose `restore()` removes them again.
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -97,8 +117,12 @@ class SpeedConfig:
     channels_last: bool = False
     fast_upsample: bool = False
     attention: str = "default"  # default | math: SDPA backend of the decoder's attention
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
+        if self.deterministic and self.cudnn_benchmark:
+            raise ValueError("speed.deterministic=true excludes speed.cudnn_benchmark=true (an algorithm "
+                             "picked by timing can differ between processes)")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"speed.precision={self.precision!r}: expected fp32 or bf16")
         if self.attention not in ("default", "math"):
@@ -135,11 +159,13 @@ class SpeedConfig:
             on.append("fast_upsample")
         if self.attention != "default":
             on.append(f"attn_{self.attention}")
+        if self.deterministic:
+            on.append("deterministic")
         return "+".join(on) or "exact"
 
 
 _BOOLS = ("compile", "compile_unet", "compile_dynamic", "compile_warmup", "compile_grad_only", "compile_tuning",
-          "cudnn_benchmark", "channels_last", "fast_upsample")
+          "cudnn_benchmark", "channels_last", "fast_upsample", "deterministic")
 
 
 def speed_config(cfg: Any = None, **overrides: Any) -> SpeedConfig:
@@ -215,16 +241,37 @@ class SpeedHandle:
         self._shadowed = []
 
 
+def _inductor_config():
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # pragma: no cover - no Inductor
+        return None
+    return inductor_config if hasattr(inductor_config, "deterministic") else None
+
+
 def _get_flags() -> Dict[str, bool]:
+    ind = _inductor_config()
     return {"cudnn_benchmark": torch.backends.cudnn.benchmark,
             "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32}
+            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "fill_uninitialized_memory": torch.utils.deterministic.fill_uninitialized_memory,
+            "inductor_deterministic": bool(ind.deterministic) if ind is not None else False}
 
 
 def _set_flags(flags: Dict[str, bool]) -> None:
     torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
     torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
     torch.backends.cuda.matmul.allow_tf32 = flags["matmul_tf32"]
+    torch.backends.cudnn.deterministic = flags["cudnn_deterministic"]
+    torch.use_deterministic_algorithms(flags["deterministic_algorithms"],
+                                       warn_only=flags["deterministic_warn_only"])
+    torch.utils.deterministic.fill_uninitialized_memory = flags["fill_uninitialized_memory"]
+    ind = _inductor_config()
+    if ind is not None:
+        ind.deterministic = flags["inductor_deterministic"]
 
 
 def _device(model) -> torch.device:
@@ -376,10 +423,17 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
         new["cudnn_benchmark"] = True
     if cfg.tf32 is not None:
         new["cudnn_tf32"] = new["matmul_tf32"] = bool(cfg.tf32)
+    if cfg.deterministic:
+        # warn_only: an op without a deterministic kernel warns instead of stopping a run; no NaN fill
+        # of every torch.empty (a debugging aid that costs a pass over each new buffer)
+        new.update(cudnn_benchmark=False, cudnn_deterministic=True, deterministic_algorithms=True,
+                   deterministic_warn_only=True, fill_uninitialized_memory=False, inductor_deterministic=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' condition for fixed sums
     _set_flags(new)
     shadowed: list = []
     handle = SpeedHandle(model, cfg, flags, shadowed)
-    if cfg.is_exact or cfg == SpeedConfig(cudnn_benchmark=cfg.cudnn_benchmark, tf32=cfg.tf32):
+    if cfg.is_exact or cfg == SpeedConfig(cudnn_benchmark=cfg.cudnn_benchmark, tf32=cfg.tf32,
+                                          deterministic=cfg.deterministic):
         return handle
     dev = _device(model)
     dtype = _PRECISIONS[cfg.precision]

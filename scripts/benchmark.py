@@ -14,7 +14,10 @@ Modes::
     python scripts/benchmark.py                     # one config (switches from the flags), JSON with --json
     python scripts/benchmark.py --matrix            # exact vs each switch vs all vs fast, 4/2 particles, images/batch
     python scripts/benchmark.py --series --preset fast  # whole run, per-step seconds, pruning 4→2 at step 29
-    python scripts/benchmark.py --agreement         # fp32 vs fast: decode / gradient errors, final-sample PSNR
+    python scripts/benchmark.py --agreement --preset faithful  # faithful and exact vs strict fp32: errors, final PSNR
+    python scripts/benchmark.py --sample-hash --preset faithful  # sha256 of a short run's samples (same bits?)
+    python scripts/benchmark.py --matrix --matrix-switches exact,faithful,faithful-cuda_graphs,faithful+tf32
+                                                    # rows: a switch set, a preset, or <preset>±<switch>
     python scripts/benchmark.py --tiny --device cpu # smoke run on the tiny fixture LDM (64 px)
 
 The exact path (the baseline) is fp32 with PyTorch's default backend flags (as DAPS), one image
@@ -296,46 +299,101 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> List[float]:
     return [float("inf") if m == 0 else 10 * math.log10(4.0 / m) for m in mse.tolist()]
 
 
-def agreement(model, operator, image, device, fast: SpeedConfig, particles: int, anneal_steps: int,
+STRICT_FP32 = SpeedConfig(tf32=False)  # no TF32 anywhere: the reference both other paths are measured against
+
+
+def probe(model, operator, z: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """What the sampler takes from the decoder at one latent: a decode without gradient (final
+    image, pruning: eager under compile_grad_only), the decode inside a gradient step, the raw and
+    the clamped data gradient (copies: a CUDA-graph replay reuses its output buffers)."""
+    with torch.no_grad():
+        x = model.decode(z).clone()
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        xg = model.decode(zz)
+        (g,) = torch.autograd.grad(operator.loss(xg, y).sum(), zz)
+        xg, g = xg.detach().clone(), g.clone()  # before the next replay
+    gcl, _ = data_gradient(model, operator, z, y)
+    return {"x": x, "x_grad_path": xg, "g": g, "g_clamped": gcl.clone()}
+
+
+def compare(test: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Max errors relative to the reference's max magnitude, gradient cosine, clamped-gradient sign flips."""
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    cos = torch.nn.functional.cosine_similarity(test["g"].flatten(1), ref["g"].flatten(1)).min()
+    c1, c0 = test["g_clamped"], ref["g_clamped"]
+    return {"decode_max_rel_err": rel(test["x"], ref["x"]),
+            "decode_grad_path_max_rel_err": rel(test["x_grad_path"], ref["x_grad_path"]),
+            "grad_max_rel_err": rel(test["g"], ref["g"]), "grad_min_cosine": float(cos),
+            "clamped_grad_max_abs_err": float((c1 - c0).abs().max()),
+            "clamped_grad_sign_flip_frac": float(((c1 > 0) != (c0 > 0)).float().mean())}
+
+
+def _same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def agreement(model, operator, image, device, test: SpeedConfig, particles: int, anneal_steps: int,
               mcmc_steps: int, algo: str = "langevin") -> Dict[str, Any]:
-    """fp32 (exact) vs `fast`: decode output and gradient errors on latents, and the final samples
-    of a short complete run (`anneal_steps` annealing steps) from identical random streams."""
+    """`test` and the exact path (DAPS' default numerics: TF32 convolutions) each against strict fp32
+    (TF32 off), from the same latents and random streams: decoder output and gradient errors, and
+    the final samples of a short complete run (`anneal_steps` annealing steps).  The floor for the
+    final samples is how far strict fp32 lands from the exact path; `test` meets it when its own
+    samples land at least as close to the exact ones.  Each of exact and `test` runs twice in this
+    process (same bits?); the sha256 of the final samples compares processes and machines."""
     g = torch.Generator(device=device).manual_seed(3)
     z = torch.randn((particles, *model.get_in_shape()), generator=g, device=device)
     y = operator.measure(image, torch.Generator(device=device).manual_seed(4)).expand(particles, -1, -1, -1)
 
-    def probe():
-        with torch.no_grad():
-            x = model.decode(z)
-        graw, _ = data_gradient(model, operator, z, y, clamp=float("inf"))
-        gcl, _ = data_gradient(model, operator, z, y)
-        return x, graw, gcl
-
     def run():
         batch = make_batch(model, operator, image, 1, particles, device)
         S.latent_daps(model, operator, batch, S.DAPSConfig.with_steps(anneal_steps, mcmc=mcmc_config(algo, mcmc_steps)))
-        return batch.x
+        return batch.x.clone()
 
-    x0, g0, c0 = probe()
-    s0 = run()
-    h = apply_speed(model, fast)
-    try:
-        x1, g1, c1 = probe()
-        s1 = run()
-    finally:
-        h.restore()
-        if fast.compile:
-            reset_compiler()
+    def measure(cfg: SpeedConfig, twice: bool):
+        h = apply_speed(model, cfg)
+        try:
+            first = (probe(model, operator, z, y), run())
+            second = (probe(model, operator, z, y), run()) if twice else None
+        finally:
+            h.restore()
+            if cfg.compile:
+                reset_compiler()
+        return first, second
 
-    def rel(a, b):
-        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-    cos = torch.nn.functional.cosine_similarity(g1.flatten(1), g0.flatten(1)).min()
-    return {"fast": fast.label(), "particles": particles, "anneal_steps": anneal_steps, "mcmc_steps": mcmc_steps,
-            "decode_max_rel_err": rel(x1, x0), "grad_max_rel_err": rel(g1, g0),
-            "grad_min_cosine": float(cos), "clamped_grad_max_abs_err": float((c1 - c0).abs().max()),
-            "clamped_grad_sign_flip_frac": float(((c1 > 0) != (c0 > 0)).float().mean()),
-            "final_sample_psnr_db": psnr(s1, s0), "final_sample_psnr_db_min": min(psnr(s1, s0))}
+    (strict_p, strict_s), _ = measure(STRICT_FP32, twice=False)
+    (exact_p, exact_s), exact_again = measure(SpeedConfig(), twice=True)
+    (test_p, test_s), test_again = measure(test, twice=True)
+    exact_vs_strict, test_vs_strict = compare(exact_p, strict_p), compare(test_p, strict_p)
+    floor = psnr(strict_s, exact_s)
+    to_exact = psnr(test_s, exact_s)
+    err_keys = ("decode_max_rel_err", "decode_grad_path_max_rel_err", "grad_max_rel_err")
+    return {
+        "test": test.label(), "preset": test.preset, "particles": particles, "anneal_steps": anneal_steps,
+        "mcmc_steps": mcmc_steps, "reference": "strict fp32 (tf32 off)",
+        "exact_vs_strict_fp32": exact_vs_strict, "test_vs_strict_fp32": test_vs_strict,
+        "test_vs_exact": {**compare(test_p, exact_p), "final_sample_psnr_db": to_exact,
+                          "final_sample_psnr_db_min": min(to_exact)},
+        "floor_strict_fp32_vs_exact_final_sample_psnr_db": floor,
+        "floor_strict_fp32_vs_exact_final_sample_psnr_db_min": min(floor),
+        "test_vs_strict_fp32_final_sample_psnr_db_min": min(psnr(test_s, strict_s)),
+        "exact_bit_identical_twice": _same(exact_p, exact_again[0]) and torch.equal(exact_s, exact_again[1]),
+        "test_bit_identical_twice": _same(test_p, test_again[0]) and torch.equal(test_s, test_again[1]),
+        "exact_final_sample_sha256": _sha256(exact_s), "test_final_sample_sha256": _sha256(test_s),
+        "conditions": {
+            **{f"{k}_le_daps_tf32": test_vs_strict[k] <= exact_vs_strict[k] for k in err_keys},
+            "final_sample_psnr_to_exact_ge_floor": min(to_exact) >= min(floor),
+            "bit_identical_twice": _same(test_p, test_again[0]) and torch.equal(test_s, test_again[1]),
+        },
+    }
 
 
 # ---------------------------------------------------------------------- matrix
@@ -356,14 +414,38 @@ SWITCHES = {
     "all+channels_last+fast_upsample": SpeedConfig(**_ALL, channels_last=True, fast_upsample=True),
     "all+cuda_graphs": SpeedConfig(**_ALL, compile_mode="reduce-overhead"),
     "all+tuning": SpeedConfig(**_ALL, compile_tuning=True),
+    "deterministic": SpeedConfig(deterministic=True),
     "fast": None,  # configs/speed/fast.yaml, read when used
+    "faithful": None,  # configs/speed/faithful.yaml
 }
+# a preset with one switch taken off (-) or put on (+): "faithful-cuda_graphs", "faithful+cudnn_benchmark"
+SWITCH_OFF = {"compile": dict(compile=False, compile_mode="default"), "cuda_graphs": dict(compile_mode="default"),
+              "channels_last": dict(channels_last=False), "fast_upsample": dict(fast_upsample=False),
+              "attn_math": dict(attention="default"), "deterministic": dict(deterministic=False),
+              "cudnn_benchmark": dict(cudnn_benchmark=False), "bf16": dict(precision="fp32")}
+SWITCH_ON = {"cudnn_benchmark": dict(cudnn_benchmark=True, deterministic=False), "tf32": dict(tf32=True),
+             "cuda_graphs": dict(compile_mode="reduce-overhead"), "compile_unet": dict(compile_unet=True),
+             "bf16": dict(precision="bf16"), "deterministic": dict(deterministic=True, cudnn_benchmark=False)}
 
 
 def switch(name: str) -> SpeedConfig:
-    if name not in SWITCHES:
-        raise SystemExit(f"unknown switch set {name!r}; known: {', '.join(SWITCHES)}")
-    return SWITCHES[name] if SWITCHES[name] is not None else load_preset("fast")
+    """SpeedConfig of a matrix row name: a SWITCHES entry, or `<preset>(±<switch>)*`."""
+    import re
+
+    if name in SWITCHES:
+        return SWITCHES[name] if SWITCHES[name] is not None else load_preset(name)
+    base, *mods = re.split(r"(?=[+-])", name)
+    known = f"known: {', '.join(SWITCHES)}, or <preset>±<switch> with switches {', '.join(sorted(set(SWITCH_OFF) | set(SWITCH_ON)))}"
+    if base not in SWITCHES or not mods:
+        raise SystemExit(f"unknown switch set {name!r}; {known}")
+    vals = asdict(switch(base))
+    for m in mods:
+        table_ = SWITCH_ON if m[0] == "+" else SWITCH_OFF
+        if m[1:] not in table_:
+            raise SystemExit(f"unknown switch {m!r} in {name!r}; {known}")
+        vals.update(table_[m[1:]])
+    vals["preset"] = name
+    return speed_config(vals)
 
 
 def fmt(v: Optional[float], f: str = "{:.2f}") -> str:
@@ -479,7 +561,7 @@ def derive(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         if ok(r) and bph:
             r["x_vs_exact_W"] = r["images_per_hour"] / bph
     out: Dict[str, Any] = {}
-    for name in ("fast", "all", "exact"):
+    for name in ("fast", "faithful", "all", "exact"):
         for k in sorted({r["images_per_batch"] for r in results if r["name"] == name}):
             r4, r2 = _row(results, name, 4, k), _row(results, name, 2, k)
             if ok(r4) and ok(r2):
@@ -556,8 +638,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-mcmc-steps", type=int, default=None,
                    help="MCMC steps actually run per annealing step (extrapolated linearly to --mcmc-steps); "
                         "default: all of them (single mode), 10 (--matrix)")
-    p.add_argument("--preset", choices=["exact", "fast"], default=None,
-                   help="switches of configs/speed/<preset>.yaml (instead of the switch flags)")
+    p.add_argument("--preset", default=None,
+                   help="switches of configs/speed/<preset>.yaml (instead of the switch flags), or a --matrix "
+                        "row name such as faithful+tf32")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-unet", action="store_true")
@@ -566,6 +649,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tf32", choices=["default", "on", "off"], default="default")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--attention", choices=["default", "math"], default="default")
+    p.add_argument("--deterministic", action="store_true")
     p.add_argument("--warmup", type=int, default=1, help="annealing steps run before timing (compile happens here)")
     p.add_argument("--steps-to-time", type=int, default=None, help="timed annealing steps (default 2; 1 with --matrix)")
     p.add_argument("--reps", type=int, default=10, help="repetitions per micro-benchmark")
@@ -593,6 +677,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--agreement", action="store_true")
     p.add_argument("--agreement-anneal-steps", type=int, default=3)
     p.add_argument("--agreement-mcmc-steps", type=int, default=20)
+    p.add_argument("--agreement-extra", default="",
+                   help="--agreement: comma list of further presets / matrix row names measured the same way")
+    p.add_argument("--sample-hash", action="store_true",
+                   help="sha256 of the final samples of the --agreement run under the switches (compare processes)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.mcmc_steps is None:
@@ -607,11 +695,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def speed_from_args(args) -> SpeedConfig:
     if args.preset:
-        return load_preset(args.preset)
+        return switch(args.preset)
     return speed_config(precision=args.precision, compile=args.compile, compile_unet=args.compile_unet,
                         compile_mode=args.compile_mode, cudnn_benchmark=args.cudnn_benchmark,
                         tf32={"default": None, "on": True, "off": False}[args.tf32], channels_last=args.channels_last,
-                        attention=args.attention)
+                        attention=args.attention, deterministic=args.deterministic)
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -635,16 +723,47 @@ def main(argv=None) -> Dict[str, Any]:
         "build_sec": time.perf_counter() - t0}
     speed = speed_from_args(args)
     if args.agreement:
-        fast = speed if not speed.is_exact else SpeedConfig(precision="bf16")
-        report["agreement"] = agreement(model, operator, image, device, fast, args.particles,
-                                        args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
-        # noise floor: how far DAPS' own default (cuDNN TF32 convs) is from strict fp32 (no-op on CPU)
-        report["agreement_reference_strict_fp32"] = agreement(
-            model, operator, image, device, SpeedConfig(tf32=False), args.particles,
-            args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
-        print(json.dumps({"fast_vs_exact": report["agreement"],
-                          "strict_fp32_vs_exact(DAPS default TF32 convs)": report["agreement_reference_strict_fp32"]},
-                         indent=1))
+        test = speed if not speed.is_exact else SpeedConfig(precision="bf16")
+        report["agreement"] = a = agreement(model, operator, image, device, test, args.particles,
+                                            args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
+        print(json.dumps(a, indent=1))
+        keys = ("decode_max_rel_err", "decode_grad_path_max_rel_err", "grad_max_rel_err", "grad_min_cosine")
+        print(f"\n### Agreement on {report['card']} (torch {report['torch']}, {report['date']}), vs strict fp32\n")
+        print("| path | " + " | ".join(keys) + " | final-sample PSNR to exact, min dB |")
+        print("|---|" + "---|" * (len(keys) + 1))
+        print("| exact (DAPS default TF32) | " + " | ".join(f"{a['exact_vs_strict_fp32'][k]:.3g}" for k in keys)
+              + f" | (strict fp32 vs exact = floor) {a['floor_strict_fp32_vs_exact_final_sample_psnr_db_min']:.2f} |")
+        print(f"| {a['test']} | " + " | ".join(f"{a['test_vs_strict_fp32'][k]:.3g}" for k in keys)
+              + f" | {a['test_vs_exact']['final_sample_psnr_db_min']:.2f} |")
+        print("conditions:", a["conditions"])
+        report["agreement_extra"] = []
+
+        def dump_agreement():  # each result on disk as soon as it exists
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+
+        dump_agreement()
+        for name in [n for n in args.agreement_extra.split(",") if n]:
+            e = agreement(model, operator, image, device, switch(name), args.particles,
+                          args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo)
+            report["agreement_extra"].append(e)
+            print(f"| {name}: {e['test']} | " + " | ".join(f"{e['test_vs_strict_fp32'][k]:.3g}" for k in keys)
+                  + f" | {e['test_vs_exact']['final_sample_psnr_db_min']:.2f} | exact in this pass: "
+                  + " ".join(f"{e['exact_vs_strict_fp32'][k]:.3g}" for k in keys)
+                  + f" floor {e['floor_strict_fp32_vs_exact_final_sample_psnr_db_min']:.2f}")
+            print("conditions:", e["conditions"])
+            dump_agreement()
+    elif args.sample_hash:
+        h = apply_speed(model, speed)
+        try:
+            batch = make_batch(model, operator, image, 1, args.particles, device)
+            S.latent_daps(model, operator, batch, S.DAPSConfig.with_steps(
+                args.agreement_anneal_steps, mcmc=mcmc_config(args.mcmc_algo, args.agreement_mcmc_steps)))
+        finally:
+            h.restore()
+        report["sample_hash"] = {"config": speed.label(), "final_sample_sha256": _sha256(batch.x)}
+        print(report["sample_hash"])
     elif args.series:
         report["series"] = []
         for k in _ints(args.series_images or str(args.images_per_batch)):

@@ -1,6 +1,8 @@
 """Kernel-level profile of one VQ-decoder forward+backward (what each Langevin step costs).
 
     python scripts/profile_decoder.py [--batch 4] [--precision fp32|bf16] [--compile] [--preset fast]
+    python scripts/profile_decoder.py --preset faithful-cuda_graphs   # any `benchmark.py --matrix` row name
+    python scripts/profile_decoder.py --benchmark-peak                # where cudnn.benchmark's peak comes from
 Prints the top CUDA kernels by time, grouped by kind, so it is visible what limits the step.
 """
 from __future__ import annotations
@@ -25,14 +27,20 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--preset", default=None, help="switches of configs/speed/<preset>.yaml (overrides the flags)")
+    p.add_argument("--preset", default=None, help="a preset or `benchmark.py --matrix` row name (overrides the flags)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="with --benchmark-peak")
+    p.add_argument("--benchmark-peak", action="store_true",
+                   help="peak memory of the first and of a later decoder step with cudnn.benchmark on / off")
     args = p.parse_args()
     dev = torch.device("cuda")
     model = build_random_ldm(yaml.safe_load((ROOT / "configs/model/ffhq256ldm.yaml").read_text()), dev)
+    if args.benchmark_peak:
+        benchmark_peak(model, args.batch, dev, args.channels_last, args.cudnn_benchmark)
+        return
     if args.preset:
-        from scripts.benchmark import load_preset
+        from scripts.benchmark import switch
 
-        speed = load_preset(args.preset)
+        speed = switch(args.preset)
     else:
         speed = speed_config({"precision": args.precision, "compile": args.compile,
                               "channels_last": args.channels_last})
@@ -58,7 +66,8 @@ def main() -> None:
         if t <= 0:
             continue
         name = e.key.lower()
-        kind = ("conv" if any(k in name for k in ("conv", "cudnn", "implicit", "xmma", "sm90", "wgrad", "dgrad"))
+        kind = ("layout transpose" if any(k in name for k in ("nchwtonhwc", "nhwctonchw", "transpose"))
+                else "conv" if any(k in name for k in ("conv", "cudnn", "implicit", "xmma", "sm90", "wgrad", "dgrad"))
                 else "norm" if "norm" in name else "elementwise/activation" if any(
                     k in name for k in ("elementwise", "silu", "sigmoid", "mul", "add", "triton")) else
                 "attention" if any(k in name for k in ("attention", "fmha", "softmax", "gemm", "bmm")) else
@@ -69,8 +78,39 @@ def main() -> None:
           f"{total / 5 / 1e3:.1f} ms GPU time per decoder fwd+bwd")
     for k, v in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {k:24s} {v / total:6.1%}")
+    print("top kernels (ms per decoder step, share):")
+    rows = sorted(((e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total, e.count, e.key)
+                   for e in prof.key_averages()), reverse=True)
+    for t, n, key in [r for r in rows if r[0] > 0][:25]:
+        print(f"  {t / 5 / 1e3:7.3f} ms {t / total:6.1%} x{n // 5:<4d} {key[:110]}")
     print(prof.key_averages().table(sort_by="cuda_time_total" if not hasattr(torch.profiler, "_x") else None,
                                     row_limit=12, max_name_column_width=60))
+
+
+def benchmark_peak(model, batch: int, dev: torch.device, channels_last: bool, bench: bool) -> None:
+    """Peak allocated memory of the first decoder fwd+bwd (cuDNN picks its algorithms here) and of
+    the next one, fp32 with PyTorch's default TF32 flags.  One setting per process: PyTorch caches a
+    cuDNN plan per convolution shape and layout, picked or timed, and reuses it whatever the
+    benchmark flag says later.  CUDNN_CONV_WSCAP_DBG=<MiB> caps the workspace of each candidate."""
+    import os
+
+    from cores.speed import SpeedConfig, apply_speed
+
+    h = apply_speed(model, SpeedConfig(channels_last=channels_last, fast_upsample=channels_last, cudnn_benchmark=bench))
+    z = torch.randn(batch, *model.get_in_shape(), device=dev)
+    peaks = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        zz = z.detach().requires_grad_(True)
+        torch.autograd.grad(model.decode(zz).square().sum(), zz)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() / 2 ** 30)
+    h.restore()
+    print(f"{torch.cuda.get_device_name(dev)} batch {batch} fp32 {'NHWC' if channels_last else 'NCHW'} "
+          f"cudnn.benchmark={bench} CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}: "
+          f"peak first step {peaks[0]:.2f} GB, second step {peaks[1]:.2f} GB, reserved "
+          f"{torch.cuda.memory_reserved() / 2 ** 30:.2f} GB", flush=True)
 
 
 if __name__ == "__main__":

@@ -204,8 +204,12 @@ def test_benchmark_tiny_smoke(tmp_path):
     rep = benchmark.main(["--tiny", "--device", "cpu", "--agreement", "--particles", "1",
                           "--agreement-anneal-steps", "1", "--agreement-mcmc-steps", "1"])
     a = rep["agreement"]
-    assert a["fast"] == "bf16" and 0 < a["decode_max_rel_err"] < 5e-2
-    assert rep["agreement_reference_strict_fp32"]["decode_max_rel_err"] == 0.0  # no-op on CPU
+    assert a["test"] == "bf16" and 0 < a["test_vs_strict_fp32"]["decode_max_rel_err"] < 5e-2
+    assert 0 < a["test_vs_exact"]["grad_max_rel_err"] < 1e-1
+    assert a["exact_vs_strict_fp32"]["decode_max_rel_err"] == 0.0  # TF32 is a no-op on CPU
+    assert a["exact_bit_identical_twice"] and a["test_bit_identical_twice"]  # CPU kernels are deterministic
+    assert not a["conditions"]["decode_max_rel_err_le_daps_tf32"]  # bf16 rounding > 0 = CPU "TF32" error
+    assert len(a["test_final_sample_sha256"]) == 64
 
 
 def test_fast_upsample_matches(tiny_ldm, ldm_ref):
@@ -297,6 +301,11 @@ def test_speed_presets_compose():
     f = speed_config(fast.speed)
     assert fast.speed.preset == "fast" and f.preset == "fast" and not f.is_exact and f.compile
     assert f == load_preset("fast") and load_preset("exact").is_exact
+    faithful = speed_config(compose(["speed=faithful"]).speed)
+    assert faithful == load_preset("faithful") and faithful.preset == "faithful"
+    # DAPS' numerics: fp32, default TF32 flags, no timing-based algorithm choice; reproducible
+    assert (faithful.precision, faithful.tf32, faithful.cudnn_benchmark) == ("fp32", None, False)
+    assert faithful.deterministic and faithful.compile and faithful.fast_upsample
     assert speed_config(compose(["speed=fast", "speed.precision=fp32"]).speed).precision == "fp32"
 
 
@@ -315,3 +324,73 @@ def test_compile_seconds_counts_compiles_outside_warm_up(toy):
     finally:
         h.restore()
         torch._dynamo.reset()
+
+
+def test_deterministic_switch_sets_and_restores_flags(tiny_ldm, ldm_ref):
+    """deterministic: cuDNN / PyTorch / Inductor deterministic modes on, restored by restore();
+    on CPU the kernels are deterministic already, so the numbers are the exact path's bits."""
+    import torch._inductor.config as ind
+
+    before = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory, getattr(ind, "deterministic", None))
+    h = apply_speed(tiny_ldm, SpeedConfig(deterministic=True))
+    try:
+        assert torch.backends.cudnn.deterministic and torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory and not torch.backends.cudnn.benchmark
+        if hasattr(ind, "deterministic"):
+            assert ind.deterministic
+        x, g, d, _ = _probe(tiny_ldm, 64)
+    finally:
+        h.restore()
+    assert (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory, getattr(ind, "deterministic", None)) == before
+    x0, g0, d0, _ = ldm_ref
+    assert torch.equal(x, x0) and torch.equal(g, g0) and torch.equal(d, d0)
+    assert SpeedConfig(deterministic=True).label() == "deterministic"
+    with pytest.raises(ValueError, match="cudnn_benchmark"):
+        SpeedConfig(deterministic=True, cudnn_benchmark=True)
+
+
+def _faithful_on_cpu():
+    """The faithful preset with Inductor replaced by aot_eager (the same graphs, no code generation)
+    and without CUDA graphs (GPU only)."""
+    from dataclasses import replace
+
+    from scripts.benchmark import load_preset
+
+    return replace(load_preset("faithful"), compile_backend="aot_eager", compile_mode="default")
+
+
+def test_faithful_preset_matches_exact_and_repeats_bitwise(tiny_ldm, ldm_ref):
+    """faithful changes no arithmetic type: decode and gradient ≤ 1e-5 relative to the exact path
+    (summation order only), and a second run of the sampler gives the same bits."""
+    x0, g0, _, _ = ldm_ref
+    torch._dynamo.reset()
+    h = apply_speed(tiny_ldm, _faithful_on_cpu())
+    try:
+        assert h.compiled
+        x, g, _, _ = _probe(tiny_ldm, 64, denoise=False)
+        runs = [_run(tiny_ldm, 64, 2, 2, particles=2) for _ in range(2)]
+    finally:
+        h.restore()
+        torch._dynamo.reset()
+    assert _rel(x, x0) < 1e-5 and _rel(g, g0) < 1e-5
+    assert torch.equal(runs[0], runs[1])
+    assert _psnr_min(runs[0], _run(tiny_ldm, 64, 2, 2, particles=2)) > 60.0
+
+
+def test_matrix_row_names():
+    """--matrix rows: a preset with switches taken off (-) or put on (+); unknown names stop."""
+    from scripts.benchmark import load_preset, switch
+
+    f = load_preset("faithful")
+    assert switch("faithful") == f
+    s = switch("faithful-cuda_graphs+tf32")
+    assert s.compile_mode == "default" and s.tf32 is True and s.compile and s.preset == "faithful-cuda_graphs+tf32"
+    b = switch("faithful+cudnn_benchmark")  # benchmark and deterministic exclude each other
+    assert b.cudnn_benchmark and not b.deterministic
+    assert switch("deterministic") == SpeedConfig(deterministic=True)
+    for bad in ("faithful+turbo", "nope-compile", "faithful-"):
+        with pytest.raises(SystemExit):
+            switch(bad)
