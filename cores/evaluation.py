@@ -133,11 +133,17 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
     return rec
 
 
+# Across-image ± of the summaries: population std (ddof 0, np.std's default), as DAPS reports it; the
+# original study's "17.50 ± 3.67 dB" is that value (3.87 with ddof 1).  The spread of the particles
+# within one image stays a sample std (ddof 1).
+ACROSS_IMAGE_DDOF = 0
+
+
 def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
     v = np.array([x for x in values if x is not None], dtype=float)
     if v.size == 0:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=ACROSS_IMAGE_DDOF)), "n": int(v.size)}
 
 
 def wilson_ci(successes: int, n: int, z: float = 1.96) -> List[Optional[float]]:
@@ -149,6 +155,16 @@ def wilson_ci(successes: int, n: int, z: float = 1.96) -> List[Optional[float]]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def best_psnr_any_orientation(rec: Dict) -> Optional[float]:
+    """The record's best PSNR in either orientation: max over particles of max(PSNR, twin PSNR); recomputed
+    from `psnr` / `psnr_twin` for records written before the field existed."""
+    if "best_psnr_any_orientation" in rec:
+        return rec["best_psnr_any_orientation"]
+    pairs = zip(rec.get("psnr") or [], rec.get("psnr_twin") or [])
+    vals = [max(p, q) for p, q in pairs if p is not None and q is not None and math.isfinite(p) and math.isfinite(q)]
+    return max(vals) if vals else None
 
 
 def summarize(images: List[Dict]) -> Dict:
@@ -169,9 +185,10 @@ def summarize(images: List[Dict]) -> Dict:
     best_twin = [max([v for v in r["psnr_twin"] if v is not None], default=None) for r in images]
     return {
         "num_images": n,
+        "std_ddof": ACROSS_IMAGE_DDOF,  # the ± of the blocks below: std over images, ddof 0 (as DAPS)
         "best_psnr": _mean_std(best_psnr),
         "best_psnr_twin": _mean_std(best_twin),
-        "best_psnr_any_orientation": _mean_std([r.get("best_psnr_any_orientation") for r in images]),
+        "best_psnr_any_orientation": _mean_std([best_psnr_any_orientation(r) for r in images]),
         "mean_of_mean_psnr": _mean_std(mean_psnr)["mean"],
         "best_ssim_mean": _mean_std(best_ssim)["mean"],
         "best_lpips_mean": _mean_std(best_lpips)["mean"],

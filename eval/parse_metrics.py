@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from cores.evaluation import summarize  # noqa: E402
+from cores.evaluation import best_psnr_any_orientation, summarize  # noqa: E402
 from cores.resume import read_jsonl_latest  # noqa: E402
 from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
 from eval.plots import write_plots  # noqa: E402
@@ -218,8 +218,26 @@ def image_stats(rec: Dict) -> Dict:
     }
 
 
+def wilcoxon_test(d: np.ndarray) -> Tuple[Optional[float], Optional[float], str]:
+    """(statistic, p-value, note) of a two-sided Wilcoxon signed-rank test of paired differences."""
+    if d.size < 2:
+        return None, None, f"n={d.size} < 2"
+    if not np.any(d != 0):
+        return None, None, "all differences 0"
+    from scipy.stats import wilcoxon
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = wilcoxon(d)
+        return float(res.statistic), float(res.pvalue), ""
+    except ValueError as err:
+        return None, None, str(err)
+
+
 def paired_comparison(a: Run, b: Run) -> Dict:
-    """Best-PSNR differences b − a on common image indices with a Wilcoxon signed-rank test."""
+    """Best-PSNR differences b − a on common image indices with a Wilcoxon signed-rank test; the same for
+    the best PSNR in any orientation (`any_*` keys: a particle on the 180° twin is a valid solution)."""
     ia, ib = a.by_image(), b.by_image()
     common = sorted(set(ia) & set(ib))
     rows = []
@@ -231,26 +249,19 @@ def paired_comparison(a: Run, b: Run) -> Dict:
     out: Dict = {"a": a.label, "b": b.label, "n": len(rows), "rows": rows,
                  "mean_diff": float(d.mean()) if d.size else None,
                  "median_diff": float(np.median(d)) if d.size else None,
-                 "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
-                 "wilcoxon_stat": None, "p_value": None, "test_note": ""}
+                 "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum())}
+    out["wilcoxon_stat"], out["p_value"], out["test_note"] = wilcoxon_test(d)
+    any_a = {i: best_psnr_any_orientation(ia[i]) for i in common}
+    any_b = {i: best_psnr_any_orientation(ib[i]) for i in common}
+    d_any = np.array([any_b[i] - any_a[i] for i in common if any_a[i] is not None and any_b[i] is not None],
+                     dtype=float)
+    out["any_n"] = int(d_any.size)
+    out["any_mean_diff"] = float(d_any.mean()) if d_any.size else None
+    _, out["any_p_value"], out["any_test_note"] = wilcoxon_test(d_any)
     succ_a = {i: bool(ia[i].get("success")) for i in common}
     succ_b = {i: bool(ib[i].get("success")) for i in common}
     out["success_gained"] = sum(succ_b[i] and not succ_a[i] for i in common)
     out["success_lost"] = sum(succ_a[i] and not succ_b[i] for i in common)
-    if d.size < 2:
-        out["test_note"] = f"n={d.size} < 2"
-    elif not np.any(d != 0):
-        out["test_note"] = "all differences 0"
-    else:
-        from scipy.stats import wilcoxon
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                res = wilcoxon(d)
-            out["wilcoxon_stat"], out["p_value"] = float(res.statistic), float(res.pvalue)
-        except ValueError as err:
-            out["test_note"] = str(err)
     return out
 
 
@@ -297,6 +308,10 @@ def settings_rows(runs: Sequence[Run]) -> List[List[str]]:
             ["optimisation"] + [hdc(r) for r in runs]]
 
 
+BEST_PSNR_ROW = "best PSNR (dB), mean ± std (std over images, ddof 0)"
+BEST_ANY_ROW = "best PSNR any orientation (dB), mean ± std (ddof 0)"
+
+
 def summary_table(runs: Sequence[Run]) -> str:
     """Settings and summary metrics, one column per run."""
     sums = [r.summary for r in runs]
@@ -306,7 +321,9 @@ def summary_table(runs: Sequence[Run]) -> str:
         rows.append([name] + [fn(r, s) for r, s in zip(runs, sums)])
 
     row("images", lambda r, s: str(s["num_images"]))
-    row("best PSNR (dB)", lambda r, s: f"{_f(s['best_psnr']['mean'])} ± {_f(s['best_psnr']['std'])}")
+    row(BEST_PSNR_ROW, lambda r, s: f"{_f(s['best_psnr']['mean'])} ± {_f(s['best_psnr']['std'])}")
+    row(BEST_ANY_ROW, lambda r, s: f"{_f(s['best_psnr_any_orientation']['mean'])} ± "
+                                   f"{_f(s['best_psnr_any_orientation']['std'])}")
     row("mean of per-image means (dB)", lambda r, s: _f(s["mean_of_mean_psnr"]))
     row("selected-by-loss PSNR (dB)", lambda r, s: _f(s["selected_psnr_mean"]))
     row("best SSIM", lambda r, s: _f(s["best_ssim_mean"], "{:.3f}"))
@@ -355,11 +372,14 @@ def comparison_tables(comps: Sequence[Dict], per_image: bool = True) -> str:
     for c in comps:
         test = (f"W={c['wilcoxon_stat']:.1f}, p={c['p_value']:.3g}" if c["p_value"] is not None
                 else f"n/a ({c['test_note']})")
+        any_test = (f"p={c['any_p_value']:.3g}" if c.get("any_p_value") is not None
+                    else f"n/a ({c.get('any_test_note', '')})")
         rows.append([c["b"], c["a"], str(c["n"]), _f(c["mean_diff"], "{:+.2f}"), _f(c["median_diff"], "{:+.2f}"),
                      f"{c['wins']}/{c['losses']}/{c['ties']}", f"+{c['success_gained']} / −{c['success_lost']}",
-                     test])
+                     test, _f(c.get("any_mean_diff"), "{:+.2f}"), any_test])
     out = [_md(["run B", "vs run A", "common images", "mean Δ best PSNR (B−A, dB)", "median Δ",
-                "B better/worse/tie", "success gained/lost", "Wilcoxon signed-rank"], rows)]
+                "B better/worse/tie", "success gained/lost", "Wilcoxon signed-rank",
+                "mean Δ best PSNR any orientation (dB)", "Wilcoxon (any orientation)"], rows)]
     if per_image:
         for c in comps:
             out.append(f"#### Δ best PSNR per image: {c['b']} − {c['a']}\n\n" + _md(

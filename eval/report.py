@@ -69,9 +69,9 @@ def selection_spread_table(runs: Sequence) -> str:
     rows = [["best particle (oracle) counts"] + [counts(s) for s in sel],
             ["selection accuracy (selected = best) [95% CI]"] + [_rate(s["accuracy"]) for s in sel],
             ["dB lost by selecting with loss [95% CI]"] + [ci_text(s["db_lost"]) for s in sel],
-            ["within-image std of particle PSNR (dB), mean ± std"]
+            ["within-image std of particle PSNR (dB; ddof 1), mean ± std over images (ddof 0)"]
             + [f"{fmt(s['psnr_std']['mean'])} ± {fmt(s['psnr_std']['std'])}" for s in spr],
-            ["pairwise feature distance at last ON step, mean ± std"] + [dist(s) for s in spr]]
+            ["pairwise feature distance at last ON step, mean ± std over images (ddof 0)"] + [dist(s) for s in spr]]
     return table(_cols(runs), rows)
 
 

@@ -27,11 +27,14 @@ def finite(xs: Iterable) -> List[float]:
 
 
 def mean_std(xs: Iterable) -> Tuple[Optional[float], Optional[float], int]:
-    """Mean and sample std (ddof 1; 0 for one value) of the finite values, and their count."""
+    """Mean and std over images (ddof 0, as DAPS reports ±; 0 for one value) of the finite values, and their
+    count.  A spread of the particles within one image is a sample std (ddof 1) instead."""
+    from cores.evaluation import ACROSS_IMAGE_DDOF
+
     v = finite(xs)
     if not v:
         return None, None, 0
-    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
+    return float(np.mean(v)), float(np.std(v, ddof=ACROSS_IMAGE_DDOF)), len(v)
 
 
 def mean_ci(xs: Iterable, level: float = 0.95) -> Dict[str, Optional[float]]:

@@ -187,7 +187,7 @@ def test_toy_exp0_end_to_end_then_parser(tmp_path):
     assert out.returncode == 0, out.stderr
     best = metrics["summary"]["best_psnr"]["mean"]
     assert "exp0_baseline/imagenet_1img/exp0_sanity_check_scale0" in out.stdout
-    assert f"| best PSNR (dB) | {best:.2f} ± 0.00 |" in out.stdout
+    assert f"| best PSNR (dB), mean ± std (std over images, ddof 0) | {best:.2f} ± 0.00 |" in out.stdout
 
 
 def test_experiment_config_runs_directly():
