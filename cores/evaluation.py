@@ -28,13 +28,33 @@ def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return piq.ssim(_to01(x), _to01(ref).expand_as(x), data_range=1.0, reduction="none")
 
 
-def lpips_distance(x: torch.Tensor, ref: torch.Tensor) -> Optional[torch.Tensor]:
-    """LPIPS (AlexNet, `lpips` package); None with one stderr warning line when its weights are unavailable.
+LPIPS_NETS = ("vgg", "alex")
 
-    Building the network may try to download the AlexNet backbone, and torch.hub prints its
-    `Downloading: …` line into the results table; everything it prints is swallowed here.
+
+def _build_lpips(net: str) -> torch.nn.Module:
+    """vgg: piq's LPIPS with max pooling replaced by average pooling, as DAPS' eval.py builds it; its two weight
+    files (piq's `lpips_weights.pt` and torchvision's `vgg16-397923af.pth`) are read from the torch hub cache
+    (`bash download.sh lpips`).  alex: the `lpips` package's AlexNet LPIPS."""
+    if net == "vgg":
+        import piq
+
+        return piq.LPIPS(replace_pooling=True, reduction="none").eval()
+    import lpips
+
+    return lpips.LPIPS(net="alex", verbose=False).eval()
+
+
+def lpips_distance(x: torch.Tensor, ref: torch.Tensor, net: str = "vgg") -> Optional[torch.Tensor]:
+    """Per-image LPIPS of [-1,1] images; None with one stderr warning line when its weights are unavailable.
+
+    `vgg` (default) is the value DAPS reports: piq's VGG16 LPIPS (average pooling) on [0,1] images.
+    `alex` is the `lpips` package's AlexNet LPIPS on [-1,1] images (this project's value before 2026-11-27).
+    Building a network may try to download weights, and torch.hub prints its `Downloading: …` line into
+    the results table; everything it prints is swallowed here.
     """
-    if "model" not in _LPIPS_STATE:
+    if net not in LPIPS_NETS:
+        raise ValueError(f"eval.lpips_net={net}: expected one of {', '.join(LPIPS_NETS)}")
+    if net not in _LPIPS_STATE:
         import contextlib
         import io
 
@@ -42,20 +62,20 @@ def lpips_distance(x: torch.Tensor, ref: torch.Tensor) -> Optional[torch.Tensor]
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
                     warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                import lpips
-
-                _LPIPS_STATE["model"] = lpips.LPIPS(net="alex", verbose=False).eval()
-        except Exception as err:  # no network / no cached backbone weights
+                _LPIPS_STATE[net] = _build_lpips(net)
+        except Exception as err:  # no network / no cached weights
             from .console import one_line, warn
 
             warn(f"LPIPS unavailable ({type(err).__name__}: {one_line(err)[:120]}); reported as null. "
                  "Fetch its weights with `bash download.sh lpips`.", key="lpips")
-            _LPIPS_STATE["model"] = None
-    model = _LPIPS_STATE["model"]
+            _LPIPS_STATE[net] = None
+    model = _LPIPS_STATE[net]
     if model is None:
         return None
     model = model.to(x.device)
     with torch.no_grad():
+        if net == "vgg":
+            return model(_to01(x), _to01(ref).expand_as(x)).flatten()
         return model(x.float().clamp(-1, 1), ref.float().expand_as(x).clamp(-1, 1)).flatten()
 
 
@@ -85,7 +105,8 @@ def orientation(p: Optional[float], p_twin: Optional[float], margin_db: float) -
 
 def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses: torch.Tensor,
                  particle_ids: Sequence[int], success_psnr: float, use_lpips: bool = True,
-                 orientation_margin_db: float = 1.0, measurement_numel: Optional[int] = None) -> Dict:
+                 orientation_margin_db: float = 1.0, measurement_numel: Optional[int] = None,
+                 lpips_net: str = "vgg") -> Dict:
     """Per-image entry of metrics.json: per particle PSNR/SSIM/LPIPS, twin PSNR, orientation, loss,
     best/selected.  `measurement_numel` (elements of one measurement) adds the per-element loss."""
     twin = gt.flip(-2, -1)
@@ -95,7 +116,7 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
     p = bad(psnr(samples, gt).tolist())
     pt = bad(psnr(samples, twin).tolist())
     s = bad(ssim(samples, gt).tolist())
-    lp = lpips_distance(samples, gt) if use_lpips else None
+    lp = lpips_distance(samples, gt, lpips_net) if use_lpips else None
     lp = bad(lp.tolist()) if lp is not None else [None] * len(p)
     loss = [float(v) for v in losses.tolist()]
     finite = [i for i, v in enumerate(p) if math.isfinite(v) and math.isfinite(loss[i])]
@@ -112,6 +133,7 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
         "psnr": [finite_or_none(v) for v in p],
         "ssim": [finite_or_none(v) for v in s],
         "lpips": [finite_or_none(v) if v is not None else None for v in lp],
+        "lpips_net": lpips_net,
         "psnr_twin": [finite_or_none(v) for v in pt],
         "measurement_loss": [finite_or_none(v) for v in loss],
         "best_idx": best,

@@ -167,7 +167,8 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
         pids = batch.particle_ids[rows].tolist()
         ev = config.eval
         rec = image_record(idx, batch.x[rows].cpu(), gt[k].cpu(), losses[rows].cpu(), pids, ev.success_psnr,
-                           ev.lpips, orientation_margin_db=ev.orientation_margin_db, measurement_numel=y[k].numel())
+                           ev.lpips, orientation_margin_db=ev.orientation_margin_db, measurement_numel=y[k].numel(),
+                           lpips_net=ev.lpips_net)
         rec["time_sec"] = elapsed * share
         rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}
         rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
