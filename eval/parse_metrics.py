@@ -45,7 +45,8 @@ from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E
 from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
 from eval.study import (cost_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
-                        orientation_summary, repulsion_by_step, selection_summary, spread_summary)
+                        orientation_summary, protocol_warning, repulsion_by_step, run_protocol, selection_summary,
+                        spread_summary)
 
 SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
 
@@ -143,14 +144,22 @@ def merge_runs(runs: Sequence[Run]) -> Run:
     images = sorted((r for run in runs for r in run.images), key=lambda r: r["image_idx"])
     parts = [p for r in runs for p in r.parts]
     exp, dataset, name = merge_key(runs[0].paths[0])
-    segments: Dict[str, float] = {}
-    peaks = [r.vram.get("peak_memory_mb") for r in runs if r.vram.get("peak_memory_mb") is not None]
-    for r in runs:
-        for k, v in (r.vram.get("segments") or {}).items():
-            if v is not None:
-                segments[k] = max(segments.get(k, v), v)
+    vram: Dict[str, object] = {}
+    for peak in ("peak_memory_mb", "peak_reserved_mb"):  # the reserved blocks only where a part has them
+        vals = [r.vram.get(peak) for r in runs if r.vram.get(peak) is not None]
+        if peak == "peak_memory_mb" or any(peak in r.vram for r in runs):
+            vram[peak] = max(vals) if vals else None
+    for block in ("segments", "segments_reserved"):
+        if block != "segments" and not any(block in r.vram for r in runs):
+            continue
+        segments: Dict[str, float] = {}
+        for r in runs:
+            for k, v in (r.vram.get(block) or {}).items():
+                if v is not None:
+                    segments[k] = max(segments.get(k, v), v)
+        vram[block] = segments
     return Run(label=f"{exp}/{dataset}_{len(images)}img/{name}", paths=[p for r in runs for p in r.paths],
-               images=images, vram={"peak_memory_mb": max(peaks) if peaks else None, "segments": segments},
+               images=images, vram=vram,
                metadata=merged_metadata(parts, images), config=runs[0].config,
                repulsion=[row for r in runs for row in r.repulsion], parts=parts)
 
@@ -301,11 +310,27 @@ def settings_rows(runs: Sequence[Run]) -> List[List[str]]:
         return (f"{s} ({_cfg(r, 'repulsion_feature')}, σ_break {_cfg(r, 'repulsion_sigma_break')}, "
                 f"{_cfg(r, 'repulsion_schedule')})")
 
+    protocols = [run_protocol(r) for r in runs]
+
+    def lpips_net(r):
+        nets = {str(i["lpips_net"]) for i in r.images if i.get("lpips_net")}
+        ev = _cfg(r, "eval")
+        if not nets and isinstance(ev, dict) and ev.get("lpips_net"):
+            nets = {str(ev["lpips_net"])}
+        return "+".join(sorted(nets)) or "alex (before eval.lpips_net)"
+
     return [["model"] + [str(model(r)) for r in runs],
             ["particles"] + [str(_cfg(r, "num_samples")) for r in runs],
             ["repulsion"] + [rep(r) for r in runs],
             ["pruning"] + [prune(r) for r in runs],
-            ["optimisation"] + [hdc(r) for r in runs]]
+            ["optimisation"] + [hdc(r) for r in runs]] + [
+        [label] + [p[key] or "n/a" for p in protocols] for key, label in PROTOCOL_ROWS] + [
+        ["seed"] + [str(_cfg(r, "seed")) if _cfg(r, "seed") is not None else "n/a" for r in runs],
+        ["LPIPS network"] + [lpips_net(r) for r in runs]]
+
+
+PROTOCOL_ROWS = (("preset", "speed preset"), ("precision", "precision"), ("deterministic", "deterministic"),
+                 ("batch_size", "images per batch"), ("device", "device"), ("gpu_name", "GPU"))
 
 
 BEST_PSNR_ROW = "best PSNR (dB), mean ± std (std over images, ddof 0)"
@@ -392,12 +417,20 @@ def report(runs: Sequence[Run], all_pairs: bool = False, brief: bool = False) ->
     """Every table: summary, the study's sections, paired best-PSNR comparisons, then per image."""
     pairs = run_pairs(runs, all_pairs)
     parts = ["## Summary\n\n" + summary_table(runs)] + study_sections(runs, pairs)
+    warnings_ = pair_warnings(pairs)
+    if warnings_:  # first, where it cannot be missed: paired numbers below mix in these differences
+        parts.insert(0, "\n".join(f"> {w}" for w in warnings_))
     if pairs:
         parts.append("## Paired comparisons (best PSNR, common images)\n\n"
                      + comparison_tables([paired_comparison(a, b) for a, b in pairs], not brief))
     if not brief:
         parts.append("## Per image\n\n" + "\n\n".join(per_image_table(r) for r in runs))
     return "\n\n".join(parts) + "\n"
+
+
+def pair_warnings(pairs: Sequence[Tuple[Run, Run]]) -> List[str]:
+    """One warning line per compared pair whose protocol, seed or image set differs (eval/study.py)."""
+    return [w for w in (protocol_warning(a, b) for a, b in pairs) if w]
 
 
 def run_pairs(runs: Sequence[Run], all_pairs: bool = False) -> List[Tuple[Run, Run]]:
