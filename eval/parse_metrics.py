@@ -45,8 +45,8 @@ from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E
 from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
 from eval.study import (cost_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
-                        orientation_summary, protocol_warning, repulsion_by_step, run_protocol, selection_summary,
-                        spread_summary)
+                        orientation_summary, PROTOCOL_KEYS, protocol_warning, repulsion_by_step, run_protocol,
+                        selection_summary, spread_summary)
 
 SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
 
@@ -364,6 +364,9 @@ def summary_table(runs: Sequence[Run]) -> str:
     row("peak VRAM (MB)", lambda r, s: _f(r.vram.get("peak_memory_mb"), "{:.0f}"))
     row("VRAM segments (MB)", lambda r, s: ", ".join(f"{k} {_f(v, '{:.0f}')}" for k, v in
                                                      (r.vram.get("segments") or {}).items()) or "none")
+    if any("segments_reserved" in r.vram for r in runs):
+        row("VRAM segments reserved (MB)", lambda r, s: ", ".join(
+            f"{k} {_f(v, '{:.0f}')}" for k, v in (r.vram.get("segments_reserved") or {}).items()) or "n/a")
     if any(r.repulsion for r in runs):
         def rep(r, key, which):
             steps = repulsion_by_step(r)
@@ -450,6 +453,9 @@ CSV_FIELDS = ["run", "image_idx", "num_particles", "best_psnr", "mean_psnr", "st
               "correct_orientation_found", "both_orientations_any", "orientation", "selected_is_best"]
 
 
+PROTOCOL_CSV = [f"protocol_{k}" for k in PROTOCOL_KEYS]
+
+
 def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
     """Per-image rows to `path`, one summary row per run to `<stem>_summary.csv`."""
     path = Path(path)
@@ -474,7 +480,9 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                   "best_ssim_mean", "best_lpips_mean", "success_rate", "success_ci_low", "success_ci_high",
                   "both_orientations_rate", "both_ci_low", "both_ci_high", "time_per_image_sec", "peak_memory_mb",
                   "gpu_sec_per_image", "selection_accuracy", "correct_orientation_rate", "both_orientations_any_rate",
-                  "psnr_spread_mean", "success_per_gpu_hour", "both_orientations_per_gpu_hour"]
+                  "psnr_spread_mean", "success_per_gpu_hour", "both_orientations_per_gpu_hour",
+                  "best_psnr_any_orientation_mean", "best_psnr_any_orientation_std", "std_ddof", "peak_reserved_mb",
+                  "tflop_per_image", *PROTOCOL_CSV]
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in runs:
@@ -495,7 +503,12 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "both_orientations_any_rate": o["both_any"]["rate"],
                         "psnr_spread_mean": spread_summary(r)["psnr_std"]["mean"],
                         "success_per_gpu_hour": cost["success_per_gpu_hour"],
-                        "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"]})
+                        "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"],
+                        "best_psnr_any_orientation_mean": s["best_psnr_any_orientation"]["mean"],
+                        "best_psnr_any_orientation_std": s["best_psnr_any_orientation"]["std"],
+                        "std_ddof": s["std_ddof"], "peak_reserved_mb": cost["peak_reserved_mb"],
+                        "tflop_per_image": cost["tflop_per_image"],
+                        **{f"protocol_{k}": v for k, v in run_protocol(r).items()}})
     return path, spath
 
 

@@ -266,3 +266,14 @@ def test_cfg_job_of_the_printed_command_shows_the_protocol():
     cfg = yaml.safe_load(res.stdout)
     assert (cfg["speed"]["preset"], cfg["deterministic"], cfg["batch_size"], cfg["eval"]["lpips_net"]) == \
         ("exact", True, 1, "vgg")
+
+
+def test_readme_direct_command_is_the_scripts():
+    """README's `+experiment=` example is what the script prints, so it runs with the same settings."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(python posterior_sample.py \+experiment=exp1_repulsion .*?)```", text, re.S).group(1)
+    readme = shlex.split(block.replace("\\\n", " "))
+    (c,) = dry("exp1_repulsion.sh", "--1")
+    assert readme[1:] == shlex.split(" ".join(["posterior_sample.py", *c["args"]]))

@@ -61,8 +61,13 @@ def test_mixed_presets_print_one_warning_line(tmp_path, capsys):
     text = pm.report(runs[:1] + runs[2:])
     assert warning_lines(text) == []  # same protocol: nothing
     out = tmp_path / "out"
-    assert pm.main([str(a), str(b), "--report", str(out), "--brief"]) == 0
+    assert pm.main([str(a), str(b), "--report", str(out), "--brief", "--csv", str(out / "t.csv")]) == 0
     console = capsys.readouterr().out
+    import csv
+
+    srows = list(csv.DictReader((out / "t_summary.csv").open()))
+    assert [(r["protocol_preset"], r["protocol_batch_size"], r["std_ddof"]) for r in srows] == [
+        ("exact", "1", "0"), ("fast", "4", "0")]
     (line,) = warning_lines(console)
     assert line.startswith("> warning: paired runs exp1/demo_4img/b vs exp0/demo_4img/a differ in ")
     assert "preset (exact vs fast)" in line and "precision (fp32 vs bf16)" in line and "batch_size (1 vs 4)" in line
