@@ -133,7 +133,7 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
         "psnr": [finite_or_none(v) for v in p],
         "ssim": [finite_or_none(v) for v in s],
         "lpips": [finite_or_none(v) if v is not None else None for v in lp],
-        "lpips_net": lpips_net,
+        "lpips_net": lpips_net if use_lpips else None,
         "psnr_twin": [finite_or_none(v) for v in pt],
         "measurement_loss": [finite_or_none(v) for v in loss],
         "best_idx": best,

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from eval.markdown import ci_text, fmt, table
-from eval.study import (COMPUTE_KEYS, ORIENTATIONS, cost_summary, flat_config, hdc_summary, last_on_step, orientation_pair,
-                        orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
+from eval.study import (COMPUTE_KEYS, ORIENTATIONS, cost_summary, flat_config, hdc_summary, last_on_step,
+                        orientation_pair, orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
                         spread_summary, world_size)
 
 

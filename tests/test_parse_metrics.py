@@ -197,7 +197,8 @@ def test_toy_run_folder(tmp_path):
     s = metrics["summary"]
     assert r.label == "exp0_baseline/demo_2img/r"
     assert r.summary["best_psnr"] == s["best_psnr"]
-    assert column(pm.summary_table([r]), pm.BEST_PSNR_ROW) == [f"{s['best_psnr']['mean']:.2f} ± {s['best_psnr']['std']:.2f}"]
+    assert column(pm.summary_table([r]), pm.BEST_PSNR_ROW) == [
+        f"{s['best_psnr']['mean']:.2f} ± {s['best_psnr']['std']:.2f}"]
     # ± as DAPS: across images ddof 0 (np.std), within an image (the particles' spread) ddof 1
     best = [rec["psnr"][rec["best_idx"]] for rec in metrics["images"]]
     assert s["std_ddof"] == 0 and s["best_psnr"]["std"] == pytest.approx(np.std(best, ddof=0))
