@@ -12,8 +12,11 @@
 #   ldm_ffhq256      https://ommer-lab.com/files/latent-diffusion/ffhq.zip (CompVis ffhq-ldm-vq-4, model.ckpt)
 #   ldm_imagenet256  https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt (CompVis cin256-v2)
 #   dino             https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth
-#   lpips            torchvision AlexNet/VGG16 ImageNet weights into the torch hub cache
-#                    (the LPIPS linear layers ship with the `lpips` pip package)
+#   lpips            into the torch hub cache, as the files are published (what piq and torchvision load):
+#                    piq's LPIPS-VGG layer weights (eval.lpips_net=vgg, DAPS' LPIPS)
+#                      https://github.com/photosynthesis-team/photosynthesis.metrics/releases/download/v0.4.0/lpips_weights.pt
+#                    torchvision VGG16 https://download.pytorch.org/models/vgg16-397923af.pth and AlexNet
+#                    (eval.lpips_net=alex; its LPIPS linear layers ship with the `lpips` pip package)
 #   test-ffhq        DAPS 100-image FFHQ test set (Google Drive id 1IzbnLWPpuIw6Z2E4IKrRByh6ihDE5QLO)
 #   test-imagenet    DAPS 100-image ImageNet test set (Google Drive id 1pqVO-LYrRRL4bVxUidvy-Eb22edpuFCs)
 set -euo pipefail
@@ -29,7 +32,7 @@ declare -A TARGET=(
   [ldm_ffhq256]="checkpoints/ldm_ffhq256.pt"
   [ldm_imagenet256]="checkpoints/ldm_imagenet256.pt"
   [dino]="checkpoints/dino_deitsmall16_pretrain.pth"
-  [lpips]="~/.cache/torch/hub/checkpoints (torchvision alexnet/vgg16 weights)"
+  [lpips]="~/.cache/torch/hub/checkpoints (piq lpips_weights.pt, torchvision vgg16/alexnet weights)"
   [test-ffhq]="datasets/test-ffhq"
   [test-imagenet]="datasets/test-imagenet"
 )
@@ -94,6 +97,20 @@ import torch
 import torchvision.models as tvm
 
 hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+# piq's LPIPS-VGG layer weights (cores/evaluation.py, eval.lpips_net=vgg): the published file, byte for byte,
+# under the name piq looks for (torch.hub.load_state_dict_from_url keeps the URL's file name)
+try:
+    import piq
+    url = piq.LPIPS._weights_url
+except (ImportError, AttributeError):
+    url = "https://github.com/photosynthesis-team/photosynthesis.metrics/releases/download/v0.4.0/lpips_weights.pt"
+path = os.path.join(hub, os.path.basename(url))
+if os.path.isfile(path):
+    print(f"[download.sh] skip: {path} already exists")
+else:
+    print(f"[download.sh] downloading {url} -> {path}")
+    torch.hub.load_state_dict_from_url(url, progress=False)
+    print(f"[download.sh] done: {path}")
 for name, ctor, weights in (("alexnet", tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1),
                             ("vgg16", tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1)):
     fname = os.path.basename(weights.url)

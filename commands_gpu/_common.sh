@@ -16,8 +16,12 @@
 #                 (two exact posterior modes, the orientation question); the toy prior uses
 #                 pixel features for repulsion (no DINO weights needed); results go to results/toy/
 #   SAVE_DIR=dir  results root (default results, or results/toy with MODEL=toy)
-#   SPEED=exact   the exact (reference) path instead of the experiments' `fast` preset
-#                 (MODEL=toy always runs exact: the switches are for GPUs)
+#   SPEED=fast    opt in to the fast path (bf16 + compile; default: exact, the reference protocol);
+#                 the run name gets `_fast`, so it never shares a folder with the exact run.
+#                 Validate it on your checkpoints first: bash commands_gpu/validate_speed.sh --10
+#                 (MODEL=toy: the toy prior has no network, so the switches change nothing)
+#   BATCH=N       N images per batch (default 1, the reference protocol: per-image VRAM and times);
+#                 results do not depend on it (per-particle random streams), VRAM and step times do
 #   EXTRA_ARGS="k=v ..."  extra Hydra overrides appended last (they win), e.g. fewer steps
 #   PYTHON=...    interpreter (default python)
 
@@ -25,7 +29,7 @@ _usage() {
   local extra=""
   [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]] && extra="--imagenet|--ffhq "
   cat >&2 <<USAGE
-usage: [DRY_RUN=1] [GPU=id] [MODEL=toy] [SAVE_DIR=dir] [EXTRA_ARGS="k=v ..."] bash $0 ${extra}--1|--10|--90 [...]
+usage: [DRY_RUN=1] [GPU=id] [MODEL=toy] [SAVE_DIR=dir] [SPEED=fast] [BATCH=N] [EXTRA_ARGS="k=v ..."] bash $0 ${extra}--1|--10|--90 [...]
   $EXP_DESCRIPTION
   --1   image 0 (sanity check)
   --10  images 0-9
@@ -52,7 +56,7 @@ _range() {
 _model_args() {
   local ds="$1"
   if [[ "${MODEL:-}" == toy ]]; then
-    echo "model=toy data=demo-$ds model.include_twins=true speed=exact"
+    echo "model=toy data=demo-$ds model.include_twins=true"
   elif [[ -z "${MODEL:-}" ]]; then
     echo "model=${ds}256ldm data=test-$ds"
   else
@@ -68,9 +72,12 @@ _run_one() {  # dataset-label size-flag
   [[ "$n" == 1 ]] && kind=sanity_check
   margs="$(_model_args "$ds")" || return 2
   if [[ "${MODEL:-}" == toy ]]; then root="${SAVE_DIR:-results/toy}"; else root="${SAVE_DIR:-results}"; fi
+  local speed_tag=""
+  [[ -n "${SPEED:-}" && "${SPEED}" != exact ]] && speed_tag="_${SPEED}"
   local cmd=("${PYTHON:-python}" posterior_sample.py "+experiment=$EXP" $margs "data.start_id=$start"
-             "data.end_id=$end" "save_dir=$root/$EXP" "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}"
-             ${SPEED:+speed=$SPEED} ${EXTRA_ARGS:-})
+             "data.end_id=$end" "save_dir=$root/$EXP"
+             "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}${speed_tag}"
+             ${SPEED:+speed=$SPEED} ${BATCH:+batch_size=$BATCH} ${EXTRA_ARGS:-})
   local envp=()
   [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then

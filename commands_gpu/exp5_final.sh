@@ -3,4 +3,4 @@
 # Settings: configs/experiment/exp5_final.yaml.  Usage: bash commands_gpu/exp5_final.sh --imagenet|--ffhq --1|--10|--90 [...]  (see _common.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-EXP_DATASET_FLAGS=1 exp_main exp5_final exp5 scale10_prune29_keep2 "$@"   # --imagenet / --ffhq choose the dataset
+EXP_DATASET_FLAGS=1 exp_main exp5_final exp5 scale10_prune29 "$@"   # --imagenet / --ffhq choose the dataset

@@ -200,8 +200,10 @@ class EvalConfig:
     success_psnr: float = 20.0
     orientation_margin_db: float = 1.0
     lpips: bool = True
+    lpips_net: str = "vgg"   # vgg: piq's VGG16 LPIPS, average pooling, [0,1] (DAPS' eval.py); alex: lpips package
 
     def __post_init__(self) -> None:
+        _check_choice("eval.lpips_net", self.lpips_net, ("vgg", "alex"))
         _check_range("eval.success_psnr", self.success_psnr)
         _check_range("eval.orientation_margin_db", self.orientation_margin_db, 0)
 

@@ -79,7 +79,8 @@ def format_summary(metrics: Dict, root: Union[str, Path]) -> str:
          _rate(o.get("correct_orientation_found_rate"), o.get("correct_orientation_found_rate_ci95")),
          _rate(o.get("both_orientations_any_rate"), o.get("both_orientations_any_rate_ci95")),
          " / ".join(_num(frac.get(k), "{:.0%}") for k in ("gt", "twin", "unclear")) if frac else "n/a"])
-    lines = [f"\nResults in {root}", *quality, "", *orient]
+    lines = [f"\nResults in {root}", *quality, "± : std over images, ddof 0 (np.std, as DAPS reports it)", "",
+             *orient]
     if o.get("margin_db") is not None:
         lines.append(f"orientation: gt or twin when that PSNR is ≥ {o['margin_db']:g} dB above the other, "
                      "else unclear")

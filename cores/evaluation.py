@@ -30,13 +30,33 @@ def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return piq.ssim(_to01(x), _to01(ref).expand_as(x), data_range=1.0, reduction="none")
 
 
-def lpips_distance(x: torch.Tensor, ref: torch.Tensor) -> Optional[torch.Tensor]:
-    """LPIPS (AlexNet, `lpips` package); None with one stderr warning line when its weights are unavailable.
+LPIPS_NETS = ("vgg", "alex")
 
-    Building the network may try to download the AlexNet backbone, and torch.hub prints its
-    `Downloading: …` line into the results table; everything it prints is swallowed here.
+
+def _build_lpips(net: str) -> torch.nn.Module:
+    """vgg: piq's LPIPS with max pooling replaced by average pooling, as DAPS' eval.py builds it; its two weight
+    files (piq's `lpips_weights.pt` and torchvision's `vgg16-397923af.pth`) are read from the torch hub cache
+    (`bash download.sh lpips`).  alex: the `lpips` package's AlexNet LPIPS."""
+    if net == "vgg":
+        import piq
+
+        return piq.LPIPS(replace_pooling=True, reduction="none").eval()
+    import lpips
+
+    return lpips.LPIPS(net="alex", verbose=False).eval()
+
+
+def lpips_distance(x: torch.Tensor, ref: torch.Tensor, net: str = "vgg") -> Optional[torch.Tensor]:
+    """Per-image LPIPS of [-1,1] images; None with one stderr warning line when its weights are unavailable.
+
+    `vgg` (default) is the value DAPS reports: piq's VGG16 LPIPS (average pooling) on [0,1] images.
+    `alex` is the `lpips` package's AlexNet LPIPS on [-1,1] images (this project's value before 2026-11-27).
+    Building a network may try to download weights, and torch.hub prints its `Downloading: …` line into
+    the results table; everything it prints is swallowed here.
     """
-    if "model" not in _LPIPS_STATE:
+    if net not in LPIPS_NETS:
+        raise ValueError(f"eval.lpips_net={net}: expected one of {', '.join(LPIPS_NETS)}")
+    if net not in _LPIPS_STATE:
         import contextlib
         import io
 
@@ -44,20 +64,20 @@ def lpips_distance(x: torch.Tensor, ref: torch.Tensor) -> Optional[torch.Tensor]
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
                     warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                import lpips
-
-                _LPIPS_STATE["model"] = lpips.LPIPS(net="alex", verbose=False).eval()
-        except Exception as err:  # no network / no cached backbone weights
+                _LPIPS_STATE[net] = _build_lpips(net)
+        except Exception as err:  # no network / no cached weights
             from .console import one_line, warn
 
             warn(f"LPIPS unavailable ({type(err).__name__}: {one_line(err)[:120]}); reported as null. "
                  "Fetch its weights with `bash download.sh lpips`.", key="lpips")
-            _LPIPS_STATE["model"] = None
-    model = _LPIPS_STATE["model"]
+            _LPIPS_STATE[net] = None
+    model = _LPIPS_STATE[net]
     if model is None:
         return None
     model = model.to(x.device)
     with torch.no_grad():
+        if net == "vgg":
+            return model(_to01(x), _to01(ref).expand_as(x)).flatten()
         return model(x.float().clamp(-1, 1), ref.float().expand_as(x).clamp(-1, 1)).flatten()
 
 
@@ -88,7 +108,7 @@ def orientation(p: Optional[float], p_twin: Optional[float], margin_db: float) -
 def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses: torch.Tensor,
                  particle_ids: Sequence[int], success_psnr: float, use_lpips: bool = True,
                  orientation_margin_db: float = 1.0, measurement_numel: Optional[int] = None,
-                 pruned: Optional[Sequence[bool]] = None) -> Dict:
+                 pruned: Optional[Sequence[bool]] = None, lpips_net: str = "vgg") -> Dict:
     """Per-image entry of metrics.json: per particle PSNR/SSIM/LPIPS, twin PSNR, orientation, loss,
     best/selected.  `measurement_numel` (elements of one measurement) adds the per-element loss.
     `pruned` flags particles removed by pruning (masking/shadow keep them in the outputs): the
@@ -100,7 +120,7 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
     p = bad(psnr(samples, gt).tolist())
     pt = bad(psnr(samples, twin).tolist())
     s = bad(ssim(samples, gt).tolist())
-    lp = lpips_distance(samples, gt) if use_lpips else None
+    lp = lpips_distance(samples, gt, lpips_net) if use_lpips else None
     lp = bad(lp.tolist()) if lp is not None else [None] * len(p)
     loss = [float(v) for v in losses.tolist()]
     finite = [i for i, v in enumerate(p) if math.isfinite(v) and math.isfinite(loss[i])]
@@ -119,6 +139,7 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
         "psnr": [finite_or_none(v) for v in p],
         "ssim": [finite_or_none(v) for v in s],
         "lpips": [finite_or_none(v) if v is not None else None for v in lp],
+        "lpips_net": lpips_net if use_lpips else None,
         "psnr_twin": [finite_or_none(v) for v in pt],
         "measurement_loss": [finite_or_none(v) for v in loss],
         "pruned": pruned,
@@ -141,11 +162,17 @@ def image_record(image_idx: int, samples: torch.Tensor, gt: torch.Tensor, losses
     return rec
 
 
+# Across-image ± of the summaries: population std (ddof 0, np.std's default), as DAPS reports it; the
+# original study's "17.50 ± 3.67 dB" is that value (3.87 with ddof 1).  The spread of the particles
+# within one image stays a sample std (ddof 1).
+ACROSS_IMAGE_DDOF = 0
+
+
 def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
     v = np.array([x for x in values if x is not None], dtype=float)
     if v.size == 0:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=ACROSS_IMAGE_DDOF)), "n": int(v.size)}
 
 
 def wilson_ci(successes: int, n: int, z: float = 1.96) -> List[Optional[float]]:
@@ -157,6 +184,16 @@ def wilson_ci(successes: int, n: int, z: float = 1.96) -> List[Optional[float]]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def best_psnr_any_orientation(rec: Dict) -> Optional[float]:
+    """The record's best PSNR in either orientation: max over particles of max(PSNR, twin PSNR); recomputed
+    from `psnr` / `psnr_twin` for records written before the field existed."""
+    if "best_psnr_any_orientation" in rec:
+        return rec["best_psnr_any_orientation"]
+    pairs = zip(rec.get("psnr") or [], rec.get("psnr_twin") or [])
+    vals = [max(p, q) for p, q in pairs if p is not None and q is not None and math.isfinite(p) and math.isfinite(q)]
+    return max(vals) if vals else None
 
 
 def summarize(images: List[Dict]) -> Dict:
@@ -177,9 +214,10 @@ def summarize(images: List[Dict]) -> Dict:
     best_twin = [max([v for v in r["psnr_twin"] if v is not None], default=None) for r in images]
     return {
         "num_images": n,
+        "std_ddof": ACROSS_IMAGE_DDOF,  # the ± of the blocks below: std over images, ddof 0 (as DAPS)
         "best_psnr": _mean_std(best_psnr),
         "best_psnr_twin": _mean_std(best_twin),
-        "best_psnr_any_orientation": _mean_std([r.get("best_psnr_any_orientation") for r in images]),
+        "best_psnr_any_orientation": _mean_std([best_psnr_any_orientation(r) for r in images]),
         "mean_of_mean_psnr": _mean_std(mean_psnr)["mean"],
         "best_ssim_mean": _mean_std(best_ssim)["mean"],
         "best_lpips_mean": _mean_std(best_lpips)["mean"],

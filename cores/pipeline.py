@@ -218,7 +218,7 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
         ev = config.eval
         rec = image_record(idx, batch.x[rows].cpu(), gt[k].cpu(), losses[rows].cpu(), pids, ev.success_psnr,
                            ev.lpips, orientation_margin_db=ev.orientation_margin_db, measurement_numel=y[k].numel(),
-                           pruned=batch.pruned[rows].tolist())
+                           pruned=batch.pruned[rows].tolist(), lpips_net=ev.lpips_net)
         rec["time_sec"] = elapsed * share
         rec.update(meter.take(idx))
         rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}

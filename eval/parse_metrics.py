@@ -39,13 +39,14 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from cores.evaluation import summarize  # noqa: E402
+from cores.evaluation import best_psnr_any_orientation, summarize  # noqa: E402
 from cores.resume import read_jsonl_latest  # noqa: E402
 from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
 from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
 from eval.study import (cost_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
-                        orientation_summary, repulsion_by_step, selection_summary, spread_summary)
+                        orientation_summary, PROTOCOL_KEYS, protocol_warning, repulsion_by_step, run_protocol,
+                        selection_summary, spread_summary)
 
 SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
 
@@ -143,14 +144,22 @@ def merge_runs(runs: Sequence[Run]) -> Run:
     images = sorted((r for run in runs for r in run.images), key=lambda r: r["image_idx"])
     parts = [p for r in runs for p in r.parts]
     exp, dataset, name = merge_key(runs[0].paths[0])
-    segments: Dict[str, float] = {}
-    peaks = [r.vram.get("peak_memory_mb") for r in runs if r.vram.get("peak_memory_mb") is not None]
-    for r in runs:
-        for k, v in (r.vram.get("segments") or {}).items():
-            if v is not None:
-                segments[k] = max(segments.get(k, v), v)
+    vram: Dict[str, object] = {}
+    for peak in ("peak_memory_mb", "peak_reserved_mb"):  # the reserved blocks only where a part has them
+        vals = [r.vram.get(peak) for r in runs if r.vram.get(peak) is not None]
+        if peak == "peak_memory_mb" or any(peak in r.vram for r in runs):
+            vram[peak] = max(vals) if vals else None
+    for block in ("segments", "segments_reserved"):
+        if block != "segments" and not any(block in r.vram for r in runs):
+            continue
+        segments: Dict[str, float] = {}
+        for r in runs:
+            for k, v in (r.vram.get(block) or {}).items():
+                if v is not None:
+                    segments[k] = max(segments.get(k, v), v)
+        vram[block] = segments
     return Run(label=f"{exp}/{dataset}_{len(images)}img/{name}", paths=[p for r in runs for p in r.paths],
-               images=images, vram={"peak_memory_mb": max(peaks) if peaks else None, "segments": segments},
+               images=images, vram=vram,
                metadata=merged_metadata(parts, images), config=runs[0].config,
                repulsion=[row for r in runs for row in r.repulsion], parts=parts)
 
@@ -218,8 +227,26 @@ def image_stats(rec: Dict) -> Dict:
     }
 
 
+def wilcoxon_test(d: np.ndarray) -> Tuple[Optional[float], Optional[float], str]:
+    """(statistic, p-value, note) of a two-sided Wilcoxon signed-rank test of paired differences."""
+    if d.size < 2:
+        return None, None, f"n={d.size} < 2"
+    if not np.any(d != 0):
+        return None, None, "all differences 0"
+    from scipy.stats import wilcoxon
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = wilcoxon(d)
+        return float(res.statistic), float(res.pvalue), ""
+    except ValueError as err:
+        return None, None, str(err)
+
+
 def paired_comparison(a: Run, b: Run) -> Dict:
-    """Best-PSNR differences b − a on common image indices with a Wilcoxon signed-rank test."""
+    """Best-PSNR differences b − a on common image indices with a Wilcoxon signed-rank test; the same for
+    the best PSNR in any orientation (`any_*` keys: a particle on the 180° twin is a valid solution)."""
     ia, ib = a.by_image(), b.by_image()
     common = sorted(set(ia) & set(ib))
     rows = []
@@ -231,26 +258,19 @@ def paired_comparison(a: Run, b: Run) -> Dict:
     out: Dict = {"a": a.label, "b": b.label, "n": len(rows), "rows": rows,
                  "mean_diff": float(d.mean()) if d.size else None,
                  "median_diff": float(np.median(d)) if d.size else None,
-                 "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
-                 "wilcoxon_stat": None, "p_value": None, "test_note": ""}
+                 "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum())}
+    out["wilcoxon_stat"], out["p_value"], out["test_note"] = wilcoxon_test(d)
+    any_a = {i: best_psnr_any_orientation(ia[i]) for i in common}
+    any_b = {i: best_psnr_any_orientation(ib[i]) for i in common}
+    d_any = np.array([any_b[i] - any_a[i] for i in common if any_a[i] is not None and any_b[i] is not None],
+                     dtype=float)
+    out["any_n"] = int(d_any.size)
+    out["any_mean_diff"] = float(d_any.mean()) if d_any.size else None
+    _, out["any_p_value"], out["any_test_note"] = wilcoxon_test(d_any)
     succ_a = {i: bool(ia[i].get("success")) for i in common}
     succ_b = {i: bool(ib[i].get("success")) for i in common}
     out["success_gained"] = sum(succ_b[i] and not succ_a[i] for i in common)
     out["success_lost"] = sum(succ_a[i] and not succ_b[i] for i in common)
-    if d.size < 2:
-        out["test_note"] = f"n={d.size} < 2"
-    elif not np.any(d != 0):
-        out["test_note"] = "all differences 0"
-    else:
-        from scipy.stats import wilcoxon
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                res = wilcoxon(d)
-            out["wilcoxon_stat"], out["p_value"] = float(res.statistic), float(res.pvalue)
-        except ValueError as err:
-            out["test_note"] = str(err)
     return out
 
 
@@ -290,11 +310,31 @@ def settings_rows(runs: Sequence[Run]) -> List[List[str]]:
         return (f"{s} ({_cfg(r, 'repulsion_feature')}, σ_break {_cfg(r, 'repulsion_sigma_break')}, "
                 f"{_cfg(r, 'repulsion_schedule')})")
 
+    protocols = [run_protocol(r) for r in runs]
+
+    def lpips_net(r):
+        nets = {str(i["lpips_net"]) for i in r.images if i.get("lpips_net")}
+        ev = _cfg(r, "eval")
+        if not nets and isinstance(ev, dict) and ev.get("lpips_net"):
+            nets = {str(ev["lpips_net"])}
+        return "+".join(sorted(nets)) or "alex (before eval.lpips_net)"
+
     return [["model"] + [str(model(r)) for r in runs],
             ["particles"] + [str(_cfg(r, "num_samples")) for r in runs],
             ["repulsion"] + [rep(r) for r in runs],
             ["pruning"] + [prune(r) for r in runs],
-            ["optimisation"] + [hdc(r) for r in runs]]
+            ["optimisation"] + [hdc(r) for r in runs]] + [
+        [label] + [p[key] or "n/a" for p in protocols] for key, label in PROTOCOL_ROWS] + [
+        ["seed"] + [str(_cfg(r, "seed")) if _cfg(r, "seed") is not None else "n/a" for r in runs],
+        ["LPIPS network"] + [lpips_net(r) for r in runs]]
+
+
+PROTOCOL_ROWS = (("preset", "speed preset"), ("precision", "precision"), ("deterministic", "deterministic"),
+                 ("batch_size", "images per batch"), ("device", "device"), ("gpu_name", "GPU"))
+
+
+BEST_PSNR_ROW = "best PSNR (dB), mean ± std (std over images, ddof 0)"
+BEST_ANY_ROW = "best PSNR any orientation (dB), mean ± std (ddof 0)"
 
 
 def summary_table(runs: Sequence[Run]) -> str:
@@ -306,7 +346,9 @@ def summary_table(runs: Sequence[Run]) -> str:
         rows.append([name] + [fn(r, s) for r, s in zip(runs, sums)])
 
     row("images", lambda r, s: str(s["num_images"]))
-    row("best PSNR (dB)", lambda r, s: f"{_f(s['best_psnr']['mean'])} ± {_f(s['best_psnr']['std'])}")
+    row(BEST_PSNR_ROW, lambda r, s: f"{_f(s['best_psnr']['mean'])} ± {_f(s['best_psnr']['std'])}")
+    row(BEST_ANY_ROW, lambda r, s: f"{_f(s['best_psnr_any_orientation']['mean'])} ± "
+                                   f"{_f(s['best_psnr_any_orientation']['std'])}")
     row("mean of per-image means (dB)", lambda r, s: _f(s["mean_of_mean_psnr"]))
     row("selected-by-loss PSNR (dB)", lambda r, s: _f(s["selected_psnr_mean"]))
     row("best SSIM", lambda r, s: _f(s["best_ssim_mean"], "{:.3f}"))
@@ -322,6 +364,9 @@ def summary_table(runs: Sequence[Run]) -> str:
     row("peak VRAM (MB)", lambda r, s: _f(r.vram.get("peak_memory_mb"), "{:.0f}"))
     row("VRAM segments (MB)", lambda r, s: ", ".join(f"{k} {_f(v, '{:.0f}')}" for k, v in
                                                      (r.vram.get("segments") or {}).items()) or "none")
+    if any("segments_reserved" in r.vram for r in runs):
+        row("VRAM segments reserved (MB)", lambda r, s: ", ".join(
+            f"{k} {_f(v, '{:.0f}')}" for k, v in (r.vram.get("segments_reserved") or {}).items()) or "n/a")
     if any(r.repulsion for r in runs):
         def rep(r, key, which):
             steps = repulsion_by_step(r)
@@ -355,11 +400,14 @@ def comparison_tables(comps: Sequence[Dict], per_image: bool = True) -> str:
     for c in comps:
         test = (f"W={c['wilcoxon_stat']:.1f}, p={c['p_value']:.3g}" if c["p_value"] is not None
                 else f"n/a ({c['test_note']})")
+        any_test = (f"p={c['any_p_value']:.3g}" if c.get("any_p_value") is not None
+                    else f"n/a ({c.get('any_test_note', '')})")
         rows.append([c["b"], c["a"], str(c["n"]), _f(c["mean_diff"], "{:+.2f}"), _f(c["median_diff"], "{:+.2f}"),
                      f"{c['wins']}/{c['losses']}/{c['ties']}", f"+{c['success_gained']} / −{c['success_lost']}",
-                     test])
+                     test, _f(c.get("any_mean_diff"), "{:+.2f}"), any_test])
     out = [_md(["run B", "vs run A", "common images", "mean Δ best PSNR (B−A, dB)", "median Δ",
-                "B better/worse/tie", "success gained/lost", "Wilcoxon signed-rank"], rows)]
+                "B better/worse/tie", "success gained/lost", "Wilcoxon signed-rank",
+                "mean Δ best PSNR any orientation (dB)", "Wilcoxon (any orientation)"], rows)]
     if per_image:
         for c in comps:
             out.append(f"#### Δ best PSNR per image: {c['b']} − {c['a']}\n\n" + _md(
@@ -372,12 +420,20 @@ def report(runs: Sequence[Run], all_pairs: bool = False, brief: bool = False) ->
     """Every table: summary, the study's sections, paired best-PSNR comparisons, then per image."""
     pairs = run_pairs(runs, all_pairs)
     parts = ["## Summary\n\n" + summary_table(runs)] + study_sections(runs, pairs)
+    warnings_ = pair_warnings(pairs)
+    if warnings_:  # first, where it cannot be missed: paired numbers below mix in these differences
+        parts.insert(0, "\n".join(f"> {w}" for w in warnings_))
     if pairs:
         parts.append("## Paired comparisons (best PSNR, common images)\n\n"
                      + comparison_tables([paired_comparison(a, b) for a, b in pairs], not brief))
     if not brief:
         parts.append("## Per image\n\n" + "\n\n".join(per_image_table(r) for r in runs))
     return "\n\n".join(parts) + "\n"
+
+
+def pair_warnings(pairs: Sequence[Tuple[Run, Run]]) -> List[str]:
+    """One warning line per compared pair whose protocol, seed or image set differs (eval/study.py)."""
+    return [w for w in (protocol_warning(a, b) for a, b in pairs) if w]
 
 
 def run_pairs(runs: Sequence[Run], all_pairs: bool = False) -> List[Tuple[Run, Run]]:
@@ -395,6 +451,9 @@ def compare_all(runs: Sequence[Run], all_pairs: bool = False) -> List[Dict]:
 CSV_FIELDS = ["run", "image_idx", "num_particles", "best_psnr", "mean_psnr", "std_psnr", "selected_psnr",
               "best_ssim", "best_lpips", "success", "both_orientations", "time_sec", "particle_psnr",
               "correct_orientation_found", "both_orientations_any", "orientation", "selected_is_best"]
+
+
+PROTOCOL_CSV = [f"protocol_{k}" for k in PROTOCOL_KEYS]
 
 
 def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
@@ -421,7 +480,9 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                   "best_ssim_mean", "best_lpips_mean", "success_rate", "success_ci_low", "success_ci_high",
                   "both_orientations_rate", "both_ci_low", "both_ci_high", "time_per_image_sec", "peak_memory_mb",
                   "gpu_sec_per_image", "selection_accuracy", "correct_orientation_rate", "both_orientations_any_rate",
-                  "psnr_spread_mean", "success_per_gpu_hour", "both_orientations_per_gpu_hour"]
+                  "psnr_spread_mean", "success_per_gpu_hour", "both_orientations_per_gpu_hour",
+                  "best_psnr_any_orientation_mean", "best_psnr_any_orientation_std", "std_ddof", "peak_reserved_mb",
+                  "tflop_per_image", *PROTOCOL_CSV]
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in runs:
@@ -442,7 +503,12 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "both_orientations_any_rate": o["both_any"]["rate"],
                         "psnr_spread_mean": spread_summary(r)["psnr_std"]["mean"],
                         "success_per_gpu_hour": cost["success_per_gpu_hour"],
-                        "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"]})
+                        "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"],
+                        "best_psnr_any_orientation_mean": s["best_psnr_any_orientation"]["mean"],
+                        "best_psnr_any_orientation_std": s["best_psnr_any_orientation"]["std"],
+                        "std_ddof": s["std_ddof"], "peak_reserved_mb": cost["peak_reserved_mb"],
+                        "tflop_per_image": cost["tflop_per_image"],
+                        **{f"protocol_{k}": v for k, v in run_protocol(r).items()}})
     return path, spath
 
 

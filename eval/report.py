@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from eval.markdown import ci_text, fmt, table
-from eval.study import (ORIENTATIONS, cost_summary, flat_config, hdc_summary, last_on_step, orientation_pair,
-                        orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
+from eval.study import (COMPUTE_KEYS, ORIENTATIONS, cost_summary, flat_config, hdc_summary, last_on_step,
+                        orientation_pair, orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
                         spread_summary, world_size)
 
 
@@ -69,22 +69,50 @@ def selection_spread_table(runs: Sequence) -> str:
     rows = [["best particle (oracle) counts"] + [counts(s) for s in sel],
             ["selection accuracy (selected = best) [95% CI]"] + [_rate(s["accuracy"]) for s in sel],
             ["dB lost by selecting with loss [95% CI]"] + [ci_text(s["db_lost"]) for s in sel],
-            ["within-image std of particle PSNR (dB), mean ± std"]
+            ["within-image std of particle PSNR (dB; ddof 1), mean ± std over images (ddof 0)"]
             + [f"{fmt(s['psnr_std']['mean'])} ± {fmt(s['psnr_std']['std'])}" for s in spr],
-            ["pairwise feature distance at last ON step, mean ± std"] + [dist(s) for s in spr]]
+            ["pairwise feature distance at last ON step, mean ± std over images (ddof 0)"] + [dist(s) for s in spr]]
     return table(_cols(runs), rows)
 
 
 # --- cost -----------------------------------------------------------------------------------------
+def _of(x: Dict, key: str) -> str:
+    """` (k/n images)` when only some records carry the field the mean is taken over."""
+    k = x[f"{key}_images"]
+    return f" ({k}/{x['num_images']} images)" if 0 < k < x["num_images"] else ""
+
+
+def _phases(x: Dict) -> str:
+    seg = x["time_segments_per_image"]
+    if not seg:
+        return "n/a"
+    return ", ".join(f"{k} {fmt(v, '{:.3g}')}" for k, v in seg.items()) + _of(x, "time_segments")
+
+
+def _evals(x: Dict, key: str) -> str:
+    comp = x["compute_per_image"]
+    return "n/a" if comp is None else fmt(comp[key], "{:.6g}") + _of(x, "compute")
+
+
+def _tflop(x: Dict) -> str:
+    return "n/a" if x["tflop_per_image"] is None else fmt(x["tflop_per_image"], "{:.4g}") + _of(x, "tflop")
+
+
 def cost_table(runs: Sequence) -> str:
+    """GPU-seconds (also per phase), peak VRAM allocated and reserved, network evaluations and TFLOP per
+    image; n/a for runs written before a field existed."""
     c = [cost_summary(r) for r in runs]
     rows = [["GPU-seconds / image"] + [f"{fmt(x['gpu_sec_per_image'], '{:.3g}')} ({x['source']})" for x in c],
+            ["seconds / image by phase"] + [_phases(x) for x in c],
             ["processes"] + [str(x["processes"]) for x in c],
             ["total GPU-seconds"] + [fmt(x["gpu_sec_total"], "{:.4g}") for x in c],
-            ["peak VRAM (MB)"] + [fmt(x["peak_memory_mb"], "{:.0f}") for x in c],
-            ["successes / GPU-hour"] + [fmt(x["success_per_gpu_hour"], "{:.4g}") for x in c],
-            ["both orientations (any PSNR) / GPU-hour"] + [fmt(x["both_orientations_per_gpu_hour"], "{:.4g}")
-                                                            for x in c]]
+            ["peak VRAM allocated (MB)"] + [fmt(x["peak_memory_mb"], "{:.0f}") for x in c],
+            ["peak VRAM reserved (MB)"] + [fmt(x["peak_reserved_mb"], "{:.0f}") for x in c]]
+    rows += [[f"network evaluations / image: {k}"] + [_evals(x, k) for x in c] for k in COMPUTE_KEYS]
+    rows += [["TFLOP / image"] + [_tflop(x) for x in c],
+             ["successes / GPU-hour"] + [fmt(x["success_per_gpu_hour"], "{:.4g}") for x in c],
+             ["both orientations (any PSNR) / GPU-hour"] + [fmt(x["both_orientations_per_gpu_hour"], "{:.4g}")
+                                                             for x in c]]
     return table(_cols(runs), rows)
 
 
@@ -199,7 +227,18 @@ DEFINITIONS = """## Definitions
   exact two-sided McNemar test (binomial on the discordant images); paired best PSNR uses Wilcoxon signed-rank.
 - GPU-seconds / image: wall time × processes of each run folder, summed over merged folders, divided by
   the images; `records` means the per-image sampling times were used (no wall time, or it covers fewer
-  images than the folder holds, as after a resume).
+  images than the folder holds, as after a resume). Seconds by phase: mean over images of the records'
+  `time_segments`. Peak VRAM allocated is `max_memory_allocated`, reserved `max_memory_reserved` (what
+  the allocator holds; nvidia-smi shows that plus the CUDA context). Network evaluations: mean over images
+  of the records' `compute` (one particle through a network once = 1); TFLOP the records' estimate.
+  n/a: the run was written before that field existed; `(k/n images)`: only k records carry it.
+- ± in the summary: std over images with ddof 0 (`np.std`, as DAPS reports it); the spread of the
+  particles within one image is a sample std (ddof 1).
+- Best PSNR any orientation: per image the best particle's max(PSNR, PSNR to the 180° twin); the twin is an
+  equally valid phase-retrieval solution.
+- Protocol (run table): speed preset, precision, deterministic, images per batch, device type, GPU. A paired
+  comparison of runs that differ in any of these, in seed or in image set prints one warning line above
+  the tables.
 - Selection accuracy: share of images where the lowest-loss particle is the highest-PSNR one; dB lost is
   best − selected PSNR.
 - Pairwise feature distance: from `repulsion.jsonl`, per image at its last logged step with repulsion ON;

@@ -30,11 +30,14 @@ def finite(xs: Iterable) -> List[float]:
 
 
 def mean_std(xs: Iterable) -> Tuple[Optional[float], Optional[float], int]:
-    """Mean and sample std (ddof 1; 0 for one value) of the finite values, and their count."""
+    """Mean and std over images (ddof 0, as DAPS reports ±; 0 for one value) of the finite values, and their
+    count.  A spread of the particles within one image is a sample std (ddof 1) instead."""
+    from cores.evaluation import ACROSS_IMAGE_DDOF
+
     v = finite(xs)
     if not v:
         return None, None, 0
-    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
+    return float(np.mean(v)), float(np.std(v, ddof=ACROSS_IMAGE_DDOF)), len(v)
 
 
 def mean_ci(xs: Iterable, level: float = 0.95) -> Dict[str, Optional[float]]:
@@ -49,6 +52,38 @@ def mean_ci(xs: Iterable, level: float = 0.95) -> Dict[str, Optional[float]]:
     if len(v) > 1:
         half = float(t.ppf(0.5 + level / 2, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)))
         out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def equivalence_tost(xs: Iterable, margin: float, alpha: float = 0.05) -> Dict[str, object]:
+    """Two one-sided t-tests (Schuirmann's TOST) that the mean paired difference lies within ±margin.
+
+    H0: mean ≤ −margin or mean ≥ +margin.  Equivalence is shown when both one-sided p-values are below
+    `alpha`, i.e. when the (1 − 2·alpha) t interval lies inside ±margin.  Identical pairs (zero spread) are
+    equivalent exactly when their mean lies inside the margin.  Below two values nothing is shown."""
+    from scipy.stats import t
+
+    v = finite(xs)
+    n = len(v)
+    out: Dict[str, object] = {"n": n, "margin": float(margin), "alpha": alpha, "mean": None, "low": None,
+                              "high": None, "p_lower": None, "p_upper": None, "p_value": None,
+                              "equivalent": False, "note": ""}
+    if n < 2:
+        out["note"] = f"n={n} < 2"
+        return out
+    mean, se = float(np.mean(v)), float(np.std(v, ddof=1)) / math.sqrt(n)
+    out["mean"] = mean
+    if se == 0.0:
+        out["low"] = out["high"] = mean
+        out["p_lower"] = 0.0 if mean > -margin else 1.0
+        out["p_upper"] = 0.0 if mean < margin else 1.0
+    else:
+        half = float(t.ppf(1 - alpha, n - 1)) * se
+        out["low"], out["high"] = mean - half, mean + half
+        out["p_lower"] = float(t.sf((mean + margin) / se, n - 1))   # H0: mean <= -margin
+        out["p_upper"] = float(t.cdf((mean - margin) / se, n - 1))  # H0: mean >= +margin
+    out["p_value"] = max(out["p_lower"], out["p_upper"])
+    out["equivalent"] = bool(out["p_value"] < alpha)
     return out
 
 
@@ -247,11 +282,99 @@ def cost_summary(run) -> Dict:
     hours = gpu_total / 3600 if gpu_total else None
     peaks = finite([run.vram.get("peak_memory_mb")] + [r.get("peak_memory_mb") for p in run.parts
                                                        for r in ((p.get("metadata") or {}).get("ranks") or [])])
+    reserved = finite([run.vram.get("peak_reserved_mb")] + [r.get("peak_reserved_mb") for p in run.parts
+                                                            for r in ((p.get("metadata") or {}).get("ranks") or [])])
     return {"gpu_sec_total": gpu_total, "gpu_sec_per_image": per_image, "source": "+".join(sources),
             "processes": max((world_size(p.get("metadata") or {}) for p in run.parts), default=1),
             "peak_memory_mb": max(peaks) if peaks else None,
+            "peak_reserved_mb": max(reserved) if reserved else None,
             "success_per_gpu_hour": succ / hours if hours else None,
-            "both_orientations_per_gpu_hour": both / hours if hours else None}
+            "both_orientations_per_gpu_hour": both / hours if hours else None,
+            **work_per_image(run.images)}
+
+
+COMPUTE_KEYS = ("unet", "decoder_forward", "decoder_backward", "encoder", "dino_forward", "dino_backward")
+
+
+def work_per_image(images: Sequence[Dict]) -> Dict:
+    """Per-image means of the records' `time_segments` (seconds per phase), `compute` (network evaluations,
+    one particle through a network once = 1) and `tflop`, over the records that carry them; None (shown
+    n/a) where no record does, as in runs written before these fields existed.  `*_images` counts the
+    records each mean is taken over."""
+    seg_recs = [r["time_segments"] for r in images if isinstance(r.get("time_segments"), dict)]
+    phases = sorted({k for s in seg_recs for k in s})
+    comp_recs = [r["compute"] for r in images if isinstance(r.get("compute"), dict)]
+    tflops = finite(r.get("tflop") for r in images)
+    return {"time_segments_per_image": ({k: float(np.mean(finite(s.get(k, 0.0) for s in seg_recs))) for k in phases}
+                                        if seg_recs else None),
+            "time_segments_images": len(seg_recs),
+            "compute_per_image": ({k: float(np.mean(finite(c.get(k, 0) for c in comp_recs))) for k in COMPUTE_KEYS}
+                                  if comp_recs else None),
+            "compute_images": len(comp_recs),
+            "tflop_per_image": float(np.mean(tflops)) if tflops else None,
+            "tflop_images": len(tflops), "num_images": len(images)}
+
+
+# --- protocol ------------------------------------------------------------------------------------
+# What a paired test assumes equal besides the compared setting: the numerical path, the kernels, the
+# batching (per-image VRAM and times), the hardware.  Seed and image set are checked next to them.
+PROTOCOL_KEYS = ("preset", "precision", "deterministic", "batch_size", "device", "gpu_name")
+
+
+def _meta_value(meta: Dict, key: str):
+    """A protocol value stored in run metadata (flat key, or inside a `speed` block)."""
+    if meta.get(key) is not None:
+        return meta[key]
+    speed = meta.get("speed") if isinstance(meta.get("speed"), dict) else {}
+    return speed.get(key)
+
+
+def run_protocol(run) -> Dict[str, Optional[str]]:
+    """Speed preset, precision, determinism, images per batch, device type and GPU name of a run, as
+    strings (None where neither config.yaml nor the metadata records it).  Several parts that differ
+    (a merged 10 + 90 pair run on two cards) give `a+b`."""
+    cfg = run.config if isinstance(run.config, dict) else {}
+    speed = cfg.get("speed") if isinstance(cfg.get("speed"), dict) else {}
+    metas = [p.get("metadata") or {} for p in run.parts] or [run.metadata or {}]
+    from_cfg = {"preset": speed.get("preset"), "precision": speed.get("precision"),
+                "deterministic": cfg.get("deterministic"), "batch_size": cfg.get("batch_size")}
+    out: Dict[str, Optional[str]] = {}
+    for key in PROTOCOL_KEYS:
+        if from_cfg.get(key) is not None:
+            vals = {from_cfg[key]}
+        else:
+            vals = {_meta_value(m, key) for m in metas} - {None}
+            if key == "preset" and not vals:
+                vals = {_meta_value(m, "speed_preset") for m in metas} - {None}
+        if key == "device":  # cuda:0 and cuda:3 are the same protocol; the card is `gpu_name`
+            vals = {str(v).split(":")[0] for v in vals}
+        if key == "gpu_name" and not vals and {str(m.get("device", "")).split(":")[0] for m in metas} == {"cpu"}:
+            vals = {"none (CPU)"}
+        out[key] = "+".join(sorted(str(v) for v in vals)) if vals else None
+    return out
+
+
+def protocol_differences(a, b) -> List[Tuple[str, Optional[str], Optional[str]]]:
+    """(key, value in A, value in B) for each protocol key, the seed and the image set where two runs differ."""
+    pa, pb = run_protocol(a), run_protocol(b)
+    diff = [(k, pa[k], pb[k]) for k in PROTOCOL_KEYS if pa[k] != pb[k]]
+    sa = a.config.get("seed") if isinstance(a.config, dict) else None
+    sb = b.config.get("seed") if isinstance(b.config, dict) else None
+    if sa != sb:
+        diff.append(("seed", None if sa is None else str(sa), None if sb is None else str(sb)))
+    ia, ib = set(a.by_image()), set(b.by_image())
+    if ia != ib:
+        diff.append(("images", f"{len(ia)} images", f"{len(ib)} images, {len(ia & ib)} in common"))
+    return diff
+
+
+def protocol_warning(a, b) -> Optional[str]:
+    """One line naming the keys in which two paired runs differ, or None when they agree."""
+    diff = protocol_differences(a, b)
+    if not diff:
+        return None
+    keys = ", ".join(f"{k} ({'n/a' if x is None else x} vs {'n/a' if y is None else y})" for k, x, y in diff)
+    return f"warning: paired runs {b.label} vs {a.label} differ in {keys}; paired differences mix their effect in"
 
 
 # --- repulsion ---------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "commands_gpu"
 
 # script → (experiment folder, run tag, settings every command must resolve to)
-COMMON = {"seed": "42", "batch_size": "4", "sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "100",
-          "speed.preset": "fast"}
+# the reference protocol: exact path, deterministic kernels, one image per batch, LPIPS as DAPS computes it
+PROTOCOL = {"speed.preset": "exact", "deterministic": "True", "batch_size": "1", "eval.lpips_net": "vgg"}
+COMMON = {"seed": "42", "sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "100", **PROTOCOL}
 REP = {"repulsion_scale": "10", "repulsion_sigma_break": "1.0", "repulsion_schedule": "constant"}
 EXPECTED = {
     "exp0_baseline.sh": ("exp0_baseline", "exp0", "scale0",
@@ -25,23 +26,24 @@ EXPECTED = {
                           "hard_data_consistency": "-1"}),
     "exp1_repulsion.sh": ("exp1_repulsion", "exp1", "scale10",
                           {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "-1"}),
-    "exp2_pruning.sh": ("exp2_pruning", "exp2", "scale10_prune29_keep2",
+    "exp2_pruning.sh": ("exp2_pruning", "exp2", "scale10_prune29",
                         {"num_samples": "4", **REP, "pruning_step": "29", "pruning_keep": "2",
                          "pruning_criterion": "loss", "pruning_mode": "slicing", "hard_data_consistency": "-1"}),
-    "exp3_2particle.sh": ("exp3_2particle", "exp3", "scale10_2particles",
+    "exp3_2particle.sh": ("exp3_2particle", "exp3", "scale10",
                           {"num_samples": "2", **REP, "pruning_step": "-1", "hard_data_consistency": "-1"}),
     "exp4_optimization.sh": ("exp4_optimization", "exp4", "scale10_hdc",
                              {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "1",
                               "optimization_lr": "5.0e-3", "optimization_eps": "1.0e-3",
                               "optimization_max_iters": "500"}),
-    "exp5_final.sh": ("exp5_final", "exp5", "scale10_prune29_keep2",
+    "exp5_final.sh": ("exp5_final", "exp5", "scale10_prune29",
                       {"num_samples": "4", **REP, "pruning_step": "29", "pruning_keep": "2",
                        "hard_data_consistency": "-1"}),
 }
 
 
 def run_script(name: str, *flags: str, **env: str) -> subprocess.CompletedProcess:
-    e = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "GPU", "MODEL", "SAVE_DIR", "EXTRA_ARGS")}
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("DRY_RUN", "GPU", "MODEL", "SAVE_DIR", "EXTRA_ARGS", "SPEED", "BATCH")}
     e.update(env)
     return subprocess.run(["bash", str(SCRIPTS / name), *flags], capture_output=True, text=True, env=e,
                           cwd=ROOT, timeout=300)
@@ -128,7 +130,7 @@ def test_exp5_datasets():
     cmds = dry("exp5_final.sh", "--ffhq", "--imagenet", "--100")
     assert [(c["overrides"]["model"], c["overrides"]["data"]) for c in cmds] == [
         ("ffhq256ldm", "test-ffhq"), ("imagenet256ldm", "test-imagenet")]
-    assert cmds[0]["overrides"]["name"] == "ffhq_100img/exp5_main_scale10_prune29_keep2"
+    assert cmds[0]["overrides"]["name"] == "ffhq_100img/exp5_main_scale10_prune29"
     assert (cmds[0]["overrides"]["data.start_id"], cmds[0]["overrides"]["data.end_id"]) == ("0", "100")
     default = dry("exp5_final.sh", "--imagenet")  # no size: the 100 images as 10 + 90
     assert [c["overrides"]["data.end_id"] for c in default] == ["10", "100"]
@@ -185,7 +187,7 @@ def test_toy_exp0_end_to_end_then_parser(tmp_path):
     assert out.returncode == 0, out.stderr
     best = metrics["summary"]["best_psnr"]["mean"]
     assert "exp0_baseline/imagenet_1img/exp0_sanity_check_scale0" in out.stdout
-    assert f"| best PSNR (dB) | {best:.2f} ± 0.00 |" in out.stdout
+    assert f"| best PSNR (dB), mean ± std (std over images, ddof 0) | {best:.2f} ± 0.00 |" in out.stdout
 
 
 def test_experiment_config_runs_directly():
@@ -205,7 +207,7 @@ def test_toy_exp2_writes_survivor_and_pruned_trajectories(tmp_path):
                      EXTRA_ARGS="sampler.annealing.num_steps=6 sampler.mcmc.num_steps=1 eval.lpips=false "
                                 "pruning_step=2 traj_every=2")
     assert res.returncode == 0, res.stderr[-2000:]
-    run = tmp_path / "exp2_pruning" / "imagenet_1img" / "exp2_sanity_check_scale10_prune29_keep2"
+    run = tmp_path / "exp2_pruning" / "imagenet_1img" / "exp2_sanity_check_scale10_prune29"
     lines = [json.loads(s) for s in (run / "pruning.jsonl").read_text().splitlines()]
     pruned = lines[-1]["pruned_indices"]
     assert len(pruned) == 2
@@ -215,15 +217,63 @@ def test_toy_exp2_writes_survivor_and_pruned_trajectories(tmp_path):
         sorted(f"00000_sample{k:02d}.png" for k in lines[-1]["kept_indices"])
 
 
-def test_speed_preset_fast_by_default_exact_on_request():
-    """The experiments run the fast path; SPEED=exact (scripts) or speed=exact restores the exact path."""
+def test_reference_protocol_by_default_fast_and_batch_on_request():
+    """The experiments run the reference protocol; SPEED=fast / BATCH=N (scripts) or speed=fast batch_size=N
+    opt in, and a fast run gets its own folder."""
     from tests.conftest import compose
 
     (c,) = dry("exp1_repulsion.sh", "--1")
-    assert compose(c["args"]).speed.preset == "fast" and compose(c["args"]).speed.compile is True
-    (e,) = dry("exp1_repulsion.sh", "--1", SPEED="exact")
-    assert e["overrides"]["speed"] == "exact"
-    cfg = compose(e["args"])
+    cfg = compose(c["args"])
     assert cfg.speed.preset == "exact" and cfg.speed.compile is False and cfg.speed.precision == "fp32"
-    (t,) = dry("exp1_repulsion.sh", "--1", MODEL="toy")
-    assert compose(t["args"]).speed.preset == "exact"  # the switches are for GPUs
+    assert cfg.deterministic is True and cfg.batch_size == 1
+    (f,) = dry("exp1_repulsion.sh", "--1", SPEED="fast", BATCH="4")
+    fast = compose(f["args"])
+    assert fast.speed.preset == "fast" and fast.speed.compile is True and fast.speed.precision == "bf16"
+    assert fast.batch_size == 4 and fast.deterministic is True
+    assert f["overrides"]["name"] == "imagenet_1img/exp1_sanity_check_scale10_fast"
+    (e,) = dry("exp1_repulsion.sh", "--1", SPEED="exact")
+    assert e["overrides"]["name"] == c["overrides"]["name"]  # naming the default changes nothing
+    direct = compose(["+experiment=exp3_2particle", "speed=fast", "batch_size=2"])
+    assert direct.speed.preset == "fast" and direct.batch_size == 2
+    (t,) = dry("exp1_repulsion.sh", "--1", MODEL="toy", SPEED="fast")
+    assert compose(t["args"]).speed.preset == "fast"  # one speed override: the toy does not force its own
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("speed", ["", "fast"])
+def test_every_experiment_composes_to_the_protocol(name, speed):
+    """`DRY_RUN=1 bash commands_gpu/expN_*.sh --1` composed: exact, deterministic, one image per batch, VGG LPIPS;
+    SPEED=fast gives the fast preset and nothing else changes."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    flags = [f for f in size_flags(name) if f in ("--imagenet", "--1")]
+    (c,) = dry(name, *flags, **({"SPEED": speed} if speed else {}))
+    cfg = compose(c["args"])
+    want = {**PROTOCOL, "speed.preset": speed or "exact"}
+    assert {k: str(OmegaConf.select(cfg, k)) for k in want} == want
+
+
+def test_cfg_job_of_the_printed_command_shows_the_protocol():
+    """The literal check: the printed command with `--cfg job` (Hydra prints the composed config, runs nothing)."""
+    import yaml
+
+    (c,) = dry("exp2_pruning.sh", "--1")
+    res = subprocess.run([sys.executable, "posterior_sample.py", *c["args"], "--cfg", "job"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = yaml.safe_load(res.stdout)
+    assert (cfg["speed"]["preset"], cfg["deterministic"], cfg["batch_size"], cfg["eval"]["lpips_net"]) == \
+        ("exact", True, 1, "vgg")
+
+
+def test_readme_direct_command_is_the_scripts():
+    """README's `+experiment=` example is what the script prints, so it runs with the same settings."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(python posterior_sample.py \+experiment=exp1_repulsion .*?)```", text, re.S).group(1)
+    readme = shlex.split(block.replace("\\\n", " "))
+    (c,) = dry("exp1_repulsion.sh", "--1")
+    assert readme[1:] == shlex.split(" ".join(["posterior_sample.py", *c["args"]]))

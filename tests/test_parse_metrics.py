@@ -66,8 +66,9 @@ def test_summary_table_values(two_runs):
     runs = pm.load_runs(list(two_runs))
     table = pm.summary_table(runs)
     assert column(table, "metric") == ["exp0_baseline/imagenet_1img/a", "exp1_repulsion/imagenet_1img/b"]
-    # run a: best 40, 18 → mean 29, std (ddof 1) = 15.556
-    assert column(table, "best PSNR (dB)")[0] == f"29.00 ± {np.std([40, 18], ddof=1):.2f}"
+    # run a: best 40, 18 → mean 29, std over images as DAPS (ddof 0) = 11.00 (15.56 with ddof 1)
+    assert column(table, pm.BEST_PSNR_ROW)[0] == "29.00 ± 11.00"
+    assert "ddof 0" in pm.BEST_PSNR_ROW  # the header says which std
     assert column(table, "mean of per-image means (dB)")[0] == f"{(25 + 15) / 2:.2f}"
     assert column(table, "selected-by-loss PSNR (dB)")[0] == f"{(20 + 12) / 2:.2f}"  # lowest loss: p1, p0
     assert column(table, "best SSIM")[0] == f"{(0.40 + 0.18) / 2:.3f}"
@@ -196,4 +197,11 @@ def test_toy_run_folder(tmp_path):
     s = metrics["summary"]
     assert r.label == "exp0_baseline/demo_2img/r"
     assert r.summary["best_psnr"] == s["best_psnr"]
-    assert column(pm.summary_table([r]), "best PSNR (dB)") == [f"{s['best_psnr']['mean']:.2f} ± {s['best_psnr']['std']:.2f}"]
+    assert column(pm.summary_table([r]), pm.BEST_PSNR_ROW) == [
+        f"{s['best_psnr']['mean']:.2f} ± {s['best_psnr']['std']:.2f}"]
+    # ± as DAPS: across images ddof 0 (np.std), within an image (the particles' spread) ddof 1
+    best = [rec["psnr"][rec["best_idx"]] for rec in metrics["images"]]
+    assert s["std_ddof"] == 0 and s["best_psnr"]["std"] == pytest.approx(np.std(best, ddof=0))
+    assert s["best_psnr"]["std"] != pytest.approx(np.std(best, ddof=1))
+    parts = [v for v in metrics["images"][0]["psnr"] if v is not None]
+    assert pm.image_stats(metrics["images"][0])["std_psnr"] == pytest.approx(np.std(parts, ddof=1))

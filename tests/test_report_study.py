@@ -170,14 +170,14 @@ def test_selection_and_spread(tmp_path):
     spr = study.spread_summary(r)
     stds = [np.std([30, 20, 10, 40], ddof=1)] * 2 + [np.std([12, 14], ddof=1), 0.0]
     assert spr["psnr_std"]["mean"] == pytest.approx(np.mean(stds)) and spr["psnr_std"]["std"] == pytest.approx(
-        np.std(stds, ddof=1))
+        np.std(stds, ddof=0))  # within an image ddof 1, over images ddof 0
     assert spr["distance"]["steps"] == [5] and spr["distance"]["mean"] == pytest.approx(115.0)
-    assert spr["distance"]["std"] == pytest.approx(np.std([100, 110, 120, 130], ddof=1))
+    assert spr["distance"]["std"] == pytest.approx(np.std([100, 110, 120, 130], ddof=0))
     text = pm.report([r])
     assert "| best particle (oracle) counts | p0: 1, p3: 3 |" in text
     assert "| selection accuracy (selected = best) [95% CI] | 25% [5%, 70%] (1/4) |" in text
     assert f"| dB lost by selecting with loss [95% CI] | +3.00 [{lo:+.2f}, {hi:+.2f}] (n=4) |" in text
-    assert "115 ± 13 (pixel, step 5, n=4)" in text
+    assert "115 ± 11 (pixel, step 5, n=4)" in text  # sqrt(125): ddof 0 over images
 
 
 # --- repulsion (with a scale-0 baseline that logs distances) ------------------------------------------
@@ -201,7 +201,7 @@ def test_repulsion_with_baseline(tmp_path):
     assert sr["time_per_image"] == pytest.approx(3.0) and sr["feature"] == "pixel"
     # the baseline's distance is read at the repulsion run's last ON step (5): 50 + i + 5
     text = pm.report([rb, rr])
-    assert "56.5 ± 1.3 (pixel, step 5, n=4)" in text and "120 ± 13 (pixel, step 5, n=4)" in text
+    assert "56.5 ± 1.1 (pixel, step 5, n=4)" in text and "120 ± 11 (pixel, step 5, n=4)" in text  # ddof 0
     section = text.split("## Repulsion")[1]
     assert cell(section, "step-0 ratio ‖λ·r‖ / ‖score‖, median over images", 1) == "1.5 (n=4)"
     curves = {label: (xs, ys, b) for label, xs, ys, b in repulsion_curves([rb, rr], "dist")}

@@ -52,7 +52,7 @@ DOWNLOAD_STEPS: Dict[str, str] = {
     "ldm_ffhq256": "checkpoints/ldm_ffhq256.pt",
     "ldm_imagenet256": "checkpoints/ldm_imagenet256.pt",
     "dino": "checkpoints/dino_deitsmall16_pretrain.pth",
-    "lpips": "~/.cache/torch/hub/checkpoints (torchvision alexnet/vgg16 weights)",
+    "lpips": "~/.cache/torch/hub/checkpoints (piq lpips_weights.pt, torchvision vgg16/alexnet weights)",
     "test-ffhq": "datasets/test-ffhq",
     "test-imagenet": "datasets/test-imagenet",
 }
