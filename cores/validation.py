@@ -67,16 +67,18 @@ def model_resolution(model_cfg: Any) -> Optional[int]:
         return None
 
 
-def check_image_files(files: Sequence[Path]) -> None:
-    """Decode every file once (cheap at 256 px) so that a broken one is named now, not mid-run."""
-    from PIL import Image
+def check_image_files(files: Sequence[Path], resolution: Optional[int] = None) -> None:
+    """Decode and convert every file once (cheap at 256 px), so that a broken or unconvertible one
+    is named now, not mid-run; an image smaller than `resolution` (DAPS' resize would upscale it)
+    is named in one warning."""
+    from cores.console import warn
+    from cores.data import read_rgb8
 
     for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-        except Exception as err:  # PIL raises many types for broken files
-            _fail(f"data.root: cannot read image {f} ({type(err).__name__}: {str(err)[:80]})")
+        h, w = read_rgb8(f).shape[:2]
+        if resolution is not None and min(h, w) < resolution:
+            warn(f"{f} is {w}x{h} px, smaller than the model's {resolution} px: it is upscaled "
+                 "(blurred ground truth)", key=("small image", str(f)))
 
 
 def check_weights(config: RunConfig) -> None:
@@ -97,7 +99,7 @@ def validate_inputs(config: RunConfig, dataset) -> None:
     if len(dataset) == 0 or (end is not None and len(dataset) < end - start):
         _fail(f"data.start_id={start}, data.end_id={end}: only {len(dataset)} image(s) of this range "
               f"exist in {config.data.root}")
-    check_image_files(dataset.files)
+    check_image_files(dataset.files, config.data.resolution)
     res = model_resolution(config.model)
     if res is not None and res != config.data.resolution:
         _fail(f"data.resolution={config.data.resolution} but model {config.model.get('name')} renders {res} px images")
