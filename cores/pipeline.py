@@ -171,6 +171,7 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
         rec["time_sec"] = elapsed * share
         rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}
         rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
+        rec.update(dataset.source(idx) or {})  # resume checks the data folder against these
         logs, frames = collect_outputs(config, model, hooks, batch, idx, rec, gt[k].cpu(), device)
         folder.write_logs_and_trajectories(idx, logs, frames)
         folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), config.save_samples)
@@ -212,7 +213,8 @@ def run(cfg: DictConfig) -> Dict:
     and, once every rank is done, writes metrics.json and the grid.
     """
     from cores import distributed
-    from cores.resume import prepare_folder
+    from cores.lock import ConfigLock, RunLock
+    from cores.resume import check_sources, prepare_folder
     from cores.validation import validate_config, validate_inputs
 
     config = build_run_config(cfg)
@@ -228,12 +230,17 @@ def run(cfg: DictConfig) -> Dict:
         raise ConfigError(f"shard={config.shard}, num_shards={config.num_shards}: the {len(dataset)} image(s) of "
                           f"data.start_id={d.start_id}..data.end_id={d.end_id} leave this shard empty")
     distributed.setup(device)
+    lock = RunLock(folder.root, config.shard, config.num_shards)
     try:
         verdict = None
-        if rank.is_main:
+        if rank.is_main:  # rank 0 holds the folder's lock for every rank of this job
             try:
-                verdict = ("ok", prepare_folder(cfg, folder, ids))
+                with ConfigLock(folder.root):
+                    lock.acquire()
+                    check_sources(folder, dataset)
+                    verdict = ("ok", prepare_folder(cfg, folder, ids))
             except ConfigError as err:
+                lock.release()
                 verdict = ("error", str(err))
         verdict = distributed.broadcast(verdict)
         if verdict[0] == "error":
@@ -256,6 +263,7 @@ def run(cfg: DictConfig) -> Dict:
             metrics = json.loads((folder.root / "metrics.json").read_text())
         return metrics
     finally:
+        lock.release()
         distributed.teardown()
 
 
