@@ -80,11 +80,17 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        started = _dt.datetime.now().isoformat(timespec="seconds")
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}\n".encode())
         self._fd = fd
         return self
+
+    def announce(self) -> None:
+        """Write pid, host and start time into the held lock file (for the message a second process
+        prints).  Called once the folder has accepted the run, so that a refused run changes no file."""
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        started = _dt.datetime.now().isoformat(timespec="seconds")
+        os.pwrite(self._fd, f"pid {os.getpid()} on host {socket.gethostname()} since {started}\n".encode(), 0)
 
     def _refuse_other_sharding(self) -> None:
         """A held lock of another `num_shards` means a job of another image split is writing here."""
@@ -106,7 +112,9 @@ class RunLock:
             self._fd = None
 
     def __enter__(self) -> "RunLock":
-        return self.acquire()
+        self.acquire()
+        self.announce()
+        return self
 
     def __exit__(self, *exc) -> None:
         self.release()

@@ -239,6 +239,7 @@ def run(cfg: DictConfig) -> Dict:
                     lock.acquire()
                     check_sources(folder, dataset)
                     verdict = ("ok", prepare_folder(cfg, folder, ids))
+                    lock.announce()
             except ConfigError as err:
                 lock.release()
                 verdict = ("error", str(err))

@@ -35,14 +35,23 @@ def validate_config(config: RunConfig) -> None:
             _fail(f"pruning_keep={p.keep} must be >= 1 and < num_samples={config.num_samples}")
         if p.step >= a.num_steps:
             _fail(f"pruning_step={p.step} must be < sampler.annealing.num_steps={a.num_steps}")
+    if config.repulsion.on and config.num_samples < 2:
+        what = (f"repulsion_target_ratio={config.repulsion.target_ratio}" if config.repulsion.target_ratio
+                is not None else f"repulsion_scale={config.repulsion.scale}")
+        _fail(f"{what} needs num_samples >= 2 (got {config.num_samples}): repulsion acts between particles")
     o = config.optimization
     if o.enabled and o.stop == "noise" and not (o.sigma_y or 0.0) > 0:
         _fail(f"optimization_stop=noise needs the measurement noise task.sigma > 0 (got {o.sigma_y})")
+    check_run_name(config.name)
     check_save_dir(str(config.save_dir))
 
 
 def check_save_dir(save_dir: str) -> None:
-    """The results folder can be created and written (its nearest existing parent is a writable folder)."""
+    """The results folder can be created and written: its nearest existing parent is a folder in
+    which a folder can really be made (a probe folder, removed at once: permission bits say
+    nothing about /proc, read-only mounts or root)."""
+    import tempfile
+
     save = Path(save_dir)
     for parent in [save, *save.parents]:
         if parent.exists():
@@ -50,7 +59,23 @@ def check_save_dir(save_dir: str) -> None:
                 _fail(f"save_dir={save_dir}: {parent} exists and is not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 _fail(f"save_dir={save_dir}: {parent} is not writable")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=parent))
+            except OSError as err:
+                _fail(f"save_dir={save_dir}: cannot create folders in {parent} ({err.strerror or err})")
             break
+
+
+def check_run_name(name: str) -> None:
+    """`name` is a folder inside save_dir: non-empty, relative, without `..` (an empty name would
+    write into save_dir itself, where every run folder sits; `../x` or `/x` outside it)."""
+    from pathlib import PurePosixPath
+
+    parts = [p for p in PurePosixPath(str(name)).parts if p != "."]
+    if not str(name).strip() or not parts:
+        _fail(f"name={name!s}: a run needs its own folder inside save_dir; give a non-empty name")
+    if PurePosixPath(str(name)).is_absolute() or ".." in parts:
+        _fail(f"name={name}: must be a relative path inside save_dir (no leading /, no ..)")
 
 
 def model_resolution(model_cfg: Any) -> Optional[int]:

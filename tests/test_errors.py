@@ -28,9 +28,7 @@ def run_cfg(overrides):
 
 
 def folder_state(root: Path):
-    """Every result file (the lock files name whichever process last held the folder: not results)."""
-    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".lock")}
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.fixture
