@@ -150,6 +150,7 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
               hooks: List[SamplerHook], folder: RunFolder, device, pbar: tqdm) -> None:
     """Sample one batch of images and write each image's files and record."""
     x = torch.stack([dataset[i - dataset.start_id] for i in image_ids]).to(device)
+    warn_foreign_images(config, model, dataset, image_ids, x)
     with torch.no_grad():
         gt = model.reference_image(x)
     y = measure_images(operator, gt, image_ids, config.seed)
@@ -175,6 +176,20 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
         logs, frames = collect_outputs(config, model, hooks, batch, idx, rec, gt[k].cpu(), device)
         folder.write_logs_and_trajectories(idx, logs, frames)
         folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), config.save_samples)
+
+
+def warn_foreign_images(config: RunConfig, model, dataset: ImageFolder, image_ids: List[int],
+                        x: torch.Tensor) -> None:
+    """One warning per run when the toy prior meets an image that is not one of its components."""
+    foreign = getattr(model, "foreign_rows", None)
+    rows = foreign(x) if foreign is not None else []
+    if rows:
+        from cores.console import warn
+
+        f = dataset.files[image_ids[rows[0]] - dataset.start_id]
+        warn(f"{f} is not one of the toy prior's components (model.prior_images): the toy prior knows only "
+             "its own images, so expect low PSNR (about 16 dB) on this and other such images; use a real model",
+             key=("toy prior foreign images", str(config.save_dir), config.name))
 
 
 def collect_outputs(config: RunConfig, model, hooks: List[SamplerHook], batch, idx: int, rec: Dict,
