@@ -17,6 +17,10 @@ try:  # Ctrl-C while the imports load (≈ 1.5 s) is one line too
 except KeyboardInterrupt:
     print(STARTUP_INTERRUPT, file=sys.stderr)
     sys.exit(130)
+except ModuleNotFoundError as missing:  # an interpreter without the environment (python3 of the system)
+    print(f"error: {sys.executable} has no module {missing.name}: run it with the environment of README's quick "
+          "start (.venv/bin/python), or set PYTHON= for the experiment scripts", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")

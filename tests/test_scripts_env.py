@@ -97,3 +97,13 @@ def test_toy_script_runs_with_a_plain_path(tmp_path):
               EXTRA_ARGS="sampler.annealing.num_steps=2 sampler.mcmc.num_steps=1 eval.lpips=false num_samples=2")
     assert res.returncode == 0, res.stderr[-2000:]
     assert list(tmp_path.glob("exp0_baseline/*/*/metrics.json"))
+
+
+def test_interpreter_without_the_packages_is_one_line():
+    import sys
+
+    res = subprocess.run([sys.executable, "-S", "posterior_sample.py"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={"PATH": PLAIN_PATH})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {sys.executable} has no module") and ".venv" in lines[0]
