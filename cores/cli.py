@@ -162,7 +162,9 @@ def run_guarded(cfg: Any, argv: Sequence[str]) -> int:
     except (MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
-        first = " ".join(str(err).split())[:160] if str(err) else type(err).__name__
+        text = " ".join(str(err).split())
+        text = text[text.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in text else text  # drop C++ noise
+        first = (text[:200] + ("…" if len(text) > 200 else "")) if text else type(err).__name__
         print(f"error: out of memory ({first}); lower batch_size or num_samples; "
               f"{resume_hint(save_dir, name, argv)}", file=sys.stderr)
         return EXIT_FAILURE
