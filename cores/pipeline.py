@@ -181,8 +181,7 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
 def warn_foreign_images(config: RunConfig, model, dataset: ImageFolder, image_ids: List[int],
                         x: torch.Tensor) -> None:
     """One warning per run when the toy prior meets an image that is not one of its components."""
-    foreign = getattr(model, "foreign_rows", None)
-    rows = foreign(x) if foreign is not None else []
+    rows = model.foreign_rows(x)
     if rows:
         from cores.console import warn
 
