@@ -22,8 +22,10 @@
 #                 (MODEL=toy: the toy prior has no network, so the switches change nothing)
 #   BATCH=N       N images per batch (default 1, the reference protocol: per-image VRAM and times);
 #                 results do not depend on it (per-particle random streams), VRAM and step times do
-#   EXTRA_ARGS="k=v ..."  extra Hydra overrides appended last (they win), e.g. fewer steps
-#   PYTHON=...    interpreter (default python)
+#   EXTRA_ARGS="k=v ..."  extra Hydra overrides appended last (they win), e.g. fewer steps; split
+#                 like shell words (quotes group: EXTRA_ARGS="data.root='/my images'"), and DRY_RUN
+#                 prints the command with the same words, quoted so that it can be pasted
+#   PYTHON=...    interpreter (default: the repository's .venv/bin/python when present, else python3)
 
 _usage() {
   local extra=""
@@ -65,6 +67,42 @@ _model_args() {
   fi
 }
 
+# the interpreter: $PYTHON, else the repository's .venv (README's quick start), else python3
+_python() {
+  if [[ -n "${PYTHON:-}" ]]; then
+    echo "$PYTHON"
+  elif [[ -x "$_REPO_ROOT/.venv/bin/python" ]]; then
+    echo "$_REPO_ROOT/.venv/bin/python"
+  else
+    echo python3
+  fi
+}
+
+# EXTRA_ARGS as shell words (quotes and backslashes as in a shell, nothing expanded or run) into
+# the array _EXTRA; one error line for unbalanced quotes
+_extra_args() {
+  _EXTRA=()
+  [[ -z "${EXTRA_ARGS:-}" ]] && return 0
+  if ! xargs printf '%s\0' <<<"$EXTRA_ARGS" >/dev/null 2>&1; then
+    echo "error: EXTRA_ARGS=$EXTRA_ARGS: unbalanced quotes" >&2
+    return 2
+  fi
+  local word
+  while IFS= read -r -d '' word; do
+    [[ -n "$word" ]] && _EXTRA+=("$word")
+  done < <(xargs printf '%s\0' <<<"$EXTRA_ARGS")
+  return 0
+}
+
+# a command as one line that a shell reads back as the same words
+_quoted() {
+  local out="" w
+  for w in "$@"; do
+    if [[ "$w" =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+="$w "; else out+="$(printf '%q' "$w") "; fi
+  done
+  echo "${out% }"
+}
+
 _run_one() {  # dataset-label size-flag
   local ds="$1" flag="$2" start end n kind root margs
   read -r start end n <<<"$(_range "$flag")"
@@ -74,16 +112,17 @@ _run_one() {  # dataset-label size-flag
   if [[ "${MODEL:-}" == toy ]]; then root="${SAVE_DIR:-results/toy}"; else root="${SAVE_DIR:-results}"; fi
   local speed_tag=""
   [[ -n "${SPEED:-}" && "${SPEED}" != exact ]] && speed_tag="_${SPEED}"
-  local cmd=("${PYTHON:-python}" posterior_sample.py "+experiment=$EXP" $margs "data.start_id=$start"
+  _extra_args || return 2
+  local cmd=("$(_python)" posterior_sample.py "+experiment=$EXP" $margs "data.start_id=$start"
              "data.end_id=$end" "save_dir=$root/$EXP"
              "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}${speed_tag}"
-             ${SPEED:+speed=$SPEED} ${BATCH:+batch_size=$BATCH} ${EXTRA_ARGS:-})
+             ${SPEED:+speed=$SPEED} ${BATCH:+batch_size=$BATCH} "${_EXTRA[@]}")
   local envp=()
   [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    echo "${envp[*]}${envp:+ }${cmd[*]}"
+    _quoted "${envp[@]}" "${cmd[@]}"
   else
-    echo "+ ${envp[*]}${envp:+ }${cmd[*]}" >&2
+    echo "+ $(_quoted "${envp[@]}" "${cmd[@]}")" >&2
     (cd "$_REPO_ROOT" && env "${envp[@]}" "${cmd[@]}")
   fi
 }

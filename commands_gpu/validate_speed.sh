@@ -35,7 +35,7 @@ run="$root/exp0_baseline/imagenet_${n}img/exp0_${kind}_scale0"
 EXTRA_ARGS="${EXTRA_ARGS:-} resume=true"
 SPEED=exact exp_main exp0_baseline exp0 scale0 "$size"
 SPEED=fast exp_main exp0_baseline exp0 scale0 "$size"
-cmd=("${PYTHON:-python}" eval/validate_speed.py "$run" "${run}_fast" --margin-db "$margin")
+cmd=("$(_python)" eval/validate_speed.py "$run" "${run}_fast" --margin-db "$margin")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "${cmd[*]}"
 else

@@ -399,6 +399,8 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     optimization = build_dataclass(OptimizationConfig, parts["optimization"], names=names["optimization"])
     sigma_y = cfg.get("task", {}).get("sigma")
     optimization.sigma_y = None if sigma_y is None else convert("task.sigma", sigma_y, float)
+    if sigma_y is not None:
+        _check_range("task.sigma", optimization.sigma_y, 0)  # a noise standard deviation
     from cores.speed import SpeedConfig, speed_config
 
     speed_keys = [f.name for f in fields(SpeedConfig)]

@@ -198,6 +198,7 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
     """Sample one batch of images and write each image's files and record (with its time per phase
     and, when `meter` counts, its network evaluations)."""
     x = torch.stack([dataset[i - dataset.start_id] for i in image_ids]).to(device)
+    warn_foreign_images(config, model, dataset, image_ids, x)
     with torch.no_grad():
         gt = model.reference_image(x)
     y = measure_images(operator, gt, image_ids, config.seed)
@@ -223,12 +224,26 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
         rec.update(meter.take(idx))
         rec["timing"] = {"per_step_sec": [t * share for t in timer.per_step_sec], "batch_images": len(image_ids)}
         rec["nan_events"] = [e for e in batch.nan_events if e["image_idx"] == idx]
+        rec.update(dataset.source(idx) or {})  # resume checks the data folder against these
         logs, frames = collect_outputs(config, model, hooks, batch, idx, rec, gt[k].cpu(), device)
         prune_step = (rec.get("pruning") or {}).get("prune_step")  # the batch's, as its pruning hook reported
         segments = timer.segments(config.pruning.on, prune_step, config.optimization.enabled)
         rec["time_segments"] = {name: sec * share for name, sec in segments.items()}
         folder.write_logs_and_trajectories(idx, logs, frames)
         folder.write_image(rec, batch.x[rows].cpu(), pids, gt[k].cpu(), y[k].cpu(), config.save_samples)
+
+
+def warn_foreign_images(config: RunConfig, model, dataset: ImageFolder, image_ids: List[int],
+                        x: torch.Tensor) -> None:
+    """One warning per run when the toy prior meets an image that is not one of its components."""
+    rows = model.foreign_rows(x)
+    if rows:
+        from cores.console import warn
+
+        f = dataset.files[image_ids[rows[0]] - dataset.start_id]
+        warn(f"{f} is not one of the toy prior's components (model.prior_images): the toy prior knows only "
+             "its own images, so expect low PSNR (about 16 dB) on this and other such images; use a real model",
+             key=("toy prior foreign images", str(config.save_dir), config.name))
 
 
 def collect_outputs(config: RunConfig, model, hooks: List[SamplerHook], batch, idx: int, rec: Dict,
@@ -272,7 +287,8 @@ def run(cfg: DictConfig) -> Dict:
     and, once every rank is done, writes metrics.json and the grid.
     """
     from cores import distributed
-    from cores.resume import prepare_folder
+    from cores.lock import ConfigLock, RunLock
+    from cores.resume import check_sources, prepare_folder
     from cores.validation import validate_config, validate_inputs
 
     config = build_run_config(cfg)
@@ -288,12 +304,18 @@ def run(cfg: DictConfig) -> Dict:
         raise ConfigError(f"shard={config.shard}, num_shards={config.num_shards}: the {len(dataset)} image(s) of "
                           f"data.start_id={d.start_id}..data.end_id={d.end_id} leave this shard empty")
     distributed.setup(device)
+    lock = RunLock(folder.root, config.shard, config.num_shards)
     try:
         verdict = None
-        if rank.is_main:
+        if rank.is_main:  # rank 0 holds the folder's lock for every rank of this job
             try:
-                verdict = ("ok", prepare_folder(cfg, folder, ids))
+                with ConfigLock(folder.root):
+                    lock.acquire()
+                    check_sources(folder, dataset)
+                    verdict = ("ok", prepare_folder(cfg, folder, ids))
+                    lock.announce()
             except ConfigError as err:
+                lock.release()
                 verdict = ("error", str(err))
         verdict = distributed.broadcast(verdict)
         if verdict[0] == "error":
@@ -316,6 +338,7 @@ def run(cfg: DictConfig) -> Dict:
             metrics = json.loads((folder.root / "metrics.json").read_text())
         return metrics
     finally:
+        lock.release()
         distributed.teardown()
 
 

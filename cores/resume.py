@@ -69,6 +69,33 @@ def recorded_images(folder: RunFolder) -> List[int]:
     return sorted(int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()) if d.is_dir() else []
 
 
+def check_sources(folder: RunFolder, dataset) -> None:
+    """Every record's `source_file` / `source_sha256` still describe the image at its index in
+    `data.root` (`dataset.source(idx)`); otherwise ConfigError naming the first mismatch.
+
+    Records hold the sorted index of their image; a file added, renamed or replaced in the data
+    folder would otherwise make a resumed run pair old records with other images.  Records
+    written before these fields existed carry no source and are not checked.
+    """
+    for rec in folder.records():
+        idx, name, digest = rec["image_idx"], rec.get("source_file"), rec.get("source_sha256")
+        if name is None or digest is None:
+            continue
+        now = dataset.source(idx)
+        where = folder.record_path(idx)
+        if now is None:
+            raise ConfigError(f"data.root {dataset.root} changed since {where} was written: image {idx} was {name} "
+                              f"and the folder now holds only {len(dataset.all_files)} image(s); restore the "
+                              "data folder or use another name=")
+        if (now["source_file"], now["source_sha256"]) != (name, digest):
+            what = ("was renamed or another file now sorts at its place" if now["source_sha256"] == digest
+                    or now["source_file"] != name else "was replaced (same name, other content)")
+            raise ConfigError(f"data.root {dataset.root} changed since {where} was written: image {idx} was "
+                              f"{name} (sha256 {digest[:12]}) and is now {now['source_file']} (sha256 "
+                              f"{now['source_sha256'][:12]}): it {what}; restore the data folder or use "
+                              "another name=")
+
+
 def prepare_folder(cfg: DictConfig, folder: RunFolder, image_ids: List[int]) -> List[int]:
     """Check the folder against `cfg`, write config.yaml, return the images still to do.
 
@@ -85,6 +112,11 @@ def prepare_folder(cfg: DictConfig, folder: RunFolder, image_ids: List[int]) -> 
                               f"in: {describe_differences(old, current, diff)}; use another name= "
                               f"or the folder's settings")
     done = set()
+    if bool(cfg.resume) and not cfg_path.exists():
+        from cores.console import warn
+
+        warn(f"resume=true but {folder.root} holds no run yet; starting a new one (check name= if you meant "
+             "to continue an existing run)")
     if bool(cfg.resume):
         done = set(folder.finished_images())
     else:

@@ -35,14 +35,23 @@ def validate_config(config: RunConfig) -> None:
             _fail(f"pruning_keep={p.keep} must be >= 1 and < num_samples={config.num_samples}")
         if p.step >= a.num_steps:
             _fail(f"pruning_step={p.step} must be < sampler.annealing.num_steps={a.num_steps}")
+    if config.repulsion.on and config.num_samples < 2:
+        what = (f"repulsion_target_ratio={config.repulsion.target_ratio}" if config.repulsion.target_ratio
+                is not None else f"repulsion_scale={config.repulsion.scale}")
+        _fail(f"{what} needs num_samples >= 2 (got {config.num_samples}): repulsion acts between particles")
     o = config.optimization
     if o.enabled and o.stop == "noise" and not (o.sigma_y or 0.0) > 0:
         _fail(f"optimization_stop=noise needs the measurement noise task.sigma > 0 (got {o.sigma_y})")
+    check_run_name(config.name)
     check_save_dir(str(config.save_dir))
 
 
 def check_save_dir(save_dir: str) -> None:
-    """The results folder can be created and written (its nearest existing parent is a writable folder)."""
+    """The results folder can be created and written: its nearest existing parent is a folder in
+    which a folder can really be made (a probe folder, removed at once: permission bits say
+    nothing about /proc, read-only mounts or root)."""
+    import tempfile
+
     save = Path(save_dir)
     for parent in [save, *save.parents]:
         if parent.exists():
@@ -50,7 +59,23 @@ def check_save_dir(save_dir: str) -> None:
                 _fail(f"save_dir={save_dir}: {parent} exists and is not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 _fail(f"save_dir={save_dir}: {parent} is not writable")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=parent))
+            except OSError as err:
+                _fail(f"save_dir={save_dir}: cannot create folders in {parent} ({err.strerror or err})")
             break
+
+
+def check_run_name(name: str) -> None:
+    """`name` is a folder inside save_dir: non-empty, relative, without `..` (an empty name would
+    write into save_dir itself, where every run folder sits; `../x` or `/x` outside it)."""
+    from pathlib import PurePosixPath
+
+    parts = [p for p in PurePosixPath(str(name)).parts if p != "."]
+    if not str(name).strip() or not parts:
+        _fail(f"name={name!s}: a run needs its own folder inside save_dir; give a non-empty name")
+    if PurePosixPath(str(name)).is_absolute() or ".." in parts:
+        _fail(f"name={name}: must be a relative path inside save_dir (no leading /, no ..)")
 
 
 def model_resolution(model_cfg: Any) -> Optional[int]:
@@ -67,16 +92,18 @@ def model_resolution(model_cfg: Any) -> Optional[int]:
         return None
 
 
-def check_image_files(files: Sequence[Path]) -> None:
-    """Decode every file once (cheap at 256 px) so that a broken one is named now, not mid-run."""
-    from PIL import Image
+def check_image_files(files: Sequence[Path], resolution: Optional[int] = None) -> None:
+    """Decode and convert every file once (cheap at 256 px), so that a broken or unconvertible one
+    is named now, not mid-run; an image smaller than `resolution` (DAPS' resize would upscale it)
+    is named in one warning."""
+    from cores.console import warn
+    from cores.data import read_rgb8
 
     for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-        except Exception as err:  # PIL raises many types for broken files
-            _fail(f"data.root: cannot read image {f} ({type(err).__name__}: {str(err)[:80]})")
+        h, w = read_rgb8(f).shape[:2]
+        if resolution is not None and min(h, w) < resolution:
+            warn(f"{f} is {w}x{h} px, smaller than the model's {resolution} px: it is upscaled "
+                 "(blurred ground truth)", key=("small image", str(f)))
 
 
 def check_weights(config: RunConfig) -> None:
@@ -97,7 +124,7 @@ def validate_inputs(config: RunConfig, dataset) -> None:
     if len(dataset) == 0 or (end is not None and len(dataset) < end - start):
         _fail(f"data.start_id={start}, data.end_id={end}: only {len(dataset)} image(s) of this range "
               f"exist in {config.data.root}")
-    check_image_files(dataset.files)
+    check_image_files(dataset.files, config.data.resolution)
     res = model_resolution(config.model)
     if res is not None and res != config.data.resolution:
         _fail(f"data.resolution={config.data.resolution} but model {config.model.get('name')} renders {res} px images")

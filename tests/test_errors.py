@@ -106,7 +106,7 @@ def test_entry_point_exit_codes_and_single_line(tmp_path):
     assert cfg_err.returncode == 2
     assert cfg_err.stderr.strip().splitlines() == [
         "error: pruning_keep=2 must be >= 1 and < num_samples=2"]
-    assert not (tmp_path / "default" / "config.yaml").exists()  # only Hydra's own .hydra_logs
+    assert not (tmp_path / "default").exists()  # not even Hydra's .hydra_logs
 
 
 # ---------------------------------------------------------------------------------- NaN containment

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import yaml
 
@@ -42,18 +41,28 @@ def test_tiny_ldm_end_to_end(tmp_path):
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["00000_sample00.png", "00000_sample01.png"]
 
 
-def test_full_size_config_without_checkpoint_fails_fast(tmp_path):
+def test_full_size_config_without_checkpoint_fails_fast(tmp_path, monkeypatch):
+    """A missing checkpoint is one line (exit 2) before any model is built.  "Before" is counted,
+    not timed: model and data constructions are counted in process (a wall-clock limit would
+    depend on the machine's load)."""
     ckpt = ROOT / "checkpoints" / "ldm_ffhq256.pt"
     if ckpt.exists():  # pragma: no cover - a machine that has the real weights
         import pytest
 
         pytest.skip(f"{ckpt} exists")
-    t0 = time.perf_counter()
-    out = _run(["model=ffhq256ldm", "data=demo-ffhq", f"save_dir={tmp_path}", "name=nock"], timeout=60)
-    elapsed = time.perf_counter() - t0
+    out = _run(["model=ffhq256ldm", "data=demo-ffhq", f"save_dir={tmp_path}", "name=nock"], timeout=600)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "ldm_ffhq256.pt" in out.stderr and "bash download.sh ldm_ffhq256" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "nock" / "metrics.json").exists()
-    # fails before any model is built (budget for interpreter + Hydra start-up on a loaded 2-core machine)
-    assert elapsed < 15.0, f"took {elapsed:.1f} s"
+
+    import pytest
+
+    import cores.pipeline as pipeline
+    from conftest import compose
+
+    built = []
+    monkeypatch.setattr(pipeline, "build_model", lambda *a, **k: built.append(a) or pytest.fail("model built"))
+    with pytest.raises(FileNotFoundError, match="download.sh ldm_ffhq256"):
+        pipeline.run(compose(["model=ffhq256ldm", "data=demo-ffhq", f"save_dir={tmp_path}", "name=nock2"]))
+    assert built == [] and not (tmp_path / "nock2").exists()

@@ -54,11 +54,10 @@ def finished(root: Path) -> List[int]:
     return sorted(int(p.stem) for p in d.glob("*.json")) if d.is_dir() else []
 
 
-def kill_after(proc: subprocess.Popen, root: Path, n_records: int, timeout: float = 120.0) -> None:
-    t0 = time.time()
+def kill_after(proc: subprocess.Popen, root: Path, n_records: int) -> None:
+    """SIGKILL once `n_records` records exist (no time limit: the run either writes them or ends)."""
     while len(finished(root)) < n_records:
         assert proc.poll() is None, f"run ended before it could be killed: {proc.communicate()[1][-2000:]}"
-        assert time.time() - t0 < timeout, "no record appeared"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

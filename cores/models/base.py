@@ -7,7 +7,7 @@ CompVis LDMs are interchangeable.
 """
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,6 +44,11 @@ class LatentModel(nn.Module):
     def reference_image(self, x: torch.Tensor) -> torch.Tensor:
         """Ground truth a run is scored against (the image itself for real models)."""
         return x
+
+    def foreign_rows(self, x: torch.Tensor) -> List[int]:
+        """Rows of `x` the prior cannot represent at all (a prior built from a few images: the
+        toy); a learned prior claims none."""
+        return []
 
 
 def as_sigma(sigma: Sigma, like: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,14 @@ class GaussianMixtureLatentPrior(LatentModel):
         """decode(encode(x)): in the decoder's range, so exact recovery is attainable."""
         return self.decode(self.encode(x))
 
+    def foreign_rows(self, x: torch.Tensor, tol: float = 1e-4) -> List[int]:
+        """Rows of the images `x` whose latent is none of the components: the prior knows only its
+        own images, so on any other image it reconstructs a mixture of those (≈ 16 dB)."""
+        with torch.no_grad():
+            z = self.encode(x.to(self.means.device))
+            dist = (z.unsqueeze(1) - self.means.unsqueeze(0)).abs().flatten(2).amax(-1)  # (B, K)
+        return [int(r) for r in torch.nonzero(dist.amin(1) > tol).flatten()]
+
 
 def demo_image_files(roots: Sequence[str | Path]) -> List[Path]:
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
