@@ -33,7 +33,7 @@ from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
 from cores.speed import compile_seconds
 from cores.vram import VramMeter
-from sampler import SamplerHook, initial_batch, latent_daps
+from sampler import SamplerHook, initial_batch, run_sampler
 
 __all__ = ["ConfigError", "run", "build_hooks", "measure_images", "shard_ids", "resolve_device", "write_summary"]
 
@@ -86,6 +86,10 @@ def build_hooks(config: RunConfig, model, device: torch.device, vram: VramMeter)
     from cores.pruning import PruningHook
     from repulsion import RepulsionHook
 
+    if config.sampler.name == "resample":  # ReSample carries its own data consistency; no additions
+        from cores.resample import ResampleLog
+
+        return [ResampleLog(config.sampler)]
     hooks = [RepulsionHook.from_config(config.repulsion, model, device),
              PruningHook.from_config(config.pruning, vram),
              OptimizationHook.from_config(config.optimization, vram)]
@@ -153,11 +157,10 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
     with torch.no_grad():
         gt = model.reference_image(x)
     y = measure_images(operator, gt, image_ids, config.seed)
-    batch = initial_batch(model, y, image_ids, config.num_samples, config.seed, config.sampler.annealing.sigma_max,
-                          device)
+    batch = initial_batch(model, y, image_ids, config.num_samples, config.seed, config.sampler.initial_sigma, device)
     timer = StepTimer(pbar, len(image_ids), _xla_mark_step() if config.use_tpu else None)
     t0 = time.perf_counter()
-    latent_daps(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
+    run_sampler(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
     elapsed = time.perf_counter() - t0
     with torch.no_grad():
         losses = operator.loss(batch.x, batch.y)
@@ -273,7 +276,7 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
     hooks = build_hooks(config, model, device, vram)
     vram.start()
     bs = config.batch_size
-    steps = config.sampler.annealing.num_steps
+    steps = config.sampler.loop_steps
     with tqdm(total=len(todo) * steps, desc=config.name, unit="img·step", file=sys.stderr,
               disable=not show_progress) as pbar:
         for k in range(0, len(todo), bs):
