@@ -43,7 +43,7 @@ import torch
 from cores.config import ResampleConfig
 from sampler import Callback, ImageOutput, ParticleBatch, SamplerHook, StepContext, _observer
 
-__all__ = ["ResampleConfig", "resample", "ddim_schedule", "training_alphas_cumprod", "ResampleLog",
+__all__ = ["ResampleConfig", "resample", "resample_plan", "ddim_schedule", "training_alphas_cumprod", "ResampleLog",
            "ddim_step", "guidance_step", "stochastic_resample", "pixel_optimization", "latent_optimization"]
 
 
@@ -202,6 +202,21 @@ def latent_optimization(model, operator, z_init: torch.Tensor, y: torch.Tensor, 
     o = cfg.latent_optimization
     return _rowwise_adamw(z_init, lambda v, rows: (y[rows] - operator(model.decode(v))).pow(2).flatten(1).mean(1),
                           o.lr, cfg.weight_decay, o.max_iters, o.eps ** 2, o.patience)  # numpy float32 < eps²
+
+
+def resample_plan(cfg: ResampleConfig, num_train_timesteps: int) -> Dict[str, int]:
+    """What a full run does per particle, from the schedule alone: DDIM steps, look-ahead steps,
+    pixel and latent stages (optimiser iterations depend on the stops; `max_iters` bounds them)."""
+    c = num_train_timesteps // cfg.ddim_steps
+    T = len(range(0, num_train_timesteps, c))
+    split = T // cfg.splits
+    plan = {"ddim_steps": T, "lookahead_steps": 0, "pixel_stages": 0, "latent_stages": 0}
+    for i in range(T):
+        index = T - 1 - i
+        if 0 < index <= T - split and index % cfg.travel_every == 0:
+            plan["lookahead_steps"] += len(range(i, min(i + cfg.inter_timesteps, T - 1)))
+            plan["pixel_stages" if index >= split and cfg.pixel_stage else "latent_stages"] += 1
+    return plan
 
 
 # ----------------------------------------------------------------------------- the loop
