@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "DAPS (exp0)": ["+experiment=exp0_baseline"],
     "ReSample": ["+experiment=exp0_baseline", "sampler=resample", "repulsion_log_baseline=false"],
-    "ReSample, latent stages": ["+experiment=exp0_baseline", "sampler=resample", "repulsion_log_baseline=false",
+    "ReSample latent-stages": ["+experiment=exp0_baseline", "sampler=resample", "repulsion_log_baseline=false",
                                 "sampler.pixel_stage=false"],
     "Exp5 (repulsion + pruning 4→2)": ["+experiment=exp5_final"],
 }
@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-set", type=int, default=10, help="images per demo set (10 = all 20 images)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "toy_resample_study")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of method names")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of method names")  # names hold no comma
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     import numpy as np
@@ -77,7 +77,7 @@ def main() -> None:
     for method in args.methods.split(","):
         recs, evals, cfgs = [], [], None
         for ds in ("ffhq", "imagenet"):
-            name = method.split(" (")[0].replace(", ", "_").replace(" ", "_") + f"/{ds}"
+            name = method.split(" (")[0].replace(" ", "_") + f"/{ds}"
             over = METHODS[method] + [f"model=toy", f"data=demo-{ds}", "model.include_twins=true", "speed=exact",
                                       "eval.lpips=false", f"data.end_id={args.per_set}", f"save_dir={args.out}",
                                       f"name={name}", "resume=true"]
