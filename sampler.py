@@ -196,17 +196,6 @@ def latent_daps(model, operator, batch: ParticleBatch, cfg: DAPSConfig, hooks: S
     observe("end", ctx)
 
 
-def run_sampler(model, operator, batch: ParticleBatch, cfg, hooks: Sequence[SamplerHook] = (),
-                callback: Optional[Callback] = None) -> None:
-    """The configured sampler: `latent_daps` or the ReSample baseline (`cores.resample.resample`,
-    same inputs, batch and callback)."""
-    if getattr(cfg, "name", "latent_daps") == "resample":
-        from cores.resample import resample
-
-        return resample(model, operator, batch, cfg, hooks=hooks, callback=callback)
-    return latent_daps(model, operator, batch, cfg, hooks=hooks, callback=callback)
-
-
 def _observer(callback: Optional[Callback], batch: ParticleBatch,
               sigma_max: float) -> Callable[[str, StepContext], None]:
     """Calls `callback` with a timestamp taken after the GPU finished the stage (no-op without one);

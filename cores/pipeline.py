@@ -33,7 +33,7 @@ from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
 from cores.speed import compile_seconds
 from cores.vram import VramMeter
-from sampler import SamplerHook, initial_batch, run_sampler
+from sampler import SamplerHook, initial_batch, latent_daps
 
 __all__ = ["ConfigError", "run", "build_hooks", "measure_images", "shard_ids", "resolve_device", "write_summary"]
 
@@ -94,6 +94,16 @@ def build_hooks(config: RunConfig, model, device: torch.device, vram: VramMeter)
              PruningHook.from_config(config.pruning, vram),
              OptimizationHook.from_config(config.optimization, vram)]
     return [h for h in hooks if h is not None]
+
+
+def run_sampler(model, operator, batch, cfg, hooks: Sequence[SamplerHook] = (), callback=None) -> None:
+    """The configured sampler: `sampler.latent_daps` or the ReSample baseline
+    (`cores.resample.resample`: same inputs, batch and callback), by `sampler.name`."""
+    if cfg.name == "resample":
+        from cores.resample import resample
+
+        return resample(model, operator, batch, cfg, hooks=hooks, callback=callback)
+    return latent_daps(model, operator, batch, cfg, hooks=hooks, callback=callback)
 
 
 def feature_totals(config: RunConfig, records: List[Dict]) -> Dict:
