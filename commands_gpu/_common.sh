@@ -7,7 +7,9 @@
 # config.yaml records every resolved setting.
 #
 # Flags:   --1 (image 0)   --10 (images 0-9)   --90 (images 10-99; with --10 = 100 images)
-#          exp5 only: --imagenet / --ffhq (dataset), --100 (images 0-99 in one folder)
+#          exp5 only: --imagenet / --ffhq (dataset), --100 (images 0-99 in one folder),
+#                     --baselines (also DAPS with exp0's settings and ReSample on the same images,
+#                     into sibling folders of the same <dataset>_<N>img folder)
 # Environment:
 #   DRY_RUN=1     print each python command instead of running it
 #   GPU=<id>      run on that CUDA device (CUDA_VISIBLE_DEVICES=<id>)
@@ -39,6 +41,7 @@ usage: [DRY_RUN=1] [GPU=id] [MODEL=toy] [SAVE_DIR=dir] [SPEED=fast] [BATCH=N] [E
 USAGE
   [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]] && cat >&2 <<USAGE
   --100 images 0-99 in one run folder
+  --baselines  also run DAPS (exp0 settings) and ReSample (sampler=resample) on the same images
   --imagenet / --ffhq  dataset (at least one); without a size flag: --10 then --90
 USAGE
   return 0
@@ -103,8 +106,8 @@ _quoted() {
   echo "${out% }"
 }
 
-_run_one() {  # dataset-label size-flag
-  local ds="$1" flag="$2" start end n kind root margs
+_run_one() {  # dataset-label size-flag [experiment-config run-tag extra-overrides]
+  local ds="$1" flag="$2" exp="${3:-$EXP}" tag="${4:-$RUN_TAG}" more="${5:-}" start end n kind root margs
   read -r start end n <<<"$(_range "$flag")"
   kind=main
   [[ "$n" == 1 ]] && kind=sanity_check
@@ -113,10 +116,10 @@ _run_one() {  # dataset-label size-flag
   local speed_tag=""
   [[ -n "${SPEED:-}" && "${SPEED}" != exact ]] && speed_tag="_${SPEED}"
   _extra_args || return 2
-  local cmd=("$(_python)" posterior_sample.py "+experiment=$EXP" $margs "data.start_id=$start"
+  local cmd=("$(_python)" posterior_sample.py "+experiment=$exp" $margs "data.start_id=$start"
              "data.end_id=$end" "save_dir=$root/$EXP"
-             "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${RUN_TAG}${speed_tag}"
-             ${SPEED:+speed=$SPEED} ${BATCH:+batch_size=$BATCH} "${_EXTRA[@]}")
+             "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${tag}${speed_tag}"
+             $more ${SPEED:+speed=$SPEED} ${BATCH:+batch_size=$BATCH} "${_EXTRA[@]}")
   local envp=()
   [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
@@ -132,11 +135,16 @@ exp_main() {  # EXP EXP_SHORT RUN_TAG flags...
   shift 3
   _REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   EXP_DESCRIPTION="$(sed -n 2p "$0" | sed 's/^# //')"
-  local sizes=() datasets=() a
+  local sizes=() datasets=() a baselines=0
   if [[ $# -eq 0 ]]; then _usage; return 2; fi
   for a in "$@"; do
     case "$a" in
       --1|--10|--90) sizes+=("$a") ;;
+      --baselines)
+        if [[ "${EXP_DATASET_FLAGS:-0}" != 1 ]]; then
+          echo "error: unknown flag $a" >&2; _usage; return 2
+        fi
+        baselines=1 ;;
       --100|--imagenet|--ffhq)
         if [[ "${EXP_DATASET_FLAGS:-0}" != 1 ]]; then
           echo "error: unknown flag $a" >&2; _usage; return 2
@@ -169,6 +177,11 @@ exp_main() {  # EXP EXP_SHORT RUN_TAG flags...
   for ds in "${datasets[@]}"; do
     for a in "${sizes[@]}"; do
       _run_one "$ds" "$a" || return $?
+      if [[ "$baselines" == 1 ]]; then   # same images, sibling folders: <dataset>_<N>img/<exp>_<kind>_baseline_*
+        _run_one "$ds" "$a" exp0_baseline baseline_daps || return $?
+        _run_one "$ds" "$a" exp0_baseline baseline_resample "sampler=resample repulsion_log_baseline=false" \
+          || return $?
+      fi
     done
   done
 }

@@ -79,10 +79,101 @@ class DAPSConfig:
     record_trajectory: bool = False   # not in the YAML: set by the pipeline from save_traj
     max_steps: Optional[int] = None   # not in the YAML: run only the first k steps (benchmarks)
 
+    @property
+    def initial_sigma(self) -> float:
+        """z_T ~ N(0, σ_max² I)."""
+        return self.annealing.sigma_max
+
+    @property
+    def loop_steps(self) -> int:
+        """Steps the callback reports (`step` stages): the annealing steps actually taken."""
+        n = self.annealing.num_steps
+        return n if self.max_steps is None else min(self.max_steps, n)
+
     @classmethod
     def with_steps(cls, num_steps: int, mcmc: Optional[MCMCConfig] = None, **kwargs: Any) -> "DAPSConfig":
         """DAPS' defaults with another number of annealing steps (tests, studies)."""
         return cls(annealing=AnnealingConfig(num_steps=num_steps), mcmc=mcmc or MCMCConfig(), **kwargs)
+
+
+@dataclass
+class TrainScheduleConfig:
+    """The DDPM β schedule ReSample's DDIM steps index (models without their own: the toy prior)."""
+
+    num_timesteps: int = 1000     # CompVis ffhq-ldm-vq-4.yaml `timesteps`
+    linear_start: float = 0.0015  # CompVis ffhq-ldm-vq-4.yaml `linear_start`
+    linear_end: float = 0.0195    # CompVis ffhq-ldm-vq-4.yaml `linear_end`
+
+    def __post_init__(self) -> None:
+        _check_range("sampler.train_schedule.num_timesteps", self.num_timesteps, 2)
+        if not 0 < self.linear_start <= self.linear_end < 1:
+            raise ConfigError(f"sampler.train_schedule: linear_start={self.linear_start}, linear_end="
+                              f"{self.linear_end}: need 0 < linear_start <= linear_end < 1")
+
+
+@dataclass
+class ResampleOptimizerConfig:
+    lr: float = 5e-3
+    eps: float = 1e-3
+    max_iters: int = 500
+    patience: Optional[int] = None   # stop when the loss `patience` iterations earlier is lower (latent only)
+
+    def __post_init__(self) -> None:
+        _check_range("sampler.*_optimization.lr", self.lr, 0, lo_open=True)
+        _check_range("sampler.*_optimization.eps", self.eps, 0)
+        _check_range("sampler.*_optimization.max_iters", self.max_iters, 0)
+        if self.patience is not None:
+            _check_range("sampler.latent_optimization.patience", self.patience, 1)
+
+
+@dataclass
+class ResampleConfig:
+    """Shaped like `configs/sampler/resample.yaml` (ReSample, `cores/resample.py`)."""
+
+    name: str = "resample"
+    ddim_steps: int = 500
+    ddim_eta: float = 0.0
+    guidance_scale: float = 0.5
+    splits: int = 3
+    inter_timesteps: int = 5
+    travel_every: int = 10
+    resample_sigma_scale: float = 40.0
+    pixel_stage: bool = True
+    weight_decay: float = 0.01
+    pixel_optimization: ResampleOptimizerConfig = field(
+        default_factory=lambda: ResampleOptimizerConfig(lr=1e-2, eps=1e-3, max_iters=2000))
+    latent_optimization: ResampleOptimizerConfig = field(
+        default_factory=lambda: ResampleOptimizerConfig(lr=5e-3, eps=1e-3, max_iters=500, patience=200))
+    train_schedule: TrainScheduleConfig = field(default_factory=TrainScheduleConfig)
+    record_trajectory: bool = False   # not in the YAML: set by the pipeline from save_traj
+    max_steps: Optional[int] = None   # not in the YAML: run only the first k DDIM steps (benchmarks)
+
+    def __post_init__(self) -> None:
+        _check_range("sampler.ddim_steps", self.ddim_steps, 1)
+        if self.ddim_steps >= self.train_schedule.num_timesteps:  # CompVis builds DDIM parameters only below T
+            raise ConfigError(f"sampler.ddim_steps={self.ddim_steps} must be < the {self.train_schedule.num_timesteps} "
+                              "training timesteps")
+        _check_range("sampler.ddim_eta", self.ddim_eta, 0)
+        _check_range("sampler.splits", self.splits, 1)
+        _check_range("sampler.inter_timesteps", self.inter_timesteps, 0)
+        _check_range("sampler.travel_every", self.travel_every, 1)
+        _check_range("sampler.resample_sigma_scale", self.resample_sigma_scale, 0, lo_open=True)
+        _check_range("sampler.weight_decay", self.weight_decay, 0)
+
+    @property
+    def initial_sigma(self) -> float:
+        """z_T ~ N(0, I): the VP start."""
+        return 1.0
+
+    @property
+    def loop_steps(self) -> int:
+        """Steps the callback reports (`step` stages): the DDIM steps actually taken."""
+        c = self.train_schedule.num_timesteps // self.ddim_steps
+        n = len(range(0, self.train_schedule.num_timesteps, c))
+        return n if self.max_steps is None else min(self.max_steps, n)
+
+
+SAMPLERS = ("latent_daps", "resample")
 
 
 # ----------------------------------------------------------------------------- additions
@@ -243,7 +334,7 @@ class RunConfig:
     grid_max_images: int
     num_shards: int
     shard: int
-    sampler: DAPSConfig
+    sampler: Any                      # DAPSConfig | ResampleConfig (by `sampler.name`)
     repulsion: RepulsionConfig
     pruning: PruningConfig
     optimization: OptimizationConfig
@@ -364,6 +455,18 @@ _GROUPS = ("sampler", "eval", "data", "dino", "speed", "model", "task", "hydra")
 TOP_LEVEL_KEYS = set(_RUN_SCALARS) | set(FLAT_KEYS) | set(_GROUPS)
 
 
+def build_sampler_config(values: Mapping[str, Any]):
+    """DAPSConfig or ResampleConfig, chosen by `sampler.name`."""
+    name = str(values.get("name", "latent_daps"))
+    if name not in SAMPLERS:
+        raise ConfigError(f"sampler.name={name}: expected one of {', '.join(SAMPLERS)}")
+    if name == "resample":
+        # the toy's model defaults tune DAPS' MCMC (sampler.mcmc), which ReSample does not have
+        values = {k: v for k, v in values.items() if k != "mcmc"}
+        return build_dataclass(ResampleConfig, values, "sampler.")
+    return build_dataclass(DAPSConfig, values, "sampler.")
+
+
 def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """The typed config of a composed Hydra config (a resolved plain dict or a DictConfig)."""
     from omegaconf import DictConfig, OmegaConf
@@ -375,7 +478,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(unknown_key_message(str(unknown[0]), sorted(TOP_LEVEL_KEYS - {"hydra"})))
     hints = typing.get_type_hints(RunConfig)
     run = {k: convert(k, cfg[k], hints[k]) for k in _RUN_SCALARS if k in cfg}
-    sampler = build_dataclass(DAPSConfig, cfg.get("sampler", {}), "sampler.")
+    sampler = build_sampler_config(cfg.get("sampler", {}))
     parts: Dict[str, Dict[str, Any]] = {"repulsion": {}, "pruning": {}, "optimization": {}}
     names: Dict[str, Dict[str, str]] = {"repulsion": {}, "pruning": {}, "optimization": {}}
     for key, (part, fname) in FLAT_KEYS.items():
@@ -388,7 +491,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"hard_data_consistency={hdc}: expected 1 (on) or -1 (off)")
         parts["optimization"]["enabled"] = int(hdc) == 1
     parts["repulsion"]["dino"] = cfg.get("dino", {})
-    parts["repulsion"]["sigma_max"] = sampler.annealing.sigma_max
+    parts["repulsion"]["sigma_max"] = sampler.initial_sigma
     repulsion = build_dataclass(RepulsionConfig, parts["repulsion"], names=names["repulsion"])
     pruning = build_dataclass(PruningConfig, parts["pruning"], names=names["pruning"])
     # the σ-transition trigger belongs to repulsion: with repulsion off, pruning fires at its step

@@ -87,10 +87,24 @@ def build_hooks(config: RunConfig, model, device: torch.device, vram: VramMeter)
     from cores.pruning import PruningHook
     from repulsion import RepulsionHook
 
+    if config.sampler.name == "resample":  # ReSample carries its own data consistency; no additions
+        from cores.resample import ResampleLog
+
+        return [ResampleLog(config.sampler)]
     hooks = [RepulsionHook.from_config(config.repulsion, model, device),
              PruningHook.from_config(config.pruning, vram),
              OptimizationHook.from_config(config.optimization, vram)]
     return [h for h in hooks if h is not None]
+
+
+def run_sampler(model, operator, batch, cfg, hooks: Sequence[SamplerHook] = (), callback=None) -> None:
+    """The configured sampler: `sampler.latent_daps` or the ReSample baseline
+    (`cores.resample.resample`: same inputs, batch and callback), by `sampler.name`."""
+    if cfg.name == "resample":
+        from cores.resample import resample
+
+        return resample(model, operator, batch, cfg, hooks=hooks, callback=callback)
+    return latent_daps(model, operator, batch, cfg, hooks=hooks, callback=callback)
 
 
 def feature_totals(config: RunConfig, records: List[Dict]) -> Dict:
@@ -202,13 +216,12 @@ def run_batch(config: RunConfig, model, operator, dataset: ImageFolder, image_id
     with torch.no_grad():
         gt = model.reference_image(x)
     y = measure_images(operator, gt, image_ids, config.seed)
-    batch = initial_batch(model, y, image_ids, config.num_samples, config.seed, config.sampler.annealing.sigma_max,
-                          device)
+    batch = initial_batch(model, y, image_ids, config.num_samples, config.seed, config.sampler.initial_sigma, device)
     timer = StepTimer(pbar, len(image_ids), _xla_mark_step() if config.use_tpu else None)
     meter = meter or ComputeMeter()
     t0 = time.perf_counter()
     with meter.counting(lambda: batch.image_ids):  # every network call is counted for its rows' images
-        latent_daps(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
+        run_sampler(model, operator, batch, config.sampler, hooks=hooks, callback=timer)
     elapsed = time.perf_counter() - t0
     with torch.no_grad():
         losses = operator.loss(batch.x, batch.y)
@@ -358,7 +371,7 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
     meter = ComputeMeter()
     vram.start()
     bs = config.batch_size
-    steps = config.sampler.annealing.num_steps
+    steps = config.sampler.loop_steps
     with tqdm(total=len(todo) * steps, desc=config.name, unit="img·step", file=sys.stderr,
               disable=not show_progress) as pbar:
         for k in range(0, len(todo), bs):

@@ -22,10 +22,14 @@ def _fail(msg: str) -> None:
 
 def validate_config(config: RunConfig) -> None:
     """Checks that involve several settings (each part checks its own values when built)."""
-    a = config.sampler.annealing
     if config.data.resolution != int(config.task.get("resolution", config.data.resolution)):
         _fail(f"data.resolution={config.data.resolution} but task.resolution={config.task.get('resolution')}; "
               "they must agree")
+    if config.sampler.name == "resample":
+        validate_resample(config)
+        check_save_dir(str(config.save_dir))
+        return
+    a = config.sampler.annealing
     if not a.sigma_min <= config.repulsion.sigma_break <= a.sigma_max:
         _fail(f"repulsion_sigma_break={config.repulsion.sigma_break} lies outside the annealing schedule "
               f"[sigma_min={a.sigma_min}, sigma_max={a.sigma_max}]")
@@ -44,6 +48,17 @@ def validate_config(config: RunConfig) -> None:
         _fail(f"optimization_stop=noise needs the measurement noise task.sigma > 0 (got {o.sigma_y})")
     check_run_name(config.name)
     check_save_dir(str(config.save_dir))
+
+
+def validate_resample(config: RunConfig) -> None:
+    """ReSample is a baseline of its own: repulsion and pruning act inside the DAPS loop, and its own
+    latent optimisation is its hard data consistency."""
+    on = [name for name, flag in (("repulsion_scale/repulsion_target_ratio (repulsion)", config.repulsion.needs_hook),
+                                  ("pruning_step (pruning)", config.pruning.on),
+                                  ("hard_data_consistency", config.optimization.enabled)) if flag]
+    if on:
+        _fail(f"sampler=resample cannot be combined with {on[0]}: ReSample is run as published "
+              "(it ends with its own latent optimisation); turn that setting off")
 
 
 def check_save_dir(save_dir: str) -> None:

@@ -521,6 +521,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--all-pairs", action="store_true", help="compare every pair, not each run with the first")
     ap.add_argument("--brief", action="store_true", help="leave out the per-image tables")
     ap.add_argument("--no-merge", action="store_true", help="keep _10img / _90img folders separate")
+    ap.add_argument("--methods", action="store_true",
+                    help="the method table per dataset (automatic when a ReSample run is among the runs)")
     ap.add_argument("--report", type=Path, metavar="DIR",
                     help="write DIR/report.md with every table, the run folders and settings, and the plots")
     args = ap.parse_args(argv)
@@ -530,6 +532,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     runs = load_runs(dirs, merge=not args.no_merge)
     body = report(runs, all_pairs=args.all_pairs, brief=args.brief)
+    if args.methods or any((r.config.get("sampler") or {}).get("name") == "resample" for r in runs
+                           if isinstance(r.config, dict)):
+        from eval.methods import method_tables   # Exp5 with baselines: DAPS / ReSample / the method
+
+        body += "\n\n## Methods\n\n" + method_tables(runs, paired_comparison)
     print(body)
     if args.report:
         shown = list(argv) if argv is not None else sys.argv[1:]

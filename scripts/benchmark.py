@@ -19,6 +19,14 @@ Modes::
     python scripts/benchmark.py --matrix --matrix-switches exact,faithful,faithful-cuda_graphs,faithful+tf32
                                                     # rows: a switch set, a preset, or <preset>±<switch>
     python scripts/benchmark.py --tiny --device cpu # smoke run on the tiny fixture LDM (64 px)
+    python scripts/benchmark.py --resample          # also ReSample (sampler=resample) next to the exact DAPS row
+
+ReSample (`--resample`, configs/sampler/resample.yaml values): its parts are timed on the same
+model, particles and measurement right after the DAPS row (one DDIM + measurement-gradient step, one
+look-ahead step, one latent and one pixel AdamW iteration, the pixel stage's decode + encode) and
+combined with the counts of a full run (`cores.resample.resample_plan`), every optimisation taken
+to `max_iters` (an upper bound: the measurement noise keeps the loss above eps², only the latent
+window stop can end one earlier).  Peak VRAM is that of these parts (the latent optimisation).
 
 The exact path (the baseline) is fp32 with PyTorch's default backend flags (as DAPS), one image
 (4 particles) per batch.  Needs PyYAML, diffusers, timm (for --repulsion); no Hydra/OmegaConf.
@@ -120,6 +128,72 @@ def reset_compiler() -> None:
         torch._dynamo.reset()
     except Exception:  # pragma: no cover - no dynamo
         pass
+
+
+# ---------------------------------------------------------------------- ReSample next to DAPS
+def time_resample(model, operator, image, device, particles: int, reps: int) -> Dict[str, Any]:
+    """Seconds per image and peak VRAM of ReSample (see the module doc), from its timed parts."""
+    from cores.config import ResampleConfig, ResampleOptimizerConfig
+    from cores import resample as R
+
+    cfg = ResampleConfig()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    batch = make_batch(model, operator, image, 1, particles, device)
+    z, y = batch.streams.randn_like(batch.zt), batch.y
+    acp = R.training_alphas_cumprod(model, cfg)
+    sch = R.ddim_schedule(acp, cfg.ddim_steps, cfg.ddim_eta)
+    eps = R.eps_function(model, acp)
+    k = len(sch) // 2
+    a_t, a_prev, s_t = (v[k].to(device).reshape(()) for v in (sch.alphas, sch.alphas_prev, sch.sigmas))
+
+    def timed(fn, n: int) -> float:
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    def ddim_and_guidance():
+        e = eps(z, sch.timesteps[k])
+        x_prev, _, _ = R.ddim_step(z, e, a_t, a_prev, s_t, batch.streams.randn_like(z))
+        R.guidance_step(model, operator, z, e, x_prev, y, a_t, cfg.guidance_scale)
+
+    def lookahead():
+        R.ddim_step(z, eps(z, sch.timesteps[k - 1]), a_t, a_prev, s_t, batch.streams.randn_like(z))
+
+    def decode_encode():
+        with torch.no_grad():
+            model.encode(model.decode(z))
+
+    n_it = max(2, reps)
+    one = lambda o: ResampleConfig(latent_optimization=ResampleOptimizerConfig(o.lr, 0.0, n_it, o.patience),  # noqa: E731
+                                   pixel_optimization=ResampleOptimizerConfig(1e-2, 0.0, n_it))
+    with torch.no_grad():
+        x0 = model.decode(z)
+    parts = {
+        "ddim_guidance_step_sec": timed(ddim_and_guidance, reps),
+        "lookahead_step_sec": timed(lookahead, reps),
+        "decode_encode_sec": timed(decode_encode, reps),
+        "latent_iter_sec": timed(lambda: R.latent_optimization(model, operator, z, y, one(cfg.latent_optimization)),
+                                 1) / n_it,
+        "pixel_iter_sec": timed(lambda: R.pixel_optimization(operator, x0, y, one(cfg.latent_optimization)), 1) / n_it,
+    }
+    plan = R.resample_plan(cfg, len(acp))
+    lat_iters = plan["latent_stages"] * cfg.latent_optimization.max_iters + cfg.latent_optimization.max_iters
+    pix_iters = plan["pixel_stages"] * cfg.pixel_optimization.max_iters
+    total = (plan["ddim_steps"] * parts["ddim_guidance_step_sec"] + plan["lookahead_steps"] * parts["lookahead_step_sec"]
+             + plan["pixel_stages"] * parts["decode_encode_sec"] + lat_iters * parts["latent_iter_sec"]
+             + pix_iters * parts["pixel_iter_sec"])
+    out = {"name": "resample", "particles": particles, "plan": plan, "latent_iters_max": lat_iters,
+           "pixel_iters_max": pix_iters, **parts, "s_per_image_upper_bound": total,
+           "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+           "peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2 ** 20 if device.type == "cuda" else None}
+    return out
 
 
 # ---------------------------------------------------------------------- timing of the real sampler
@@ -681,6 +755,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--agreement: comma list of further presets / matrix row names measured the same way")
     p.add_argument("--sample-hash", action="store_true",
                    help="sha256 of the final samples of the --agreement run under the switches (compare processes)")
+    p.add_argument("--resample", action="store_true",
+                   help="also time ReSample (sampler=resample) on the same model after the (exact) DAPS row")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.mcmc_steps is None:
@@ -813,6 +889,12 @@ def main(argv=None) -> Dict[str, Any]:
         r["name"] = speed.label()
         report["results"] = [r]
         print(table([r], None))
+        if args.resample:
+            report["resample"] = rs = time_resample(model, operator, image, device, args.particles, args.reps)
+            mb = "n/a" if rs["peak_memory_mb"] is None else f"{rs['peak_memory_mb']:.0f} MB"
+            print(f"ReSample ({args.particles} particles, {rs['plan']}): <= {rs['s_per_image_upper_bound']:.1f} s/image "
+                  f"(every optimisation to max_iters), peak {mb}; parts: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in rs.items() if k.endswith("_sec")))
         if r.get("breakdown") and not r["breakdown"].get("oom"):
             print(json.dumps(r["breakdown"], indent=1))
     if args.json:
