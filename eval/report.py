@@ -178,7 +178,7 @@ def pruning_table(runs: Sequence, all_runs: Sequence) -> str:
 
     rows = [["mode"] + [", ".join(x["modes"]) or "n/a" for x in pr],
             ["pruned images"] + [str(x["pruned_images"]) for x in pr],
-            ["regret: best particle was pruned [95% CI] (masking)"] + [_rate(x["regret"]) for x in pr],
+            ["regret: best particle was pruned [95% CI] (masking, shadow)"] + [_rate(x["regret"]) for x in pr],
             ["dB lost per pruned image [95% CI]"] + [ci_text(x["db_lost_all"]) for x in pr],
             ["dB lost per regret image [95% CI]"] + [ci_text(x["db_lost_regret"]) for x in pr],
             ["unpruned counterpart"] + [counterpart_text(x["counterpart"]) for x in pr],

@@ -265,7 +265,7 @@ def test_pruning_regret_and_savings(tmp_path):
     assert cell(section, "unpruned counterpart") == ("exp1/demo_4img/s10; differs in pruning_mode slicing → masking, "
                                                      "pruning_step -1 → 29")
     assert cell(section, "peak VRAM saved (MB)") == "200, 20% (1000 → 800)"
-    assert cell(section, "regret: best particle was pruned [95% CI] (masking)") == "50% [15%, 85%] (2/4)"
+    assert cell(section, "regret: best particle was pruned [95% CI] (masking, shadow)") == "50% [15%, 85%] (2/4)"
     # without the counterpart among the inputs
     alone = load(pruned)
     assert study.pruning_summary(alone[0], alone)["counterpart"] is None
