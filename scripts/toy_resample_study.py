@@ -7,9 +7,8 @@ ReSample with `sampler.pixel_stage=false`.  Images: the demo sets (demo-ffhq 0�
 demo-imagenet 0–9 = 20 images), 4 particles, seed 42.  Reported per method: both-orientations
 rate (a particle ≥ 20 dB against the ground truth and one against its twin) with a Wilson 95 %
 interval, best PSNR in any orientation (mean and t 95 % interval over images), seconds per image
-and network evaluations per particle where the sampler itself knows them (DAPS from its
-schedule, ReSample from its `resample` record; the per-image `compute` field of the pipeline
-replaces these once it exists).
+and network evaluations per image (the pipeline's `compute` field: row units, counted where
+the networks are called).
 
     python scripts/toy_resample_study.py --per-set 10 --out results/toy_resample_study
 """
@@ -40,24 +39,6 @@ def compose(overrides: List[str]):
         return hcompose(config_name="config", overrides=overrides)
 
 
-def network_evals(rec: Dict, cfg) -> Optional[Dict[str, float]]:
-    """Evaluations per particle the sampler itself knows (None where it does not: pruning, repulsion)."""
-    if "resample" in rec:
-        r = rec["resample"]
-        lat = [a + b for a, b in zip(r["latent_iters"], r["final_iters"])]
-        n = len(lat)
-        return {"unet": r["ddim_steps"] + r["lookahead_steps"],
-                "decoder_forward": r["ddim_steps"] + sum(lat) / n + r["pixel_stages"] + 1,
-                "decoder_backward": r["ddim_steps"] + sum(lat) / n, "encoder": r["pixel_stages"]}
-    s = cfg["sampler"]
-    plain = float(cfg.get("repulsion_scale") or 0) == 0 and int(cfg.get("pruning_step", -1)) < 0
-    if not plain:
-        return None
-    steps = s["annealing"]["num_steps"]
-    return {"unet": steps * s["ode"]["num_steps"], "decoder_forward": steps * s["mcmc"]["num_steps"] + 1,
-            "decoder_backward": steps * s["mcmc"]["num_steps"], "encoder": 0}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-set", type=int, default=10, help="images per demo set (10 = all 20 images)")
@@ -75,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {}
     for method in args.methods.split(","):
-        recs, evals, cfgs = [], [], None
+        recs, evals = [], []
         for ds in ("ffhq", "imagenet"):
             name = method.split(" (")[0].replace(" ", "_") + f"/{ds}"
             over = METHODS[method] + [f"model=toy", f"data=demo-{ds}", "model.include_twins=true", "speed=exact",
@@ -83,31 +64,28 @@ def main() -> None:
                                       f"name={name}", "resume=true"]
             cfg = compose(over)
             m = pipeline_run(cfg)
-            from omegaconf import OmegaConf
-
-            cfgs = OmegaConf.to_container(cfg, resolve=True)
             for r in m["images"]:
                 recs.append(r)
-                evals.append(network_evals(r, cfgs))
+                evals.append(r["compute"])
         n = len(recs)
         both = sum(bool(r["both_orientations"]) for r in recs)
         best_any = np.array([r["best_psnr_any_orientation"] for r in recs], dtype=float)
         half = float(stats.t.ppf(0.975, n - 1) * best_any.std(ddof=1) / n ** 0.5) if n > 1 else float("nan")
-        ev = None if any(e is None for e in evals) else {k: float(np.mean([e[k] for e in evals])) for k in evals[0]}
+        ev = {k: float(np.mean([e[k] for e in evals])) for k in evals[0]}
         results[method] = {"images": n, "both_orientations": both, "both_rate": both / n,
                            "both_ci": wilson_ci(both, n), "best_any_mean": float(best_any.mean()),
                            "best_any_ci": [float(best_any.mean()) - half, float(best_any.mean()) + half],
                            "sec_per_image": float(np.mean([r["time_sec"] for r in recs])),
-                           "network_evals_per_particle": ev}
+                           "network_evals_per_image": ev}
         print(method, json.dumps(results[method]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
     print("\n| method | images | both orientations [95 % CI] | best PSNR any orientation [95 % CI] | s/image "
-          "| UNet / decoder fwd / decoder bwd / encoder per particle |")
+          "| UNet / decoder fwd / decoder bwd / encoder per image |")
     print("|---|---|---|---|---|---|")
     for method, r in results.items():
-        ev = r["network_evals_per_particle"]
-        evs = "pending (compute counting)" if ev is None else " / ".join(
+        ev = r["network_evals_per_image"]
+        evs = " / ".join(
             f"{ev[k]:.0f}" for k in ("unet", "decoder_forward", "decoder_backward", "encoder"))
         lo, hi = r["both_ci"]
         print(f"| {method} | {r['images']} | {r['both_orientations']}/{r['images']} [{lo:.0%}–{hi:.0%}] | "
