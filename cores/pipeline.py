@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from cores.compute import ComputeMeter, instrument_model
-from cores.config import RunConfig, build_run_config
+from cores.config import DAPSConfig, RunConfig, build_run_config
 from cores.data import ImageFolder
 from cores.errors import ConfigError
 from cores.evaluation import finite_or_none, image_record, psnr
@@ -266,7 +266,9 @@ def collect_outputs(config: RunConfig, model, hooks: List[SamplerHook], batch, i
     rows = batch.rows_of_image(idx).tolist()
     logs: Dict[str, List[Dict]] = {}
     frames: Dict[str, Dict[int, List]] = {}
-    sigmas = step_sigmas(config.sampler.annealing) if config.save_traj else None
+    # σ labels for DAPS' annealing steps; ReSample's DDIM noise level depends on the model's ᾱ: no label
+    sigmas = step_sigmas(config.sampler.annealing) if config.save_traj and isinstance(config.sampler, DAPSConfig) \
+        else None
     if config.save_traj and batch.trajectory:
         frames["trajectory"] = {int(batch.particle_ids[r]): decode_frames(model, [t[r] for t in batch.trajectory],
                                                                          config.traj_every, device, sigmas)

@@ -71,3 +71,15 @@ def test_pipeline_run_writes_resample_record(tmp_path, one_thread):
     assert len(rec["timing"]["per_step_sec"]) == 25
     assert (tmp_path / "r" / "resample.jsonl").is_file() and (tmp_path / "r" / "grid_results.png").is_file()
     assert json.loads((tmp_path / "r" / "records" / "00000.json").read_text())["resample"]["pixel_stage"] is True
+
+
+def test_pipeline_run_saves_resample_trajectory(tmp_path, one_thread):
+    """save_traj=true with ReSample writes its per-particle strips (DDIM pseudo-x0 frames, no σ label)."""
+    from cores.pipeline import run as pipeline_run
+
+    cfg = compose(["model=toy", "sampler=resample", "data.end_id=1", "num_samples=2", "eval.lpips=false",
+                   "sampler.ddim_steps=10", "sampler.pixel_optimization.max_iters=2",
+                   "sampler.latent_optimization.max_iters=2", "save_traj=true", f"save_dir={tmp_path}", "name=r"])
+    pipeline_run(cfg)
+    strips = sorted((tmp_path / "r" / "trajectory").glob("*.png"))
+    assert len(strips) == 2, strips
