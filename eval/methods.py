@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from cores.evaluation import best_psnr_any_orientation
 from eval.markdown import fmt as _f, table as _md
 
 
@@ -39,17 +40,10 @@ def _mean(xs: List[Optional[float]]) -> Optional[float]:
     return float(np.mean(v)) if v else None
 
 
-def best_any_orientation(rec: Dict) -> Optional[float]:
-    if rec.get("best_psnr_any_orientation") is not None:
-        return rec["best_psnr_any_orientation"]
-    pairs = [max(a, b) for a, b in zip(rec.get("psnr", []), rec.get("psnr_twin", [])) if a is not None and b is not None]
-    return max(pairs) if pairs else None
-
-
 def method_row(run) -> List[str]:
     recs = run.images
     best = _mean([max([p for p in r.get("psnr", []) if p is not None], default=None) for r in recs])
-    anyo = _mean([best_any_orientation(r) for r in recs])
+    anyo = _mean([best_psnr_any_orientation(r) for r in recs])
     ssim = _mean([max([s for s in (r.get("ssim") or []) if s is not None], default=None) for r in recs])
     lpips = _mean([min([v for v in (r.get("lpips") or []) if v is not None], default=None) for r in recs])
     sec = _mean([r.get("time_sec") for r in recs])
