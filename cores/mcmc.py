@@ -71,8 +71,10 @@ def run_mcmc(model, operator, y: torch.Tensor, zt: torch.Tensor, z0hat: torch.Te
     z = z0hat.clone()
     velocity = streams.randn_like(z) if cfg.algo == "hmc" else None
     alive = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    nan_rows: List[int] = []
-    for _ in range(cfg.num_steps):
+    # step at which each row turned non-finite (−1: never); kept on the device and read once after
+    # the loop, so the loop never waits for the GPU (no host synchronisation per step)
+    reset_at = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
+    for k in range(cfg.num_steps):
         grad, _ = data_gradient(model, operator, z, y, cfg.grad_clamp)
         score = -grad / cfg.tau ** 2 + (zt - z) / sigma ** 2 + prior_score
         eps = streams.randn_like(z)
@@ -83,9 +85,10 @@ def run_mcmc(model, operator, y: torch.Tensor, zt: torch.Tensor, z0hat: torch.Te
             velocity = cfg.momentum * velocity + step * score + math.sqrt(2 * (1 - cfg.momentum)) * eps
             z_new = z + velocity * step
         bad = alive & ~_finite_rows(z_new)
-        if bad.any():
-            nan_rows += bad.nonzero().flatten().tolist()
-            alive &= ~bad
-            z = torch.where(bad.view(-1, 1, 1, 1), z0hat, z)
+        reset_at = torch.where(bad, k, reset_at)
+        alive &= ~bad
+        z = torch.where(bad.view(-1, 1, 1, 1), z0hat, z)
         z = torch.where(alive.view(-1, 1, 1, 1), z_new, z)
+    when = reset_at.tolist() if cfg.num_steps else []
+    nan_rows = sorted((r for r, k in enumerate(when) if k >= 0), key=lambda r: (when[r], r))
     return MCMCResult(z.detach(), nan_rows)

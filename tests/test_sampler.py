@@ -110,6 +110,35 @@ def test_mcmc_resets_a_diverging_particle_to_z0hat_only():
     torch.testing.assert_close(res.z, z0hat, atol=0, rtol=0)
 
 
+def test_mcmc_reports_reset_rows_in_the_order_they_diverged():
+    """The NaN check stays on the device (no host sync per step); the rows it reset are still
+    listed in the order they diverged, each once, and only those rows change course."""
+    plan = {2: 0, 0: 2}  # row -> Langevin step at which its gradient is NaN
+
+    class Identity:
+        def decode(self, z):
+            return z
+
+    class StepNaNLoss:
+        calls = 0
+
+        def loss(self, x, y):
+            w = torch.ones(x.shape[0], 1, 1, 1)
+            for row, k in plan.items():
+                if k == self.calls:
+                    w[row] = float("nan")
+            self.calls += 1
+            return (x * w).flatten(1).sum(1)
+
+    z0hat = torch.randn(3, 3, 4, 4)
+    streams = ParticleStreams.for_particles(0, [0, 0, 0], [0, 1, 2])
+    res = run_mcmc(Identity(), StepNaNLoss(), None, z0hat, z0hat, torch.tensor(1.0), 0.0, streams,
+                   MCMCConfig(num_steps=4))
+    assert res.nan_rows == [2, 0]
+    torch.testing.assert_close(res.z[[0, 2]], z0hat[[0, 2]], atol=0, rtol=0)
+    assert torch.isfinite(res.z[1]).all() and not torch.equal(res.z[1], z0hat[1])
+
+
 def test_mcmc_langevin_step_matches_daps_formula():
     """One Langevin step: z + η·(−clamp(∇L)/τ² + (z_t − z)/σ² + (z0hat − z_t)/σ²) + sqrt(2η)·ε."""
     model = build_model({"name": "toy", "prior_images": ["dataset/demo-ffhq"], "std": 0.05})
