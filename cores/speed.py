@@ -23,7 +23,9 @@ Switches (defaults = exact path)::
       tf32: null             # null = PyTorch defaults (what DAPS ran); true/false = force both flags
       channels_last: false   # NHWC decoder weights and input (inside the compiled graph when compiled)
       fast_upsample: false   # nearest-2x upsampling as expand+reshape: backward is a sum, not a scatter
-      attention: default     # default | math: SDPA backend of the decoder's 512-wide attention head
+      attention: default     # default | math: SDPA backend of the decoder's 512-wide attention head;
+                             # split_tf32: fp32-accurate 3xTF32 tensor-core matmuls (cores/decoder_ops.py)
+      nhwc_group_norm: false # GroupNorm of a channels-last input as reductions over its NHWC view
       deterministic: false   # deterministic cuDNN / Inductor / PyTorch kernels: bit-identical runs
 
 Notes on what each one changes:
@@ -89,6 +91,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from cores.decoder_ops import install_nhwc_group_norm, install_split_tf32_attention
+
 __all__ = ["SpeedConfig", "SpeedHandle", "apply_speed", "speed_config", "compile_seconds"]
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -116,7 +120,8 @@ class SpeedConfig:
     tf32: Optional[bool] = None
     channels_last: bool = False
     fast_upsample: bool = False
-    attention: str = "default"  # default | math: SDPA backend of the decoder's attention
+    attention: str = "default"  # default | math | split_tf32 (cores/decoder_ops.py)
+    nhwc_group_norm: bool = False
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -125,8 +130,8 @@ class SpeedConfig:
                              "picked by timing can differ between processes)")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"speed.precision={self.precision!r}: expected fp32 or bf16")
-        if self.attention not in ("default", "math"):
-            raise ValueError(f"speed.attention={self.attention!r}: expected default or math")
+        if self.attention not in ("default", "math", "split_tf32"):
+            raise ValueError(f"speed.attention={self.attention!r}: expected default, math or split_tf32")
         if self.compile_mode not in _MODES:
             raise ValueError(f"speed.compile_mode={self.compile_mode!r}: expected one of {', '.join(_MODES)}")
 
@@ -159,13 +164,15 @@ class SpeedConfig:
             on.append("fast_upsample")
         if self.attention != "default":
             on.append(f"attn_{self.attention}")
+        if self.nhwc_group_norm:
+            on.append("nhwc_group_norm")
         if self.deterministic:
             on.append("deterministic")
         return "+".join(on) or "exact"
 
 
 _BOOLS = ("compile", "compile_unet", "compile_dynamic", "compile_warmup", "compile_grad_only", "compile_tuning",
-          "cudnn_benchmark", "channels_last", "fast_upsample", "deterministic")
+          "cudnn_benchmark", "channels_last", "fast_upsample", "nhwc_group_norm", "deterministic")
 
 
 def speed_config(cfg: Any = None, **overrides: Any) -> SpeedConfig:
@@ -227,7 +234,8 @@ class SpeedHandle:
         self.model, self.cfg, self._flags, self._shadowed = model, cfg, flags, shadowed
         self.compile_sec = 0.0       # warm-up compile of this handle (seconds)
         self.compiled = False        # False when compile was asked for but fell back to eager
-        self._patched: list = []     # modules whose `forward` is shadowed (fast_upsample)
+        self._patched: list = []     # modules whose `forward` is shadowed (fast_upsample, nhwc_group_norm)
+        self._processors: list = []  # attention modules given another processor (attention=split_tf32)
 
     def restore(self) -> None:
         for name in self._shadowed:
@@ -235,6 +243,9 @@ class SpeedHandle:
         for mod in self._patched:
             mod.__dict__.pop("forward", None)
         self._patched = []
+        for mod in self._processors:
+            mod.set_processor(mod.__dict__.pop("_processor_before"))
+        self._processors = []
         if self.cfg.channels_last and hasattr(self.model, "vq"):
             self.model.vq.to(memory_format=torch.contiguous_format)
         _set_flags(self._flags)
@@ -449,7 +460,11 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
         if cfg.channels_last:
             vq.to(memory_format=torch.channels_last)
         if cfg.fast_upsample:
-            handle._patched = _patch_upsamplers(vq.decoder)
+            handle._patched += _patch_upsamplers(vq.decoder)
+        if cfg.nhwc_group_norm:
+            handle._patched += install_nhwc_group_norm(vq.decoder)
+        if cfg.attention == "split_tf32":
+            handle._processors = install_split_tf32_attention(vq.decoder)
 
         def body(zq: torch.Tensor) -> torch.Tensor:
             if cfg.channels_last:

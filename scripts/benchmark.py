@@ -489,6 +489,7 @@ SWITCHES = {
     "all+cuda_graphs": SpeedConfig(**_ALL, compile_mode="reduce-overhead"),
     "all+tuning": SpeedConfig(**_ALL, compile_tuning=True),
     "deterministic": SpeedConfig(deterministic=True),
+    "attn_split_tf32": SpeedConfig(attention="split_tf32"),
     "fast": None,  # configs/speed/fast.yaml, read when used
     "faithful": None,  # configs/speed/faithful.yaml
 }
@@ -496,10 +497,13 @@ SWITCHES = {
 SWITCH_OFF = {"compile": dict(compile=False, compile_mode="default"), "cuda_graphs": dict(compile_mode="default"),
               "channels_last": dict(channels_last=False), "fast_upsample": dict(fast_upsample=False),
               "attn_math": dict(attention="default"), "deterministic": dict(deterministic=False),
-              "cudnn_benchmark": dict(cudnn_benchmark=False), "bf16": dict(precision="fp32")}
+              "cudnn_benchmark": dict(cudnn_benchmark=False), "bf16": dict(precision="fp32"),
+              "attn_split_tf32": dict(attention="math"), "nhwc_group_norm": dict(nhwc_group_norm=False)}
 SWITCH_ON = {"cudnn_benchmark": dict(cudnn_benchmark=True, deterministic=False), "tf32": dict(tf32=True),
              "cuda_graphs": dict(compile_mode="reduce-overhead"), "compile_unet": dict(compile_unet=True),
-             "bf16": dict(precision="bf16"), "deterministic": dict(deterministic=True, cudnn_benchmark=False)}
+             "bf16": dict(precision="bf16"), "deterministic": dict(deterministic=True, cudnn_benchmark=False),
+             "channels_last": dict(channels_last=True), "attn_split_tf32": dict(attention="split_tf32"),
+             "nhwc_group_norm": dict(nhwc_group_norm=True), "attn_math": dict(attention="math")}
 
 
 def switch(name: str) -> SpeedConfig:
