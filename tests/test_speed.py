@@ -210,6 +210,13 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert a["exact_bit_identical_twice"] and a["test_bit_identical_twice"]  # CPU kernels are deterministic
     assert not a["conditions"]["decode_max_rel_err_le_daps_tf32"]  # bf16 rounding > 0 = CPU "TF32" error
     assert len(a["test_final_sample_sha256"]) == 64
+    rep = benchmark.main(["--tiny", "--device", "cpu", "--agreement", "--particles", "1", "--agreement-draws", "3",
+                          "--agreement-anneal-steps", "1", "--agreement-mcmc-steps", "1"])
+    d = rep["agreement"]
+    errs = d["over_draws"]["decode_max_rel_err"]
+    assert d["draws"] == 3 and len(errs["test"]) == 3 and errs["exact"] == [0.0] * 3
+    assert errs["test"][0] == d["test_vs_strict_fp32"]["decode_max_rel_err"] and len(set(errs["test"])) == 3
+    assert d["conditions"]["decode_max_rel_err_max_over_draws_le_daps_tf32"] is False
 
 
 def test_fast_upsample_matches(tiny_ldm, ldm_ref):
