@@ -337,10 +337,11 @@ def run(cfg: DictConfig) -> Dict:
             raise ConfigError(verdict[1])
         todo = shard_ids(verdict[1], rank.rank, rank.world_size)
         start, t_start = _dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+        compile_before = compile_seconds()  # a sweep's jobs share one process: count this run's only
         vram = VramMeter(device)
         if todo:
-            sample_images(config, todo, dataset, folder, device, vram, rank.is_main, start)
-        meta = run_metadata(device, start, vram)
+            sample_images(config, todo, dataset, folder, device, vram, rank.is_main, start, compile_before)
+        meta = run_metadata(device, start, vram, compile_before)
         meta["metadata"]["wall_time_sec"] = time.perf_counter() - t_start
         metas = distributed.gather(meta)  # also waits until every rank has written its records
         if rank.is_main:
@@ -358,7 +359,8 @@ def run(cfg: DictConfig) -> Dict:
 
 
 def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, folder: RunFolder,
-                  device: torch.device, vram: VramMeter, show_progress: bool, start: str) -> None:
+                  device: torch.device, vram: VramMeter, show_progress: bool, start: str,
+                  compile_before: float = 0.0) -> None:
     """Build the objects and sample `todo` batch by batch, writing each image as it finishes."""
     from cores.speed import apply_speed
 
@@ -379,7 +381,7 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
         for k in range(0, len(todo), bs):
             run_batch(config, model, operator, dataset, todo[k:k + bs], hooks, folder, device, pbar, meter)
             if show_progress:  # one writer of the intermediate summary (rank 0)
-                write_summary(folder, config, run_metadata(device, start, vram))
+                write_summary(folder, config, run_metadata(device, start, vram, compile_before))
 
 
 def numerics_summary(records: List[Dict]) -> Dict:
@@ -436,7 +438,10 @@ def merge_metadata(per_rank: List[Dict]) -> Dict:
     return merged
 
 
-def run_metadata(device: torch.device, start: str, vram: VramMeter) -> Dict:
+def run_metadata(device: torch.device, start: str, vram: VramMeter, compile_before: float = 0.0) -> Dict:
+    """Run-level metadata; `compile_sec` is the compile time since `compile_before` (the process
+    total when the run began), so a job of a sweep run in one process is not charged its
+    predecessors' compiles."""
     meta: Dict = {
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
@@ -445,7 +450,7 @@ def run_metadata(device: torch.device, start: str, vram: VramMeter) -> Dict:
         "start_time": start,
         "end_time": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
-        "compile_sec": compile_seconds(),
+        "compile_sec": max(0.0, compile_seconds() - compile_before),
     }
     return {"vram": vram.summary(), "metadata": meta}
 

@@ -64,6 +64,20 @@ def test_toy_repulsion_runs_with_default_features(tmp_path):
     assert compose(["model=ffhq256ldm"]).repulsion_feature == "dino"  # the real models keep DINO
 
 
+def test_compile_time_of_an_earlier_job_in_the_process_is_not_charged(tmp_path):
+    """Hydra's basic launcher runs a sweep's jobs in one process: a compile before this run (here
+    a small torch.compile) must not show up in this exact-path run's `compile_sec`."""
+    from cores.pipeline import run
+    from cores.speed import compile_seconds
+
+    before = compile_seconds()
+    fn = torch.compile(lambda x: (x * 2).sin(), backend="aot_eager")
+    fn(torch.randn(3))
+    assert compile_seconds() > before  # the process total did grow
+    metrics = run(compose(TINY + [f"save_dir={tmp_path}", "name=after_compile"]))
+    assert metrics["metadata"]["compile_sec"] == 0
+
+
 def test_baseline_logging_through_the_pipeline(tmp_path):
     """Exp0's `repulsion_log_baseline`: repulsion.jsonl at scale 0, the same samples as without it."""
     from cores.pipeline import run
