@@ -5,32 +5,26 @@ one stderr line and an exit code (cores/cli.py), Ctrl-C during start-up included
 """
 from __future__ import annotations
 
-import signal
 import sys
+
+from cores.signals import ctrl_c_deferred
 
 STARTUP_INTERRUPT = "interrupted: during start-up, before the run began; nothing was written"
 
-# Ctrl-C while the heavy modules load (≈ 1.5 s) is deferred, then reported as one line.  Raising
-# KeyboardInterrupt there is not safe: torch's C++ initialisers call back into Python, and an
-# exception thrown through them aborts the process (SIGABRT, "terminate called after throwing
-# pybind11::error_already_set") instead of unwinding.
-_ctrl_c_during_imports: list = []
-_sigint_before = signal.signal(signal.SIGINT, lambda *_: _ctrl_c_during_imports.append(True))
-try:
-    from pathlib import Path
+try:  # Ctrl-C while the heavy modules load (≈ 1.5 s) is one line too (held back: cores/signals.py)
+    with ctrl_c_deferred():
+        from pathlib import Path
 
-    import hydra
-    import torch  # noqa: F401  (loaded here, under the deferral; the run needs it anyway)
-    from omegaconf import DictConfig
+        import hydra
+        import torch  # noqa: F401  (loaded here, under the deferral; the run needs it anyway)
+        from omegaconf import DictConfig
+except KeyboardInterrupt:
+    print(STARTUP_INTERRUPT, file=sys.stderr)
+    sys.exit(130)
 except ModuleNotFoundError as missing:  # an interpreter without the environment (python3 of the system)
     print(f"error: {sys.executable} has no module {missing.name}: run it with the environment of README's quick "
           "start (.venv/bin/python), or set PYTHON= for the experiment scripts", file=sys.stderr)
     sys.exit(2)
-finally:
-    signal.signal(signal.SIGINT, _sigint_before)
-if _ctrl_c_during_imports:
-    print(STARTUP_INTERRUPT, file=sys.stderr)
-    sys.exit(130)
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
