@@ -45,7 +45,8 @@ Notes on what each one changes:
   (`compile_dynamic`), decodes without gradients (pruning, final image, trajectory frames: one
   call each) run the same body eagerly (`compile_grad_only`), and the one compile happens up
   front (`compile_warmup`), timed: `compile_seconds()` is the process total; metrics.json gets
-  the run's part of it.  A batch of one row is specialised by PyTorch and compiles once more if it ever occurs.
+  the run's part of it.  A batch of one row is specialised by PyTorch and compiles once more if
+  it ever occurs.
 * **compile fallback.** When Inductor cannot run (no Triton, an old GPU, a platform without a
   C++/Triton toolchain) the warm-up fails: one warning, and the run goes on without compile.
 * **Weight gradients are never computed**: `apply_speed` freezes every model parameter

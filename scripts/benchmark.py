@@ -453,8 +453,8 @@ def agreement(model, operator, image, device, test: SpeedConfig, particles: int,
     (strict_p, strict_s), _ = measure(STRICT_FP32, twice=False)
     (exact_p, exact_s), exact_again = measure(SpeedConfig(), twice=True)
     (test_p, test_s), test_again = measure(test, twice=True)
-    drawn = [(e, t, s) for e, t, s in zip([exact_p] + exact_p.pop("more"), [test_p] + test_p.pop("more"),
-                                          [strict_p] + strict_p.pop("more"))]
+    drawn = list(zip([exact_p] + exact_p.pop("more"), [test_p] + test_p.pop("more"),
+                     [strict_p] + strict_p.pop("more")))  # (exact, test, strict) probes per latent
     exact_vs_strict, test_vs_strict = compare(exact_p, strict_p), compare(test_p, strict_p)
     floor = psnr(strict_s, exact_s)
     to_exact = psnr(test_s, exact_s)
