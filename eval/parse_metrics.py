@@ -44,7 +44,7 @@ from cores.resume import read_jsonl_latest  # noqa: E402
 from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
 from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
-from eval.study import (cost_summary, image_orientation, margin_db, merged_metadata,  # noqa: E402
+from eval.study import (cost_summary, cudnn_autotuned, image_orientation, margin_db, merged_metadata,  # noqa: E402
                         orientation_summary, PROTOCOL_KEYS, protocol_warning, repulsion_by_step, run_protocol,
                         selection_summary, spread_summary)
 
@@ -361,7 +361,8 @@ def summary_table(runs: Sequence[Run]) -> str:
         lambda r, s: _f(float(np.mean([len(i.get("psnr", [])) for i in r.images])) if r.images else None, "{:.1f}"))
     row("time / image (s)", lambda r, s: _f(s["time_per_image_sec"], "{:.1f}"))
     row("total time (s)", lambda r, s: _f(s["total_time_sec"], "{:.1f}"))
-    row("peak VRAM (MB)", lambda r, s: _f(r.vram.get("peak_memory_mb"), "{:.0f}"))
+    row("peak VRAM (MB)", lambda r, s: _f(r.vram.get("peak_memory_mb"), "{:.0f}") + (
+        " (incl. cuDNN benchmark autotuning)" if cudnn_autotuned(r) and r.vram.get("peak_memory_mb") else ""))
     row("VRAM segments (MB)", lambda r, s: ", ".join(f"{k} {_f(v, '{:.0f}')}" for k, v in
                                                      (r.vram.get("segments") or {}).items()) or "none")
     if any("segments_reserved" in r.vram for r in runs):
@@ -482,7 +483,7 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                   "gpu_sec_per_image", "selection_accuracy", "correct_orientation_rate", "both_orientations_any_rate",
                   "psnr_spread_mean", "success_per_gpu_hour", "both_orientations_per_gpu_hour",
                   "best_psnr_any_orientation_mean", "best_psnr_any_orientation_std", "std_ddof", "peak_reserved_mb",
-                  "tflop_per_image", *PROTOCOL_CSV]
+                  "tflop_per_image", "peak_includes_autotuning", *PROTOCOL_CSV]
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in runs:
@@ -508,6 +509,7 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "best_psnr_any_orientation_std": s["best_psnr_any_orientation"]["std"],
                         "std_ddof": s["std_ddof"], "peak_reserved_mb": cost["peak_reserved_mb"],
                         "tflop_per_image": cost["tflop_per_image"],
+                        "peak_includes_autotuning": cost["peak_includes_autotuning"],
                         **{f"protocol_{k}": v for k, v in run_protocol(r).items()}})
     return path, spath
 

@@ -98,6 +98,14 @@ def _tflop(x: Dict) -> str:
     return "n/a" if x["tflop_per_image"] is None else fmt(x["tflop_per_image"], "{:.4g}") + _of(x, "tflop")
 
 
+AUTOTUNING = "includes cuDNN benchmark autotuning, not the sampler's memory"
+
+
+def _peak(x: Dict, key: str) -> str:
+    text = fmt(x[key], "{:.0f}")
+    return f"{text} ({AUTOTUNING})" if x["peak_includes_autotuning"] and x[key] is not None else text
+
+
 def cost_table(runs: Sequence) -> str:
     """GPU-seconds (also per phase), peak VRAM allocated and reserved, network evaluations and TFLOP per
     image; n/a for runs written before a field existed."""
@@ -106,8 +114,8 @@ def cost_table(runs: Sequence) -> str:
             ["seconds / image by phase"] + [_phases(x) for x in c],
             ["processes"] + [str(x["processes"]) for x in c],
             ["total GPU-seconds"] + [fmt(x["gpu_sec_total"], "{:.4g}") for x in c],
-            ["peak VRAM allocated (MB)"] + [fmt(x["peak_memory_mb"], "{:.0f}") for x in c],
-            ["peak VRAM reserved (MB)"] + [fmt(x["peak_reserved_mb"], "{:.0f}") for x in c]]
+            ["peak VRAM allocated (MB)"] + [_peak(x, "peak_memory_mb") for x in c],
+            ["peak VRAM reserved (MB)"] + [_peak(x, "peak_reserved_mb") for x in c]]
     rows += [[f"network evaluations / image: {k}"] + [_evals(x, k) for x in c] for k in COMPUTE_KEYS]
     rows += [["TFLOP / image"] + [_tflop(x) for x in c],
              ["successes / GPU-hour"] + [fmt(x["success_per_gpu_hour"], "{:.4g}") for x in c],
@@ -173,6 +181,8 @@ def pruning_table(runs: Sequence, all_runs: Sequence) -> str:
         mine, theirs = cp["peak_memory_mb"]
         if mine is None or theirs is None:
             return "n/a"
+        if any(cp.get("peak_includes_autotuning", ())):
+            return f"n/a (a peak {AUTOTUNING}: compare runs without speed.cudnn_benchmark)"
         pct = f", {(theirs - mine) / theirs:.0%}" if theirs else ""
         return f"{fmt(theirs - mine, '{:.0f}')}{pct} ({fmt(theirs, '{:.0f}')} → {fmt(mine, '{:.0f}')})"
 
@@ -229,7 +239,9 @@ DEFINITIONS = """## Definitions
   the images; `records` means the per-image sampling times were used (no wall time, or it covers fewer
   images than the folder holds, as after a resume). Seconds by phase: mean over images of the records'
   `time_segments`. Peak VRAM allocated is `max_memory_allocated`, reserved `max_memory_reserved` (what
-  the allocator holds; nvidia-smi shows that plus the CUDA context). Network evaluations: mean over images
+  the allocator holds; nvidia-smi shows that plus the CUDA context). With `speed.cudnn_benchmark` on a GPU
+  the peak is cuDNN's autotuning (a workspace per candidate algorithm on the first call per shape), not
+  the sampler's memory: it is labelled so and not used for VRAM savings. Network evaluations: mean over images
   of the records' `compute` (one particle through a network once = 1); TFLOP the records' estimate.
   n/a: the run was written before that field existed; `(k/n images)`: only k records carry it.
 - ± in the summary: std over images with ddof 0 (`np.std`, as DAPS reports it); the spread of the

@@ -233,6 +233,32 @@ def test_cost_per_gpu_hour(tmp_path):
     assert "| GPU-seconds / image | 50 (wall) | 10 (records) |" in pm.report([rd, rr])
 
 
+def test_peak_with_cudnn_autotuning_is_labelled_and_not_compared(tmp_path):
+    """A GPU run with speed.cudnn_benchmark: its peak is cuDNN's autotuning (68.9 GB measured on an H100
+    for a 7.6 GB step), so the cost and summary tables say so and the pruning table shows no VRAM saving
+    from it; the same run on CPU, or without the switch, is shown plainly."""
+    gpu = {"wall_time_sec": 40.0, "device": "cuda:0", "gpu_name": "NVIDIA H100 80GB HBM3"}
+    images = [rec(i, [20.0, 21.0], pruning={"did_prune": True, "mode": "slicing", "pruning_regret": None})
+              for i in range(4)]
+    tuned = {"speed": {"preset": "fast", "cudnn_benchmark": True}}
+    pruned = make_run(tmp_path, "exp2/demo_4img/p", images, metadata=gpu,
+                      config={**tuned, "pruning_step": 29}, vram={"peak_memory_mb": 68200.0, "segments": {}})
+    unpruned = make_run(tmp_path, "exp1/demo_4img/u", [rec(i, [20.0]) for i in range(4)], metadata=gpu,
+                        config=tuned, vram={"peak_memory_mb": 70100.0, "segments": {}})
+    plain = make_run(tmp_path, "exp1/demo_4img/plain", [rec(i, [20.0]) for i in range(4)],
+                     metadata={**gpu, "device": "cpu", "gpu_name": None}, config=tuned,
+                     vram={"peak_memory_mb": 900.0, "segments": {}})
+    runs = load(unpruned, pruned, plain)
+    assert [study.cost_summary(r)["peak_includes_autotuning"] for r in runs] == [True, True, False]
+    text = pm.report(runs)
+    cost = text.split("## Cost")[1].split("\n## ")[0]
+    assert "68200 (includes cuDNN benchmark autotuning" in cost
+    assert cell(pm.summary_table(runs), "peak VRAM (MB)", 0) == "70100 (incl. cuDNN benchmark autotuning)"
+    assert cell(pm.summary_table(runs), "peak VRAM (MB)", 2) == "900"
+    section = text.split("## Pruning")[1]
+    assert cell(section, "peak VRAM saved (MB)").startswith("n/a (a peak includes cuDNN benchmark autotuning")
+
+
 # --- pruning ---------------------------------------------------------------------------------------
 def test_pruning_regret_and_savings(tmp_path):
     prune_cfg = {"repulsion_scale": 10.0, "pruning_step": 29, "pruning_mode": "masking"}
