@@ -1,7 +1,6 @@
 """cores/signals.py: a Ctrl-C inside the deferred block is held back and raised when it ends."""
 from __future__ import annotations
 
-import os
 import signal
 
 import pytest
@@ -16,7 +15,7 @@ def test_ctrl_c_inside_the_block_is_raised_after_it():
     try:
         with pytest.raises(KeyboardInterrupt):
             with ctrl_c_deferred():
-                os.kill(os.getpid(), signal.SIGINT)  # delivered now; the handler only records it
+                signal.raise_signal(signal.SIGINT)  # this thread, now; the handler only records it
                 reached_end = True
         assert reached_end
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -30,7 +29,7 @@ def test_no_ctrl_c_no_exception_and_ignored_stays_ignored():
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with ctrl_c_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
