@@ -16,7 +16,8 @@ try:  # Ctrl-C while the heavy modules load (≈ 1.5 s) is one line too (held ba
         from pathlib import Path
 
         import hydra
-        import torch  # noqa: F401  (loaded here, under the deferral; the run needs it anyway)
+        import torch  # noqa: F401  (torch and torchvision: their C++ initialisers load here, under the
+        import torchvision  # noqa: F401  deferral; every run imports both anyway, cores/data.py)
         from omegaconf import DictConfig
 except KeyboardInterrupt:
     print(STARTUP_INTERRUPT, file=sys.stderr)

@@ -32,7 +32,6 @@ from cores.operators import get_operator
 from cores.outputs import frame_with_label, to_uint8, trajectory_label
 from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
-from cores.signals import ctrl_c_deferred
 from cores.speed import compile_seconds
 from cores.vram import VramMeter
 from sampler import SamplerHook, initial_batch, latent_daps
@@ -365,8 +364,7 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
     """Build the objects and sample `todo` batch by batch, writing each image as it finishes."""
     from cores.speed import apply_speed
 
-    with ctrl_c_deferred():  # diffusers / torchvision load here: Ctrl-C must not land inside their C++
-        model = build_model(config.model, device)
+    model = build_model(config.model, device)
     apply_speed(model, config.speed)  # speed switches (all off = the exact path)
     instrument_model(model)  # network evaluations per image (cores/compute.py)
     if model.image_resolution != config.data.resolution:

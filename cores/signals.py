@@ -11,7 +11,7 @@ from typing import Iterator
 def ctrl_c_deferred() -> Iterator[None]:
     """Record a Ctrl-C inside the block and raise KeyboardInterrupt when the block ends.
 
-    Loading torch, torchvision or diffusers runs C++ initialisers that call back into Python; a
+    Loading torch or torchvision runs C++ initialisers that call back into Python; a
     KeyboardInterrupt raised inside such a callback cannot unwind through C++ and aborts the process
     (SIGABRT, "terminate called after throwing pybind11::error_already_set") instead of reaching the
     one-line handler.  Where SIGINT is ignored, or off the main thread, nothing changes."""
