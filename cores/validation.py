@@ -27,8 +27,14 @@ def validate_config(config: RunConfig) -> None:
               "they must agree")
     if config.sampler.name == "resample":
         validate_resample(config)
-        check_save_dir(str(config.save_dir))
-        return
+    else:
+        validate_daps(config)
+    check_run_name(config.name)
+    check_save_dir(str(config.save_dir))
+
+
+def validate_daps(config: RunConfig) -> None:
+    """The DAPS loop's additions against its annealing schedule and particle count."""
     a = config.sampler.annealing
     if not a.sigma_min <= config.repulsion.sigma_break <= a.sigma_max:
         _fail(f"repulsion_sigma_break={config.repulsion.sigma_break} lies outside the annealing schedule "
@@ -46,8 +52,6 @@ def validate_config(config: RunConfig) -> None:
     o = config.optimization
     if o.enabled and o.stop == "noise" and not (o.sigma_y or 0.0) > 0:
         _fail(f"optimization_stop=noise needs the measurement noise task.sigma > 0 (got {o.sigma_y})")
-    check_run_name(config.name)
-    check_save_dir(str(config.save_dir))
 
 
 def validate_resample(config: RunConfig) -> None:

@@ -59,6 +59,13 @@ def test_additions_refused(extra):
         validate_config(cfg)
 
 
+def test_run_name_checked_for_resample_too():
+    """The checks every run gets (run name inside save_dir) apply to sampler=resample as to DAPS."""
+    cfg = build_run_config(compose(["model=toy", "sampler=resample", "name=../outside"]))
+    with pytest.raises(ConfigError, match="must be a relative path inside save_dir"):
+        validate_config(cfg)
+
+
 def test_pipeline_run_writes_resample_record(tmp_path, one_thread):
     from cores.pipeline import run as pipeline_run
 
