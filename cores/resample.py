@@ -114,6 +114,11 @@ def _scalar(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(device=like.device, dtype=torch.float32).reshape(())
 
 
+def _coefficients(sch: "DDIMSchedule", index: int, like: torch.Tensor):
+    """(ᾱ_t, ᾱ_prev, σ_t) of DDIM index `index`, each as `_scalar`."""
+    return tuple(_scalar(v[index], like) for v in (sch.alphas, sch.alphas_prev, sch.sigmas))
+
+
 def ddim_step(x: torch.Tensor, e_t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor, sigma_t: torch.Tensor,
               noise: torch.Tensor):
     """Their `p_sample_ddim` after the UNet: (x_prev, pred_x0, pseudo_x0); `noise` ~ N(0, I) is
@@ -209,18 +214,33 @@ def latent_optimization(model, operator, z_init: torch.Tensor, y: torch.Tensor, 
                           o.lr, cfg.weight_decay, o.max_iters, o.eps ** 2, o.patience)  # numpy float32 < eps²
 
 
+def travels_at(index: int, T: int, cfg: ResampleConfig) -> bool:
+    """Time travel after the DDIM step at `index`: in the last (1 − 1/splits) of the steps, at every
+    `travel_every`-th index (their `index % 10 == 0`), never at index 0."""
+    return 0 < index <= T - T // cfg.splits and index % cfg.travel_every == 0
+
+
+def lookahead_steps(i: int, T: int, cfg: ResampleConfig) -> range:
+    """The loop positions k of the look-ahead from step i: at most `inter_timesteps`, never the last."""
+    return range(i, min(i + cfg.inter_timesteps, T - 1))
+
+
+def pixel_stage_at(index: int, T: int, cfg: ResampleConfig) -> bool:
+    """The middle stage optimises in pixel space (with `pixel_stage`); the last third in latent space."""
+    return index >= T // cfg.splits and cfg.pixel_stage
+
+
 def resample_plan(cfg: ResampleConfig, num_train_timesteps: int) -> Dict[str, int]:
     """What a full run does per particle, from the schedule alone: DDIM steps, look-ahead steps,
     pixel and latent stages (optimiser iterations depend on the stops; `max_iters` bounds them)."""
     c = num_train_timesteps // cfg.ddim_steps
     T = len(range(0, num_train_timesteps, c))
-    split = T // cfg.splits
     plan = {"ddim_steps": T, "lookahead_steps": 0, "pixel_stages": 0, "latent_stages": 0}
     for i in range(T):
         index = T - 1 - i
-        if 0 < index <= T - split and index % cfg.travel_every == 0:
-            plan["lookahead_steps"] += len(range(i, min(i + cfg.inter_timesteps, T - 1)))
-            plan["pixel_stages" if index >= split and cfg.pixel_stage else "latent_stages"] += 1
+        if travels_at(index, T, cfg):
+            plan["lookahead_steps"] += len(lookahead_steps(i, T, cfg))
+            plan["pixel_stages" if pixel_stage_at(index, T, cfg) else "latent_stages"] += 1
     return plan
 
 
@@ -261,7 +281,6 @@ def resample(model, operator, batch: ParticleBatch, cfg: ResampleConfig, hooks: 
     sch = ddim_schedule(acp, cfg.ddim_steps, cfg.ddim_eta)
     eps = eps_function(model, acp)
     T = len(sch)
-    split = T // cfg.splits
     z, y = batch.zt, batch.y
     sig_of = lambda k: float(((1 - sch.alphas[k].double()) / sch.alphas[k].double()).sqrt())  # noqa: E731
     observe = _observer(callback, batch, sig_of(T - 1))
@@ -270,7 +289,7 @@ def resample(model, operator, batch: ParticleBatch, cfg: ResampleConfig, hooks: 
     steps = T if cfg.max_steps is None else min(cfg.max_steps, T)
     for i in range(steps):
         index = T - 1 - i
-        a_t, a_prev, s_t = (_scalar(v[index], z) for v in (sch.alphas, sch.alphas_prev, sch.sigmas))
+        a_t, a_prev, s_t = _coefficients(sch, index, z)
         ctx = StepContext(i, sig_of(index), sig_of(index + 1) if i else None, sig_of(index - 1) if index else 0.0,
                           T, model, operator)
         # 1. DDIM step and the DPS-style measurement-gradient step (scale ᾱ_t/2)
@@ -279,18 +298,16 @@ def resample(model, operator, batch: ParticleBatch, cfg: ResampleConfig, hooks: 
         z = guidance_step(model, operator, z, e_t, z_prev, y, a_t, cfg.guidance_scale)
         stats.ddim_steps += 1
         # 2. time travel in the last (1 − 1/splits) of the steps, every `travel_every`-th index
-        if 0 < index <= T - split and index % cfg.travel_every == 0:
+        if travels_at(index, T, cfg):
             t0 = time.perf_counter()
             x_t = z.clone()
-            for k in range(i, min(i + cfg.inter_timesteps, T - 1)):
+            for k in lookahead_steps(i, T, cfg):
                 idx = T - 1 - k
                 e_k = eps(z, sch.timesteps[idx - 1])   # their UNet timestep: one index later than ᾱ
-                z, pred_x0, pseudo_x0 = ddim_step(z, e_k, *(_scalar(v[idx], z) for v in
-                                                            (sch.alphas, sch.alphas_prev, sch.sigmas)),
-                                                  batch.streams.randn_like(z))
+                z, pred_x0, pseudo_x0 = ddim_step(z, e_k, *_coefficients(sch, idx, z), batch.streams.randn_like(z))
                 stats.lookahead_steps += 1
             gamma = cfg.resample_sigma_scale * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-            if index >= split and cfg.pixel_stage:
+            if pixel_stage_at(index, T, cfg):
                 with torch.no_grad():
                     x_prime = model.decode(pseudo_x0)
                 x_opt, it = pixel_optimization(operator, x_prime, y, cfg)
