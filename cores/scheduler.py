@@ -53,9 +53,6 @@ class DiffusionPFODE:
         self.scheduler = scheduler
         self.nonfinite_rows: List[int] = []  # rows of the last `sample` whose score was not finite
 
-    def derivative(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return -sigma * self.score_fn(z, sigma)
-
     @torch.no_grad()
     def sample(self, z: torch.Tensor) -> torch.Tensor:
         """Integrate from the scheduler's σ_max to its last point.  Guard rail: a row whose score
