@@ -168,9 +168,14 @@ class ResampleConfig:
     @property
     def loop_steps(self) -> int:
         """Steps the callback reports (`step` stages): the DDIM steps actually taken."""
-        c = self.train_schedule.num_timesteps // self.ddim_steps
-        n = len(range(0, self.train_schedule.num_timesteps, c))
+        n = ddim_step_count(self.train_schedule.num_timesteps, self.ddim_steps)
         return n if self.max_steps is None else min(self.max_steps, n)
+
+
+def ddim_step_count(num_train_timesteps: int, ddim_steps: int) -> int:
+    """DDIM steps of CompVis' "uniform" timesteps: every (T // ddim_steps)-th training step, which
+    can be a few more than asked for (1000 // 300 = 3 gives 334)."""
+    return len(range(0, num_train_timesteps, num_train_timesteps // ddim_steps))
 
 
 SAMPLERS = ("latent_daps", "resample")

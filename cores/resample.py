@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from cores.compute import counted_call
-from cores.config import ResampleConfig
+from cores.config import ResampleConfig, ddim_step_count
 from sampler import Callback, ImageOutput, ParticleBatch, SamplerHook, StepContext, _observer
 
 __all__ = ["ResampleConfig", "resample", "resample_plan", "ddim_schedule", "training_alphas_cumprod", "ResampleLog",
@@ -233,8 +233,7 @@ def pixel_stage_at(index: int, T: int, cfg: ResampleConfig) -> bool:
 def resample_plan(cfg: ResampleConfig, num_train_timesteps: int) -> Dict[str, int]:
     """What a full run does per particle, from the schedule alone: DDIM steps, look-ahead steps,
     pixel and latent stages (optimiser iterations depend on the stops; `max_iters` bounds them)."""
-    c = num_train_timesteps // cfg.ddim_steps
-    T = len(range(0, num_train_timesteps, c))
+    T = ddim_step_count(num_train_timesteps, cfg.ddim_steps)
     plan = {"ddim_steps": T, "lookahead_steps": 0, "pixel_stages": 0, "latent_stages": 0}
     for i in range(T):
         index = T - 1 - i
