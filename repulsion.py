@@ -338,7 +338,7 @@ class RepulsionHook(SamplerHook):
                                           weights=not self.cfg.on, normalizer=self.cfg.normalizer)
         if batch.zt.is_cuda:
             torch.cuda.synchronize(batch.zt.device)
-        images = [g for g in dict.fromkeys(groups.tolist()) if g >= 0]
+        images = image_groups(groups)
         share = (time.perf_counter() - t0) / max(1, len(images))
         for img in images:
             s = self._image(img)
@@ -388,7 +388,7 @@ class RepulsionHook(SamplerHook):
             return
         groups = p["groups"]
         norms = p["score_norm"][0] if p["score_norm"] else None
-        for img in (g for g in dict.fromkeys(groups.tolist()) if g >= 0):
+        for img in image_groups(groups):
             rows = (groups == img).nonzero().flatten()
             sn = float(norms[rows.to(norms.device)].mean()) if norms is not None else None
             g = p["diag"]["per_group"].get(img, {})
@@ -430,7 +430,7 @@ class RepulsionHook(SamplerHook):
     def _warn_ratio(self, push: torch.Tensor, score: torch.Tensor, groups: torch.Tensor, step: int) -> None:
         """One warning per image when ||λ·r|| / ||score|| > RATIO_WARN (repulsion dominates the score)."""
         ratio = (push.flatten(1).norm(dim=1) / score.flatten(1).norm(dim=1).clamp_min(1e-12)).cpu()
-        for img in (g for g in dict.fromkeys(groups[ratio > RATIO_WARN].tolist()) if g >= 0):
+        for img in image_groups(groups[ratio > RATIO_WARN]):
             s = self._image(img)
             if not s["ratio_warning"]:
                 s["ratio_warning"] = True
@@ -446,6 +446,11 @@ def repulsion_groups(batch: ParticleBatch) -> torch.Tensor:
     groups = batch.image_ids.detach().cpu()
     pruned = batch.pruned.detach().cpu()
     return torch.where(pruned, -1 - groups, groups) if bool(pruned.any()) else groups
+
+
+def image_groups(groups: torch.Tensor) -> List[int]:
+    """The image ids among `groups` labels, in order of first appearance (shadow groups, < 0, left out)."""
+    return [g for g in dict.fromkeys(groups.tolist()) if g >= 0]
 
 
 def feature_statistics(latents: torch.Tensor, feature_fn: Callable[[torch.Tensor], torch.Tensor],
