@@ -10,6 +10,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cores.compute import NETWORKS as COMPUTE_KEYS  # the networks of a record's `compute`
 from cores.evaluation import wilson_ci
 
 ORIENTATIONS = ("gt", "twin", "unclear")
@@ -268,16 +269,31 @@ def part_gpu_seconds(part: Dict) -> Tuple[Optional[float], str]:
     return (rec_time if part.get("images") else None), "records"
 
 
+def _speed_block(run) -> Dict:
+    """The run's `speed` settings from its config.yaml ({} when absent)."""
+    cfg = run.config if isinstance(run.config, dict) else {}
+    return cfg.get("speed") if isinstance(cfg.get("speed"), dict) else {}
+
+
+def _part_metadata(run) -> List[Dict]:
+    """The metadata of each merged part of the run (the run's own when it has no parts)."""
+    return [p.get("metadata") or {} for p in run.parts] or [run.metadata or {}]
+
+
+def _peak(run, key: str) -> Optional[float]:
+    """The largest `key` (peak_memory_mb / peak_reserved_mb) over the run and every rank of its parts."""
+    vals = finite([run.vram.get(key)] + [r.get(key) for p in run.parts
+                                         for r in ((p.get("metadata") or {}).get("ranks") or [])])
+    return max(vals) if vals else None
+
+
 def cudnn_autotuned(run) -> bool:
     """Whether the run's peak VRAM includes cuDNN benchmark's autotuning: with `speed.cudnn_benchmark`
     on a GPU, the first call per convolution shape tries candidate algorithms, each with its own
     workspace (68.9 GB on an H100 for a decoder whose steady state needs 7.6 GB, PROJECT.md §3), and
     the peak counters keep that, not the sampler's memory."""
-    cfg = run.config if isinstance(run.config, dict) else {}
-    speed = cfg.get("speed") if isinstance(cfg.get("speed"), dict) else {}
-    metas = [p.get("metadata") or {} for p in run.parts] or [run.metadata or {}]
-    on_gpu = any(str(m.get("device", "")).startswith("cuda") or m.get("gpu_name") for m in metas)
-    return bool(speed.get("cudnn_benchmark")) and on_gpu
+    on_gpu = any(str(m.get("device", "")).startswith("cuda") or m.get("gpu_name") for m in _part_metadata(run))
+    return bool(_speed_block(run).get("cudnn_benchmark")) and on_gpu
 
 
 def cost_summary(run) -> Dict:
@@ -292,21 +308,14 @@ def cost_summary(run) -> Dict:
     margin = margin_db(run.config)
     both = sum(image_orientation(r, margin)["both_orientations_any"] for r in run.images)
     hours = gpu_total / 3600 if gpu_total else None
-    peaks = finite([run.vram.get("peak_memory_mb")] + [r.get("peak_memory_mb") for p in run.parts
-                                                       for r in ((p.get("metadata") or {}).get("ranks") or [])])
-    reserved = finite([run.vram.get("peak_reserved_mb")] + [r.get("peak_reserved_mb") for p in run.parts
-                                                            for r in ((p.get("metadata") or {}).get("ranks") or [])])
     return {"gpu_sec_total": gpu_total, "gpu_sec_per_image": per_image, "source": "+".join(sources),
             "processes": max((world_size(p.get("metadata") or {}) for p in run.parts), default=1),
-            "peak_memory_mb": max(peaks) if peaks else None,
-            "peak_reserved_mb": max(reserved) if reserved else None,
+            "peak_memory_mb": _peak(run, "peak_memory_mb"),
+            "peak_reserved_mb": _peak(run, "peak_reserved_mb"),
             "peak_includes_autotuning": cudnn_autotuned(run),
             "success_per_gpu_hour": succ / hours if hours else None,
             "both_orientations_per_gpu_hour": both / hours if hours else None,
             **work_per_image(run.images)}
-
-
-COMPUTE_KEYS = ("unet", "decoder_forward", "decoder_backward", "encoder", "dino_forward", "dino_backward")
 
 
 def work_per_image(images: Sequence[Dict]) -> Dict:
@@ -347,8 +356,8 @@ def run_protocol(run) -> Dict[str, Optional[str]]:
     strings (None where neither config.yaml nor the metadata records it).  Several parts that differ
     (a merged 10 + 90 pair run on two cards) give `a+b`."""
     cfg = run.config if isinstance(run.config, dict) else {}
-    speed = cfg.get("speed") if isinstance(cfg.get("speed"), dict) else {}
-    metas = [p.get("metadata") or {} for p in run.parts] or [run.metadata or {}]
+    speed = _speed_block(run)
+    metas = _part_metadata(run)
     from_cfg = {"preset": speed.get("preset"), "precision": speed.get("precision"),
                 "deterministic": cfg.get("deterministic"), "batch_size": cfg.get("batch_size")}
     out: Dict[str, Optional[str]] = {}
