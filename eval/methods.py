@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from cores.evaluation import best_psnr_any_orientation
 from eval.markdown import fmt as _f, table as _md
 
 
@@ -41,12 +40,11 @@ def _mean(xs: List[Optional[float]]) -> Optional[float]:
 
 
 def method_row(run) -> List[str]:
-    recs = run.images
-    best = _mean([max([p for p in r.get("psnr", []) if p is not None], default=None) for r in recs])
-    anyo = _mean([best_psnr_any_orientation(r) for r in recs])
-    ssim = _mean([max([s for s in (r.get("ssim") or []) if s is not None], default=None) for r in recs])
-    lpips = _mean([min([v for v in (r.get("lpips") or []) if v is not None], default=None) for r in recs])
-    sec = _mean([r.get("time_sec") for r in recs])
+    """The run's row: quality and time from its summary (the numbers of the summary table), network
+    evaluations and TFLOP per image from the records."""
+    recs, s = run.images, run.summary
+    best, anyo = s["best_psnr"]["mean"], s["best_psnr_any_orientation"]["mean"]
+    ssim, lpips, sec = s["best_ssim_mean"], s["best_lpips_mean"], s["time_per_image_sec"]
     evals = [sum(r["compute"].values()) for r in recs if isinstance(r.get("compute"), dict)]
     tflop = [r.get("tflop") for r in recs]
     vram = run.vram or {}
