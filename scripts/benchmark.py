@@ -429,7 +429,7 @@ def agreement(model, operator, image, device, test: SpeedConfig, particles: int,
     (`over_draws`): per draw, exact's and `test`'s error, and the condition that `test`'s largest
     error over the draws is no larger than exact's largest."""
     g = torch.Generator(device=device).manual_seed(3)
-    zs = [torch.randn((particles, *model.get_in_shape()), generator=g, device=device) for _ in range(max(1, draws))]
+    zs = [torch.randn((particles, *model.get_in_shape()), generator=g, device=device) for _ in range(draws)]
     z = zs[0]
     y = operator.measure(image, torch.Generator(device=device).manual_seed(4)).expand(particles, -1, -1, -1)
 
@@ -780,6 +780,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time ReSample (sampler=resample) on the same model after the (exact) DAPS row")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    if args.agreement_draws < 1:
+        p.error(f"--agreement-draws {args.agreement_draws}: needs at least one latent")
     if args.mcmc_steps is None:
         args.mcmc_steps = MCMC_DEFAULTS[args.mcmc_algo]["num_steps"]
     if args.steps_to_time is None:

@@ -217,6 +217,9 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert d["draws"] == 3 and len(errs["test"]) == 3 and errs["exact"] == [0.0] * 3
     assert errs["test"][0] == d["test_vs_strict_fp32"]["decode_max_rel_err"] and len(set(errs["test"])) == 3
     assert d["conditions"]["decode_max_rel_err_max_over_draws_le_daps_tf32"] is False
+    with pytest.raises(SystemExit) as stop:  # no latent: refused, not silently one
+        benchmark.parse_args(["--agreement", "--agreement-draws", "0"])
+    assert stop.value.code == 2
 
 
 def test_fast_upsample_matches(tiny_ldm, ldm_ref):
