@@ -131,6 +131,9 @@ class SpeedConfig:
                              "picked by timing can differ between processes)")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"speed.precision={self.precision!r}: expected fp32 or bf16")
+        if self.nhwc_group_norm and not self.channels_last:
+            raise ValueError("speed.nhwc_group_norm=true acts on channels-last activations: it needs "
+                             "speed.channels_last=true")
         if self.attention not in ("default", "math", "split_tf32"):
             raise ValueError(f"speed.attention={self.attention!r}: expected default, math or split_tf32")
         if self.compile_mode not in _MODES:

@@ -135,6 +135,11 @@ def test_nhwc_group_norm_switch_on_the_fixture_decoder(tiny_ldm):
     assert torch.equal(x1, x0) and torch.equal(g1, g0)
 
 
+def test_nhwc_group_norm_without_channels_last_is_refused():
+    with pytest.raises(ValueError, match="needs speed.channels_last=true"):
+        SpeedConfig(nhwc_group_norm=True)
+
+
 def test_nhwc_group_norm_leaves_nchw_inputs_to_the_library():
     gn = torch.nn.GroupNorm(4, 8)
     x = torch.randn(2, 8, 5, 5)
