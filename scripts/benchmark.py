@@ -654,7 +654,7 @@ def derive(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         if ok(r) and bph:
             r["x_vs_exact_W"] = r["images_per_hour"] / bph
     out: Dict[str, Any] = {}
-    for name in ("fast", "faithful", "all", "exact"):
+    for name in dict.fromkeys(r["name"] for r in results):  # every row name with 4- and 2-particle rows
         for k in sorted({r["images_per_batch"] for r in results if r["name"] == name}):
             r4, r2 = _row(results, name, 4, k), _row(results, name, 2, k)
             if ok(r4) and ok(r2):

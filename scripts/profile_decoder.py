@@ -3,7 +3,10 @@
     python scripts/profile_decoder.py [--batch 4] [--precision fp32|bf16] [--compile] [--preset fast]
     python scripts/profile_decoder.py --preset faithful-cuda_graphs   # any `benchmark.py --matrix` row name
     python scripts/profile_decoder.py --benchmark-peak                # where cudnn.benchmark's peak comes from
-Prints the top CUDA kernels by time, grouped by kind, so it is visible what limits the step.
+    python scripts/profile_decoder.py --preset faithful+channels_last+nhwc_group_norm --trace-copies
+Prints the top CUDA kernels by time, grouped by kind, so it is visible what limits the step, and the
+convolutions' FLOPs per step (torch.utils.flop_counter) with the rate the convolution kernels reach.
+`--trace-copies` names the PyTorch op (and the ops around it) that launched each copy or layout kernel.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def main() -> None:
     p.add_argument("--cudnn-benchmark", action="store_true", help="with --benchmark-peak")
     p.add_argument("--benchmark-peak", action="store_true",
                    help="peak memory of the first and of a later decoder step with cudnn.benchmark on / off")
+    p.add_argument("--trace-copies", action="store_true",
+                   help="also attribute copy / layout-transpose kernels to the ops that launched them")
     args = p.parse_args()
     dev = torch.device("cuda")
     model = build_random_ldm(yaml.safe_load((ROOT / "configs/model/ffhq256ldm.yaml").read_text()), dev)
@@ -83,8 +88,53 @@ def main() -> None:
                    for e in prof.key_averages()), reverse=True)
     for t, n, key in [r for r in rows if r[0] > 0][:25]:
         print(f"  {t / 5 / 1e3:7.3f} ms {t / total:6.1%} x{n // 5:<4d} {key[:110]}")
+    conv_ms = groups.get("conv", 0.0) / 5 / 1e3
+    tflop = conv_tflop(step)
+    print(f"convolutions: {tflop:.3f} TFLOP per decoder fwd+bwd (flop_counter), {conv_ms:.2f} ms in "
+          f"convolution kernels -> {tflop / conv_ms * 1e3 if conv_ms else float('nan'):.0f} TFLOP/s")
+    if args.trace_copies:
+        trace_copies(step)
     print(prof.key_averages().table(sort_by="cuda_time_total" if not hasattr(torch.profiler, "_x") else None,
                                     row_limit=12, max_name_column_width=60))
+
+
+def conv_tflop(step) -> float:
+    """Convolution FLOPs (forward and data gradient) of one `step()`, counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    per_op = counter.get_flop_counts().get("Global", {})
+    return sum(v for op, v in per_op.items() if "convolution" in str(op)) / 1e12
+
+
+COPY_KERNELS = ("copy", "nchwtonhwc", "nhwctonchw", "transpose")
+
+
+def trace_copies(step, steps: int = 3) -> None:
+    """Which op launched each copy / layout kernel: the launching op's chain of enclosing ops (outermost
+    last) and input shapes, with the kernels' time per decoder step, largest first."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    where: dict = {}
+    for ev in prof.events():
+        kernels = [k for k in getattr(ev, "kernels", []) if any(c in k.name.lower() for c in COPY_KERNELS)]
+        if not kernels:
+            continue
+        chain, parent = [ev.name], ev.cpu_parent
+        while parent is not None and len(chain) < 6:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        key = (" < ".join(chain), str(getattr(ev, "input_shapes", ""))[:120], kernels[0].name[:60])
+        t, n = where.get(key, (0.0, 0))
+        where[key] = (t + sum(k.duration for k in kernels), n + len(kernels))
+    total = sum(t for t, _ in where.values())
+    print(f"copy / layout kernels: {total / steps / 1e3:.3f} ms per decoder step, by launching op:")
+    for (chain, shapes, kernel), (t, n) in sorted(where.items(), key=lambda kv: -kv[1][0])[:30]:
+        print(f"  {t / steps / 1e3:7.3f} ms x{n // steps:<3d} {chain[:150]}  shapes {shapes}  [{kernel}]")
 
 
 def benchmark_peak(model, batch: int, dev: torch.device, channels_last: bool, bench: bool) -> None:
