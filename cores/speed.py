@@ -26,6 +26,7 @@ Switches (defaults = exact path)::
       attention: default     # default | math: SDPA backend of the decoder's 512-wide attention head;
                              # split_tf32: fp32-accurate 3xTF32 tensor-core matmuls (cores/decoder_ops.py)
       nhwc_group_norm: false # GroupNorm of a channels-last input as reductions over its NHWC view
+      nhwc_conv_layout: false # conv inputs and output gradients asked for in channels-last memory
       deterministic: false   # deterministic cuDNN / Inductor / PyTorch kernels: bit-identical runs
 
 Notes on what each one changes:
@@ -92,7 +93,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from cores.decoder_ops import install_nhwc_group_norm, install_split_tf32_attention
+from cores.decoder_ops import install_nhwc_conv_layout, install_nhwc_group_norm, install_split_tf32_attention
 
 __all__ = ["SpeedConfig", "SpeedHandle", "apply_speed", "speed_config", "compile_seconds"]
 
@@ -123,6 +124,7 @@ class SpeedConfig:
     fast_upsample: bool = False
     attention: str = "default"  # default | math | split_tf32 (cores/decoder_ops.py)
     nhwc_group_norm: bool = False
+    nhwc_conv_layout: bool = False
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -131,9 +133,10 @@ class SpeedConfig:
                              "picked by timing can differ between processes)")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"speed.precision={self.precision!r}: expected fp32 or bf16")
-        if self.nhwc_group_norm and not self.channels_last:
-            raise ValueError("speed.nhwc_group_norm=true acts on channels-last activations: it needs "
-                             "speed.channels_last=true")
+        for name in ("nhwc_group_norm", "nhwc_conv_layout"):
+            if getattr(self, name) and not self.channels_last:
+                raise ValueError(f"speed.{name}=true acts on channels-last activations: it needs "
+                                 "speed.channels_last=true")
         if self.attention not in ("default", "math", "split_tf32"):
             raise ValueError(f"speed.attention={self.attention!r}: expected default, math or split_tf32")
         if self.compile_mode not in _MODES:
@@ -170,13 +173,16 @@ class SpeedConfig:
             on.append(f"attn_{self.attention}")
         if self.nhwc_group_norm:
             on.append("nhwc_group_norm")
+        if self.nhwc_conv_layout:
+            on.append("nhwc_conv_layout")
         if self.deterministic:
             on.append("deterministic")
         return "+".join(on) or "exact"
 
 
 _BOOLS = ("compile", "compile_unet", "compile_dynamic", "compile_warmup", "compile_grad_only", "compile_tuning",
-          "cudnn_benchmark", "channels_last", "fast_upsample", "nhwc_group_norm", "deterministic")
+          "cudnn_benchmark", "channels_last", "fast_upsample", "nhwc_group_norm", "nhwc_conv_layout",
+          "deterministic")
 
 
 def speed_config(cfg: Any = None, **overrides: Any) -> SpeedConfig:
@@ -238,7 +244,7 @@ class SpeedHandle:
         self.model, self.cfg, self._flags, self._shadowed = model, cfg, flags, shadowed
         self.compile_sec = 0.0       # warm-up compile of this handle (seconds)
         self.compiled = False        # False when compile was asked for but fell back to eager
-        self._patched: list = []     # modules whose `forward` is shadowed (fast_upsample, nhwc_group_norm)
+        self._patched: list = []     # modules whose `forward` is shadowed (fast_upsample, nhwc_* switches)
         self._processors: list = []  # attention modules given another processor (attention=split_tf32)
 
     def restore(self) -> None:
@@ -467,6 +473,8 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
             handle._patched += _patch_upsamplers(vq.decoder)
         if cfg.nhwc_group_norm:
             handle._patched += install_nhwc_group_norm(vq.decoder)
+        if cfg.nhwc_conv_layout:
+            handle._patched += install_nhwc_conv_layout(vq.decoder)
         if cfg.attention == "split_tf32":
             handle._processors = install_split_tf32_attention(vq.decoder)
 

@@ -88,12 +88,13 @@ def main() -> None:
                    for e in prof.key_averages()), reverse=True)
     for t, n, key in [r for r in rows if r[0] > 0][:25]:
         print(f"  {t / 5 / 1e3:7.3f} ms {t / total:6.1%} x{n // 5:<4d} {key[:110]}")
+    if args.trace_copies:
+        trace_copies(step)
+    # last: under the counter's dispatch mode a compiled decoder may fall back to eager for later calls
     conv_ms = groups.get("conv", 0.0) / 5 / 1e3
     tflop = conv_tflop(step)
     print(f"convolutions: {tflop:.3f} TFLOP per decoder fwd+bwd (flop_counter), {conv_ms:.2f} ms in "
           f"convolution kernels -> {tflop / conv_ms * 1e3 if conv_ms else float('nan'):.0f} TFLOP/s")
-    if args.trace_copies:
-        trace_copies(step)
     print(prof.key_averages().table(sort_by="cuda_time_total" if not hasattr(torch.profiler, "_x") else None,
                                     row_limit=12, max_name_column_width=60))
 
@@ -121,7 +122,8 @@ def trace_copies(step, steps: int = 3) -> None:
         torch.cuda.synchronize()
     where: dict = {}
     for ev in prof.events():
-        kernels = [k for k in getattr(ev, "kernels", []) if any(c in k.name.lower() for c in COPY_KERNELS)]
+        kernels = [k for k in getattr(ev, "kernels", []) if not k.name.startswith("triton_")
+                   and any(c in k.name.lower() for c in COPY_KERNELS)]  # Triton names say "_to_copy" when fused
         if not kernels:
             continue
         chain, parent = [ev.name], ev.cpu_parent

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cores.decoder_ops import (SplitTF32AttnProcessor, group_norm_nhwc, install_nhwc_group_norm,
+from cores.decoder_ops import (SplitTF32AttnProcessor, _ChannelsLastGrad, group_norm_nhwc, install_nhwc_conv_layout,
+                               install_nhwc_group_norm,
                                split_tf32, split_tf32_bmm)
 from cores.operators import get_operator
 from cores.speed import SpeedConfig, apply_speed
@@ -135,9 +136,10 @@ def test_nhwc_group_norm_switch_on_the_fixture_decoder(tiny_ldm):
     assert torch.equal(x1, x0) and torch.equal(g1, g0)
 
 
-def test_nhwc_group_norm_without_channels_last_is_refused():
-    with pytest.raises(ValueError, match="needs speed.channels_last=true"):
-        SpeedConfig(nhwc_group_norm=True)
+@pytest.mark.parametrize("switch", ["nhwc_group_norm", "nhwc_conv_layout"])
+def test_nhwc_switches_without_channels_last_are_refused(switch):
+    with pytest.raises(ValueError, match=f"speed.{switch}=true .* needs speed.channels_last=true"):
+        SpeedConfig(**{switch: True})
 
 
 def test_nhwc_group_norm_leaves_nchw_inputs_to_the_library():
@@ -146,3 +148,59 @@ def test_nhwc_group_norm_leaves_nchw_inputs_to_the_library():
     ref = gn(x)
     install_nhwc_group_norm(gn)
     assert torch.equal(gn(x), ref)
+
+
+def test_channels_last_grad_is_identity_with_a_channels_last_gradient():
+    y = torch.randn(2, 6, 5, 4, requires_grad=True)
+    out = _ChannelsLastGrad.apply(y)
+    assert torch.equal(out, y)
+    up = torch.randn(2, 6, 5, 4)  # NCHW gradient coming back
+    (g,) = torch.autograd.grad(out, y, up)
+    assert torch.equal(g, up) and g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+
+
+def test_nhwc_conv_layout_keeps_values_and_gradients():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1))
+    net.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def run():
+        y = net(x)
+        return y, torch.autograd.grad(y.square().sum(), x)[0]
+
+    y0, g0 = run()
+    patched = install_nhwc_conv_layout(net)
+    assert len(patched) == 2
+    y1, g1 = run()
+    assert torch.equal(y1, y0) and _rel(g1, g0) < 1e-6
+    for m in patched:
+        m.__dict__.pop("forward")
+    y2, g2 = run()
+    assert torch.equal(y2, y0) and torch.equal(g2, g0)
+
+
+def test_nhwc_conv_layout_traces_under_compile():
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).to(memory_format=torch.channels_last)
+    install_nhwc_conv_layout(conv)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+
+    def loss(z):
+        return conv(z).square().sum()
+
+    (g_ref,) = torch.autograd.grad(loss(x.requires_grad_(True)), x)
+    fn = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    (g,) = torch.autograd.grad(fn(x), x)
+    assert _rel(g, g_ref) < 1e-6
+
+
+def test_nhwc_conv_layout_switch_on_the_fixture_decoder(tiny_ldm):
+    x0, g0 = _decode_and_grad(tiny_ldm)
+    h = apply_speed(tiny_ldm, SpeedConfig(channels_last=True, nhwc_group_norm=True, nhwc_conv_layout=True))
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in h._patched) > 10
+    x, g = _decode_and_grad(tiny_ldm)
+    h.restore()
+    assert _rel(x, x0) < 1e-5 and _rel(g, g0) < 1e-4
+    assert not any("forward" in m.__dict__ for m in tiny_ldm.vq.decoder.modules())
+    x1, g1 = _decode_and_grad(tiny_ldm)
+    assert torch.equal(x1, x0) and torch.equal(g1, g0)
