@@ -1,6 +1,6 @@
 """Decoder ops that speed switches install in place of the library's (cores/speed.py).
 
-Two levers found by the faithful preset's profile (PROJECT.md §3, "Speed, faithful preset"):
+Levers found by the faithful preset's profile (PROJECT.md §3, "Speed, faithful preset"):
 
 * **split-TF32 attention** (`speed.attention: split_tf32`).  DAPS runs matmuls in strict fp32
   (PyTorch's default `matmul.allow_tf32 = False`), so the decoder's 4096-token attention runs on
@@ -14,7 +14,7 @@ Two levers found by the faithful preset's profile (PROJECT.md §3, "Speed, faith
   their backward) that reads channels-last memory in order instead of through a transpose.
 * **NHWC convolution layout** (`speed.nhwc_conv_layout`).  cuDNN's convolution backward makes
   its incoming gradient and saved input channels-last with a copy of its own when they arrive in
-  another layout (`aten::contiguous` inside `convolution_backward`: 2.9 ms of a 43 ms faithful NHWC
+  another layout (`contiguous` / `to` inside `convolution_backward`: 2.5 ms of a 43 ms faithful NHWC
   step on an H100, `scripts/profile_decoder.py --trace-copies`).  Asking for channels-last at the
   convolution's input and at its output gradient lets torch.compile write those tensors in that
   layout from the kernel that produces them, so the copies disappear.  Values are unchanged: only
