@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -75,12 +75,6 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     x = TF.to_tensor(Image.fromarray(read_rgb8(path), "RGB"))
     x = TF.center_crop(TF.resize(x, resolution), resolution)
     return x * 2 - 1
-
-
-def image_size(path: str | Path) -> Tuple[int, int]:
-    """(width, height) from the header, without decoding."""
-    with Image.open(path) as im:
-        return im.size
 
 
 def file_sha256(path: str | Path) -> str:

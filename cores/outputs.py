@@ -222,8 +222,6 @@ def frame_with_label(img: np.ndarray, lines: List[str]) -> np.ndarray:
 def _greek_font(size: int = 10):
     """DejaVu Sans (shipped with matplotlib), which has σ; Pillow's built-in font does not. None if absent."""
     try:
-        import os
-
         import matplotlib
         from PIL import ImageFont
 
