@@ -33,7 +33,7 @@ from cores.outputs import frame_with_label, to_uint8, trajectory_label
 from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
 from cores.speed import compile_seconds
-from cores.vram import VramMeter
+from cores.vram import VramMeter, merge_vram
 from sampler import SamplerHook, initial_batch, latent_daps
 
 __all__ = ["ConfigError", "run", "build_hooks", "measure_images", "shard_ids", "resolve_device", "write_summary"]
@@ -419,13 +419,7 @@ def merge_metadata(per_rank: List[Dict]) -> Dict:
     merged = json.loads(json.dumps(per_rank[0]))
     if len(per_rank) == 1:
         return merged
-    for key in ("peak_memory_mb", "peak_reserved_mb"):
-        peaks = [m["vram"].get(key) for m in per_rank if m["vram"].get(key) is not None]
-        merged["vram"][key] = max(peaks) if peaks else None
-    for m in per_rank[1:]:
-        for seg in ("segments", "segments_reserved"):
-            for k, v in (m["vram"].get(seg) or {}).items():
-                merged["vram"].setdefault(seg, {})[k] = max(v, merged["vram"][seg].get(k, v))
+    merged["vram"].update(merge_vram([m["vram"] for m in per_rank]))
     merged["metadata"]["world_size"] = len(per_rank)
     merged["metadata"]["wall_time_sec"] = max(m["metadata"]["wall_time_sec"] for m in per_rank)
     merged["metadata"]["wall_time_sum_over_ranks_sec"] = sum(m["metadata"]["wall_time_sec"] for m in per_rank)

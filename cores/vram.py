@@ -10,7 +10,7 @@ what an earlier one left cached.  On CPU every reading is None.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -50,3 +50,23 @@ class VramMeter:
         self.mark()
         return {"peak_memory_mb": self.peak_mb, "peak_reserved_mb": self.peak_reserved_mb,
                 "segments": dict(self.segments), "segments_reserved": dict(self.segments_reserved)}
+
+
+def merge_vram(blocks: List[Dict]) -> Dict:
+    """One `vram` block from several (the ranks of a run, or the folders of a merged run): the largest
+    of each peak and of each segment.  The reserved readings appear only where a block has them
+    (metrics.json files written before they existed lack them)."""
+    out: Dict = {}
+    for key in ("peak_memory_mb", "peak_reserved_mb"):
+        if key == "peak_memory_mb" or any(key in b for b in blocks):
+            vals = [b[key] for b in blocks if b.get(key) is not None]
+            out[key] = max(vals) if vals else None
+    for key in ("segments", "segments_reserved"):
+        if key == "segments" or any(key in b for b in blocks):
+            merged: Dict[str, float] = {}
+            for b in blocks:
+                for k, v in (b.get(key) or {}).items():
+                    if v is not None:
+                        merged[k] = max(merged.get(k, v), v)
+            out[key] = merged
+    return out

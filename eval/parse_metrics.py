@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 
 from cores.evaluation import best_psnr_any_orientation, summarize  # noqa: E402
 from cores.resume import read_jsonl_latest  # noqa: E402
+from cores.vram import merge_vram  # noqa: E402
 from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
 from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
@@ -144,22 +145,8 @@ def merge_runs(runs: Sequence[Run]) -> Run:
     images = sorted((r for run in runs for r in run.images), key=lambda r: r["image_idx"])
     parts = [p for r in runs for p in r.parts]
     exp, dataset, name = merge_key(runs[0].paths[0])
-    vram: Dict[str, object] = {}
-    for peak in ("peak_memory_mb", "peak_reserved_mb"):  # the reserved blocks only where a part has them
-        vals = [r.vram.get(peak) for r in runs if r.vram.get(peak) is not None]
-        if peak == "peak_memory_mb" or any(peak in r.vram for r in runs):
-            vram[peak] = max(vals) if vals else None
-    for block in ("segments", "segments_reserved"):
-        if block != "segments" and not any(block in r.vram for r in runs):
-            continue
-        segments: Dict[str, float] = {}
-        for r in runs:
-            for k, v in (r.vram.get(block) or {}).items():
-                if v is not None:
-                    segments[k] = max(segments.get(k, v), v)
-        vram[block] = segments
     return Run(label=f"{exp}/{dataset}_{len(images)}img/{name}", paths=[p for r in runs for p in r.paths],
-               images=images, vram=vram,
+               images=images, vram=merge_vram([r.vram for r in runs]),
                metadata=merged_metadata(parts, images), config=runs[0].config,
                repulsion=[row for r in runs for row in r.repulsion], parts=parts)
 
