@@ -390,13 +390,18 @@ def protocol_differences(a, b) -> List[Tuple[str, Optional[str], Optional[str]]]
     return diff
 
 
+def differences_text(diff: Sequence[Tuple[str, Optional[str], Optional[str]]]) -> str:
+    """`key (a vs b), …` for `protocol_differences` rows (n/a where a run does not record the value)."""
+    return ", ".join(f"{k} ({'n/a' if x is None else x} vs {'n/a' if y is None else y})" for k, x, y in diff)
+
+
 def protocol_warning(a, b) -> Optional[str]:
     """One line naming the keys in which two paired runs differ, or None when they agree."""
     diff = protocol_differences(a, b)
     if not diff:
         return None
-    keys = ", ".join(f"{k} ({'n/a' if x is None else x} vs {'n/a' if y is None else y})" for k, x, y in diff)
-    return f"warning: paired runs {b.label} vs {a.label} differ in {keys}; paired differences mix their effect in"
+    return (f"warning: paired runs {b.label} vs {a.label} differ in {differences_text(diff)}; paired "
+            "differences mix their effect in")
 
 
 # --- repulsion ---------------------------------------------------------------------------------

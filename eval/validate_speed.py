@@ -24,7 +24,8 @@ if str(ROOT) not in sys.path:
 
 from eval.markdown import fmt  # noqa: E402
 from eval.parse_metrics import find_run_dirs, load_runs, paired_comparison  # noqa: E402
-from eval.study import equivalence_tost, mean_ci, orientation_pair, protocol_differences  # noqa: E402
+from eval.study import (differences_text, equivalence_tost, mean_ci, orientation_pair,  # noqa: E402
+                        protocol_differences)
 
 DEFAULT_MARGIN_DB = 0.2
 # what the two runs are meant to differ in: the preset and the precision it sets
@@ -46,9 +47,8 @@ def verdict_lines(v: Dict) -> str:
     d, o, t, m = v["delta_best_psnr"], v["orientation"], v["tost"], v["margin_db"]
     lines = [f"fast vs exact on {v['n']} paired images: {v['fast']} vs {v['exact']}"]
     if v["other_differences"]:
-        keys = ", ".join(f"{k} ({'n/a' if a is None else a} vs {'n/a' if b is None else b})"
-                         for k, a, b in v["other_differences"])
-        lines.insert(0, f"warning: the runs differ in more than the speed preset: {keys}")
+        lines.insert(0, "warning: the runs differ in more than the speed preset: "
+                     + differences_text(v["other_differences"]))
     ci = (f"[{fmt(d['low'], '{:+.2f}')}, {fmt(d['high'], '{:+.2f}')}]" if d["low"] is not None else "n/a")
     lines.append(f"Δ best PSNR (fast − exact): mean {fmt(d['mean'], '{:+.3f}')} dB, 95% CI {ci} (n={d['n']})")
     delta_rate = (o["b_rate"] - o["a_rate"]) if o["n"] else None
