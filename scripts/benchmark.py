@@ -459,6 +459,7 @@ def agreement(model, operator, image, device, test: SpeedConfig, particles: int,
     floor = psnr(strict_s, exact_s)
     to_exact = psnr(test_s, exact_s)
     err_keys = ("decode_max_rel_err", "decode_grad_path_max_rel_err", "grad_max_rel_err")
+    test_twice = _same(test_p, test_again[0]) and torch.equal(test_s, test_again[1])
     per_draw = [(compare(e, s), compare(t, s)) for e, t, s in drawn]
     over_draws = {k: {"exact": [ce[k] for ce, _ in per_draw], "test": [ct[k] for _, ct in per_draw]}
                   for k in err_keys}
@@ -472,7 +473,7 @@ def agreement(model, operator, image, device, test: SpeedConfig, particles: int,
         "floor_strict_fp32_vs_exact_final_sample_psnr_db_min": min(floor),
         "test_vs_strict_fp32_final_sample_psnr_db_min": min(psnr(test_s, strict_s)),
         "exact_bit_identical_twice": _same(exact_p, exact_again[0]) and torch.equal(exact_s, exact_again[1]),
-        "test_bit_identical_twice": _same(test_p, test_again[0]) and torch.equal(test_s, test_again[1]),
+        "test_bit_identical_twice": test_twice,
         "exact_final_sample_sha256": _sha256(exact_s), "test_final_sample_sha256": _sha256(test_s),
         "draws": len(drawn), "over_draws": over_draws,
         "conditions": {
@@ -480,7 +481,7 @@ def agreement(model, operator, image, device, test: SpeedConfig, particles: int,
             **({f"{k}_max_over_draws_le_daps_tf32": max(v["test"]) <= max(v["exact"])
                 for k, v in over_draws.items()} if len(drawn) > 1 else {}),
             "final_sample_psnr_to_exact_ge_floor": min(to_exact) >= min(floor),
-            "bit_identical_twice": _same(test_p, test_again[0]) and torch.equal(test_s, test_again[1]),
+            "bit_identical_twice": test_twice,
         },
     }
 
@@ -794,6 +795,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def write_json(path: Optional[str], data: Dict[str, Any]) -> None:
+    """`data` as JSON at `path` (its folder created); nothing without a path (no --json)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
 def speed_from_args(args) -> SpeedConfig:
     if args.preset:
         return switch(args.preset)
@@ -843,12 +851,7 @@ def main(argv=None) -> Dict[str, Any]:
                 f"{k} {max(v['exact']):.3g} / {max(v['test']):.3g}" for k, v in a["over_draws"].items()))
         report["agreement_extra"] = []
 
-        def dump_agreement():  # each result on disk as soon as it exists
-            if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-
-        dump_agreement()
+        write_json(args.json, report)  # each result on disk as soon as it exists
         for name in [n for n in args.agreement_extra.split(",") if n]:
             e = agreement(model, operator, image, device, switch(name), args.particles,
                           args.agreement_anneal_steps, args.agreement_mcmc_steps, args.mcmc_algo,
@@ -859,7 +862,7 @@ def main(argv=None) -> Dict[str, Any]:
                   + " ".join(f"{e['exact_vs_strict_fp32'][k]:.3g}" for k in keys)
                   + f" floor {e['floor_strict_fp32_vs_exact_final_sample_psnr_db_min']:.2f}")
             print("conditions:", e["conditions"])
-            dump_agreement()
+            write_json(args.json, report)
     elif args.sample_hash:
         h = apply_speed(model, speed)
         try:
@@ -886,13 +889,9 @@ def main(argv=None) -> Dict[str, Any]:
                   f"(excl. step 0) {r['max_step_over_steady_excluding_step0']:.2f}; per step: "
                   + " ".join(f"{v:.2f}" for v in r["per_step_sec"]))
     elif args.matrix:
-        def dump(results):
-            if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps({**report, "results": results, "partial": True},
-                                                      indent=1, default=str))
-
-        report.update(matrix(args, model, operator, image, device, on_row=dump))
+        report.update(matrix(args, model, operator, image, device,
+                             on_row=lambda results: write_json(args.json, {**report, "results": results,
+                                                                            "partial": True})))
         base = next((r for r in report["results"] if r["name"] == "exact" and r["particles"] == 4
                      and r["images_per_batch"] == 1), None)
         print(f"\n### Speed matrix on {report['card']} (torch {report['torch']}, {report['date']})\n")
@@ -927,9 +926,7 @@ def main(argv=None) -> Dict[str, Any]:
                   + ", ".join(f"{k} {v:.4f}" for k, v in rs.items() if k.endswith("_sec")))
         if r.get("breakdown") and not r["breakdown"].get("oom"):
             print(json.dumps(r["breakdown"], indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    write_json(args.json, report)
     return report
 
 

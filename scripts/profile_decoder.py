@@ -64,10 +64,12 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
+    averages = prof.key_averages()
+    device_us = [(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total, e)
+                 for e in averages]  # µs over the profiled steps, per kernel name
     groups = {}
     total = 0.0
-    for e in prof.key_averages():
-        t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    for t, e in device_us:
         if t <= 0:
             continue
         name = e.key.lower()
@@ -84,8 +86,7 @@ def main() -> None:
     for k, v in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {k:24s} {v / total:6.1%}")
     print("top kernels (ms per decoder step, share):")
-    rows = sorted(((e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total, e.count, e.key)
-                   for e in prof.key_averages()), reverse=True)
+    rows = sorted(((t, e.count, e.key) for t, e in device_us), reverse=True)
     for t, n, key in [r for r in rows if r[0] > 0][:25]:
         print(f"  {t / 5 / 1e3:7.3f} ms {t / total:6.1%} x{n // 5:<4d} {key[:110]}")
     if args.trace_copies:
@@ -95,8 +96,8 @@ def main() -> None:
     tflop = conv_tflop(step)
     print(f"convolutions: {tflop:.3f} TFLOP per decoder fwd+bwd (flop_counter), {conv_ms:.2f} ms in "
           f"convolution kernels -> {tflop / conv_ms * 1e3 if conv_ms else float('nan'):.0f} TFLOP/s")
-    print(prof.key_averages().table(sort_by="cuda_time_total" if not hasattr(torch.profiler, "_x") else None,
-                                    row_limit=12, max_name_column_width=60))
+    print(averages.table(sort_by="cuda_time_total" if not hasattr(torch.profiler, "_x") else None,
+                         row_limit=12, max_name_column_width=60))
 
 
 def conv_tflop(step) -> float:
