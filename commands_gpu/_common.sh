@@ -106,19 +106,27 @@ _quoted() {
   echo "${out% }"
 }
 
+# where the runs go: save_dir=<root>/<experiment config>, name=<dataset>_<n>img/<short>_<kind>_<tag>
+_results_root() {
+  if [[ "${MODEL:-}" == toy ]]; then echo "${SAVE_DIR:-results/toy}"; else echo "${SAVE_DIR:-results}"; fi
+}
+
+_run_name() {  # dataset-label image-count experiment-short run-tag
+  local kind=main
+  [[ "$2" == 1 ]] && kind=sanity_check
+  echo "${1}_${2}img/${3}_${kind}_${4}"
+}
+
 _run_one() {  # dataset-label size-flag [experiment-config run-tag extra-overrides]
-  local ds="$1" flag="$2" exp="${3:-$EXP}" tag="${4:-$RUN_TAG}" more="${5:-}" start end n kind root margs
+  local ds="$1" flag="$2" exp="${3:-$EXP}" tag="${4:-$RUN_TAG}" more="${5:-}" start end n margs
   read -r start end n <<<"$(_range "$flag")"
-  kind=main
-  [[ "$n" == 1 ]] && kind=sanity_check
   margs="$(_model_args "$ds")" || return 2
-  if [[ "${MODEL:-}" == toy ]]; then root="${SAVE_DIR:-results/toy}"; else root="${SAVE_DIR:-results}"; fi
   local speed_tag=""
   [[ -n "${SPEED:-}" && "${SPEED}" != exact ]] && speed_tag="_${SPEED}"
   _extra_args || return 2
   local cmd=("$(_python)" posterior_sample.py "+experiment=$exp" $margs "data.start_id=$start"
-             "data.end_id=$end" "save_dir=$root/$EXP"
-             "name=${ds}_${n}img/${EXP_SHORT}_${kind}_${tag}${speed_tag}"
+             "data.end_id=$end" "save_dir=$(_results_root)/$EXP"
+             "name=$(_run_name "$ds" "$n" "$EXP_SHORT" "$tag")${speed_tag}"
              $more ${SPEED:+speed=$SPEED} ${BATCH:+batch_size=$BATCH} "${_EXTRA[@]}")
   local envp=()
   [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")

@@ -27,9 +27,7 @@ fi
 
 # the folders _common.sh's _run_one names for exp0 on imagenet
 read -r _start _end n <<<"$(_range "$size")"
-kind=main; [[ "$n" == 1 ]] && kind=sanity_check
-if [[ "${MODEL:-}" == toy ]]; then root="${SAVE_DIR:-results/toy}"; else root="${SAVE_DIR:-results}"; fi
-run="$root/exp0_baseline/imagenet_${n}img/exp0_${kind}_scale0"
+run="$(_results_root)/exp0_baseline/$(_run_name imagenet "$n" exp0 scale0)"
 
 # resume=true: an exact (or fast) run already in its folder is reused, unfinished images are completed
 EXTRA_ARGS="${EXTRA_ARGS:-} resume=true"
