@@ -204,10 +204,11 @@ def speed_config(cfg: Any = None, **overrides: Any) -> SpeedConfig:
     unknown = set(vals) - {f.name for f in fields(SpeedConfig)}
     if unknown:
         raise ValueError(f"speed: unknown key(s) {sorted(unknown)}")
+    for name in _BOOLS + ("tf32",):  # bool("no") is True: only real booleans are read (tf32 may be null)
+        v = vals.get(name, False)
+        if not isinstance(v, bool) and not (name == "tf32" and v is None):
+            raise ValueError(f"speed.{name}={v}: expected true or false" + (" or null" if name == "tf32" else ""))
     out = SpeedConfig(**vals)
-    for name in _BOOLS:
-        setattr(out, name, bool(getattr(out, name)))
-    out.tf32 = None if out.tf32 is None else bool(out.tf32)
     out.preset = str(out.preset)
     return out
 

@@ -22,6 +22,8 @@ BAD = [
     (["repulsion_schedule=step"], "repulsion_schedule=step"),
     (["model=nope"], "model/nope"),
     (["data=test-imagenet"], "bash download.sh test-imagenet"),
+    (["speed.channels_last=true", "speed.nhwc_conv_layout=maybe"], "speed.nhwc_conv_layout=maybe: expected true or false"),
+    (["speed.tf32=1"], "speed.tf32=1: expected true or false or null"),
 ]
 
 

@@ -96,6 +96,9 @@ def test_config_parsing_and_labels():
         speed_config({"precision": "fp16"})
     with pytest.raises(ValueError, match="unknown"):
         speed_config(None, turbo=True)
+    for key in ("compile", "deterministic", "nhwc_conv_layout", "tf32"):  # bool("no") would be True
+        with pytest.raises(ValueError, match=f"speed.{key}=no: expected true or false"):
+            speed_config({key: "no"})
 
 
 def test_ldm_switches_single_calls(tiny_ldm, ldm_ref):
