@@ -405,6 +405,16 @@ class RepulsionHook(SamplerHook):
             self._image(img)["lines"].append({k: finite_or_none(v) if isinstance(v, float) else v
                                               for k, v in line.items()})
 
+    def warm_up(self, model, z: torch.Tensor) -> None:
+        """φ forward and backward (ON steps) and forward without gradient (logged OFF steps) at z's rows."""
+        if self.cfg.feature == "latent":
+            return
+        with torch.enable_grad():
+            zz = z.clone().requires_grad_(True)
+            torch.autograd.grad(self.features(zz).float().sum(), zz)
+        with torch.no_grad():
+            self.features(z)
+
     def image_output(self, image_idx: int, record: Dict) -> ImageOutput:
         s = self._images.pop(int(image_idx), None) or self._new_image()
         d = s["dists"]

@@ -196,6 +196,10 @@ class SamplerHook:
         """Record fields, log lines and trajectories of a finished image (`record` holds its metrics)."""
         return ImageOutput()
 
+    def warm_up(self, model, z: torch.Tensor) -> None:
+        """Run the hook's own networks once at z's row count, before the run's VRAM meter starts
+        (`cores.warmup`: cuDNN benchmark's trials stay out of the run's peak)."""
+
 
 Callback = Callable[[Dict], None]
 

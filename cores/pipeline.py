@@ -34,6 +34,7 @@ from cores.rng import make_generator, stream_seed
 from cores.run_folder import RunFolder
 from cores.speed import compile_seconds
 from cores.vram import VramMeter, merge_vram
+from cores.warmup import run_row_counts, warm_up_run
 from sampler import SamplerHook, initial_batch, latent_daps
 
 __all__ = ["ConfigError", "run", "build_hooks", "measure_images", "shard_ids", "resolve_device", "write_summary"]
@@ -373,8 +374,11 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
     operator = get_operator(**config.task)
     hooks = build_hooks(config, model, device, vram)
     meter = ComputeMeter()
-    vram.start()
     bs = config.batch_size
+    # cuDNN benchmark tunes each new shape on first use: every shape of the run is made now, its trials'
+    # peak reported as vram.autotune_peak_mb, so the run's peak and segments are the sampler's (cores/warmup.py)
+    warm_up_run(model, hooks, run_row_counts(config.num_samples, bs, len(todo), config.pruning), device, vram)
+    vram.start()
     steps = config.sampler.loop_steps
     with tqdm(total=len(todo) * steps, desc=config.name, unit="img·step", file=sys.stderr,
               disable=not show_progress) as pbar:

@@ -239,6 +239,12 @@ class PruningHook(SamplerHook):
                            trajectories={"trajectory_pruned": traj} if traj else {})
 
 
+    def warm_up(self, model, z: torch.Tensor) -> None:
+        """The diversity criterion's feature network at z's rows (the decode is the sampler's warm-up)."""
+        if self.feature_fn is not None:
+            with torch.no_grad():
+                self.feature_fn(z, model.decode(z))
+
     # ------------------------------------------------------------------ helpers
     def _features(self, z0y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.feature_fn is not None:
