@@ -239,9 +239,10 @@ DEFINITIONS = """## Definitions
   the images; `records` means the per-image sampling times were used (no wall time, or it covers fewer
   images than the folder holds, as after a resume). Seconds by phase: mean over images of the records'
   `time_segments`. Peak VRAM allocated is `max_memory_allocated`, reserved `max_memory_reserved` (what
-  the allocator holds; nvidia-smi shows that plus the CUDA context). With `speed.cudnn_benchmark` on a GPU
-  the peak is cuDNN's autotuning (a workspace per candidate algorithm on the first call per shape), not
-  the sampler's memory: it is labelled so and not used for VRAM savings. Network evaluations: mean over images
+  the allocator holds; nvidia-smi shows that plus the CUDA context); MB = MiB (2^20 bytes). With
+  `speed.cudnn_benchmark` on a GPU, runs written before the start-up warm-up (no `vram.autotune_peak_mb`)
+  peak at cuDNN's autotuning (a workspace per candidate algorithm on the first call per shape), not the
+  sampler's memory: such a peak is labelled so and not used for VRAM savings. Network evaluations: mean over images
   of the records' `compute` (one particle through a network once = 1); TFLOP the records' estimate.
   n/a: the run was written before that field existed; `(k/n images)`: only k records carry it.
 - ± in the summary: std over images with ddof 0 (`np.std`, as DAPS reports it); the spread of the

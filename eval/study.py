@@ -290,10 +290,13 @@ def _peak(run, key: str) -> Optional[float]:
 def cudnn_autotuned(run) -> bool:
     """Whether the run's peak VRAM includes cuDNN benchmark's autotuning: with `speed.cudnn_benchmark`
     on a GPU, the first call per convolution shape tries candidate algorithms, each with its own
-    workspace (68.9 GB on an H100 for a decoder whose steady state needs 7.6 GB, PROJECT.md §3), and
-    the peak counters keep that, not the sampler's memory."""
+    workspace (68.9 GiB on an H100 for a decoder whose steady state needs 7.6 GiB, PROJECT.md §3), and
+    the peak counters keep that, not the sampler's memory.  A run that warmed its shapes before the
+    meter started (`vram.autotune_peak_mb` present, cores/warmup.py) reports the trials on their own
+    line: its peak is the sampler's."""
     on_gpu = any(str(m.get("device", "")).startswith("cuda") or m.get("gpu_name") for m in _part_metadata(run))
-    return bool(_speed_block(run).get("cudnn_benchmark")) and on_gpu
+    warmed = "autotune_peak_mb" in (run.vram or {})
+    return bool(_speed_block(run).get("cudnn_benchmark")) and on_gpu and not warmed
 
 
 def cost_summary(run) -> Dict:

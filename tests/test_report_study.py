@@ -257,6 +257,9 @@ def test_peak_with_cudnn_autotuning_is_labelled_and_not_compared(tmp_path):
     assert cell(pm.summary_table(runs), "peak VRAM (MB)", 2) == "900"
     section = text.split("## Pruning")[1]
     assert cell(section, "peak VRAM saved (MB)").startswith("n/a (a peak includes cuDNN benchmark autotuning")
+    warmed = make_run(tmp_path, "exp1/demo_4img/w", [rec(i, [20.0]) for i in range(4)], metadata=gpu,
+                      config=tuned, vram={"peak_memory_mb": 4100.0, "segments": {}, "autotune_peak_mb": 66000.0})
+    assert not study.cost_summary(load(warmed)[0])["peak_includes_autotuning"]  # trials on their own line
 
 
 # --- pruning ---------------------------------------------------------------------------------------
