@@ -407,3 +407,52 @@ def test_matrix_row_names():
     for bad in ("faithful+turbo", "nope-compile", "faithful-"):
         with pytest.raises(SystemExit):
             switch(bad)
+
+
+def test_benchmark_wprime_matrix_records_the_workload(tmp_path, one_thread):
+    """W′ (the original study's exp1 workload) on the tiny fixture: the JSON defines the workload, the row
+    times its three kinds of step and weights them by their counts in a whole run (30 + 4 + 16), and the
+    whole-run row prunes 4 → 2 with repulsion on."""
+    import json
+
+    from scripts import benchmark
+
+    out = tmp_path / "wp.json"
+    rep = benchmark.main(["--tiny", "--device", "cpu", "--matrix", "--workload", "Wprime", "--matrix-switches", "exact",
+                          "--matrix-two-particles", "", "--matrix-batch-configs", "", "--matrix-series", "exact",
+                          "--matrix-series-hmc-steps", "1", "--time-mcmc-steps", "1", "--reps", "1",
+                          "--json", str(out)])
+    w = json.loads(out.read_text())["workload"]
+    assert (w["name"], w["langevin_steps"], w["langevin_lr"], w["repulsion_scale"]) == ("Wprime", 50, 4e-6, 10.0)
+    assert w["step_counts"] == {"repulsion": 30, "no_repulsion_logged": 4, "no_repulsion": 16}
+    assert w["repulsion_steps"].startswith("0–29") and w["mcmc_steps"] == 50 and "exact path" in w["official_code_stand_in"]
+    row, whole = rep["results"]
+    kinds = row["step_kinds"]
+    assert [kinds[k]["timed_steps"] for k in ("repulsion", "no_repulsion_logged", "no_repulsion")] == [[1], [2], [3, 4]]
+    assert row["s_per_image"] == pytest.approx(sum(k["steps_in_run"] * k["s_per_anneal_step"] for k in kinds.values()))
+    assert row["workload"] == "Wprime" and row["x_vs_exact_W"] == 1.0
+    s = whole["series"]
+    assert whole["name"] == "exact+prune4to2+hmc1 (whole run)" and s["repulsion"] and s["mcmc_algo"] == "hmc"
+    assert len(s["per_step_sec"]) == 50 and whole["s_per_image"] == pytest.approx(s["sampling_sec"])
+    assert not any(k.endswith("_estimate") for k in rep["derived"])  # steps are not alike: no 4/2-row estimate
+
+
+def test_vram_check_smoke(tmp_path):
+    """scripts/vram_check.py on the tiny fixture, CPU: both runs go through the run's path (repulsion on for
+    4 of 6 steps); nothing is measured, and it says so."""
+    import json
+
+    from scripts import vram_check
+
+    out = tmp_path / "v.json"
+    assert vram_check.main(["--tiny", "--device", "cpu", "--preset", "fast-compile", "--mcmc-steps", "1",
+                            "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["verdict"] == {"checked": False, "why": "no CUDA memory counters on this device"}
+    for name in ("exact", "fast-compile"):
+        r = d["results"][name]
+        assert r["repulsion_steps_on"] == 4 and r["warmed_rows"] is None and r["vram"]["peak_memory_mb"] is None
+    assert vram_check.check({"exact": {"vram": {"peak_memory_mb": 4000.0}},
+                             "fast": {"vram": {"peak_memory_mb": 4500.0}, "graphs_reserved_mb": 300.0}}, "fast")["ok"]
+    assert not vram_check.check({"exact": {"vram": {"peak_memory_mb": 4000.0}},
+                                 "fast": {"vram": {"peak_memory_mb": 66000.0}, "graphs_reserved_mb": 300.0}}, "fast")["ok"]
