@@ -377,7 +377,8 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
     bs = config.batch_size
     # cuDNN benchmark tunes each new shape on first use: every shape of the run is made now, its trials'
     # peak reported as vram.autotune_peak_mb, so the run's peak and segments are the sampler's (cores/warmup.py)
-    warm_up_run(model, hooks, run_row_counts(config.num_samples, bs, len(todo), config.pruning), device, vram)
+    warm_up_run(model, hooks, run_row_counts(config.num_samples, bs, len(todo), config.pruning), device, vram,
+                nograd_rows=[1] if config.save_traj else [])
     vram.start()
     steps = config.sampler.loop_steps
     with tqdm(total=len(todo) * steps, desc=config.name, unit="img·step", file=sys.stderr,

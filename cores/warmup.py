@@ -8,7 +8,8 @@ run, and on a smaller card they would try only what fits.  So before `VramMeter.
 makes each shape it will use — decoder forward+backward (Langevin/HMC, optimisation) and forward
 without gradient (pruning, final image), and every hook's own networks (`SamplerHook.warm_up`:
 repulsion's decode + DINO forward and backward) — at each row count it will have: particles ×
-images of a batch (the last batch may be smaller), and the kept count after pruning.  The trials'
+images of a batch (the last batch may be smaller), and the kept count after pruning; with
+`save_traj` also the one-row decodes of the trajectory frames.  The trials'
 peak is reported on its own line (`vram.autotune_peak_mb`), the run's peak and segments hold the
 sampler's memory only.  Without cudnn.benchmark nothing is run: no trials, nothing to move.
 
@@ -45,9 +46,15 @@ def run_row_counts(particles: int, batch_size: int, num_images: int, pruning=Non
     return sorted({k * n for k in per_batch for n in per_image})
 
 
-def warm_up_shapes(model, hooks: Sequence, rows: Sequence[int], device: torch.device) -> None:
+def warm_up_shapes(model, hooks: Sequence, rows: Sequence[int], device: torch.device,
+                   nograd_rows: Sequence[int] = ()) -> None:
     """At each row count: a decode with gradient and its backward, a decode without gradient, and
-    each hook's `warm_up` (its own networks)."""
+    each hook's `warm_up` (its own networks); at each of `nograd_rows` a decode without gradient only
+    (trajectory frames decode one latent at a time; a gradient decode of one row would compile a graph
+    the run never uses)."""
+    for n in nograd_rows:
+        with torch.no_grad():
+            model.decode(torch.randn((n, *model.get_in_shape()), device=device))
     for n in rows:
         z = torch.randn((n, *model.get_in_shape()), device=device)
         with torch.enable_grad():
@@ -62,10 +69,10 @@ def warm_up_shapes(model, hooks: Sequence, rows: Sequence[int], device: torch.de
 
 
 def warm_up_run(model, hooks: Sequence, rows: Sequence[int], device: torch.device, vram,
-                force: bool = False) -> Optional[List[int]]:
+                force: bool = False, nograd_rows: Sequence[int] = ()) -> Optional[List[int]]:
     """`warm_up_shapes` inside `vram.outside_run` when cuDNN will benchmark (or `force`); the rows warmed."""
     if not (force or autotune_on(device)) or not rows:
         return None
-    with vram.outside_run(rows):
-        warm_up_shapes(model, hooks, rows, device)
+    with vram.outside_run(sorted(set(rows) | set(nograd_rows))):
+        warm_up_shapes(model, hooks, rows, device, nograd_rows)
     return list(rows)

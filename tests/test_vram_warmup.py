@@ -81,11 +81,11 @@ def test_warm_up_runs_every_shape_before_the_reset_and_peak_excludes_trials():
     rows = run_row_counts(4, 1, 1, pruning())
     assert warm_up_run(model, [SpyHook(stats)], rows, torch.device("cpu"), meter) is None  # CPU: not needed
     assert stats.log == []
-    assert warm_up_run(model, [SpyHook(stats)], rows, torch.device("cpu"), meter, force=True) == [2, 4]
+    assert warm_up_run(model, [SpyHook(stats)], rows, torch.device("cpu"), meter, force=True, nograd_rows=[1]) == [2, 4]
     meter.start()
     start = len(stats.log) - 1
     warmed = [e for e in stats.log[:start] if isinstance(e, tuple)]
-    assert {e[1:] for e in warmed if e[0] == "decode"} == {(2, True), (2, False), (4, True), (4, False)}
+    assert {e[1:] for e in warmed if e[0] == "decode"} == {(1, False), (2, True), (2, False), (4, True), (4, False)}
     assert {e[1] for e in warmed if e[0] == "hook"} == {2, 4}
     assert stats.log[start - 2:] == ["release", "reset", "reset"]  # cache handed back, counters restarted
     # the run: same shapes (no trial), the sampler's own memory
@@ -97,7 +97,7 @@ def test_warm_up_runs_every_shape_before_the_reset_and_peak_excludes_trials():
     meter.mark("pre_pruning")
     out = meter.summary()
     assert out["peak_memory_mb"] == 250.0 and out["segments"] == {"pre_pruning": 250.0}
-    assert out["autotune_peak_mb"] == 60000.0 and out["autotune_rows"] == [2, 4]
+    assert out["autotune_peak_mb"] == 60000.0 and out["autotune_rows"] == [1, 2, 4]
     assert out["peak_reserved_mb"] == 260.0 and out["autotune_peak_reserved_mb"] == 60010.0
     # a shape the warm-up missed would be tuned inside the run and show in its peak (the device check's case)
     model.decode(torch.zeros(3, 3, 2, 2))
@@ -124,23 +124,24 @@ def test_pipeline_warms_every_row_count_before_the_meter_starts(tmp_path, monkey
     warmed = []
     real = W.warm_up_shapes
 
-    def spy(model, hooks, rows, device):
-        warmed.append((list(rows), sorted(type(h).__name__ for h in hooks), list(stats.log)))
-        real(model, hooks, rows, device)
+    def spy(model, hooks, rows, device, nograd_rows=()):
+        warmed.append((list(rows), sorted(type(h).__name__ for h in hooks), list(stats.log), list(nograd_rows)))
+        real(model, hooks, rows, device, nograd_rows)
         stats.peak = 60000.0  # the trials' workspace
 
     over = ["sampler.annealing.num_steps=4", "sampler.mcmc.num_steps=2", "data.end_id=3", "num_samples=3",
             "batch_size=2", "eval.lpips=false", f"save_dir={tmp_path}", "pruning_step=1", "pruning_keep=2",
-            "repulsion_scale=1", "repulsion_feature=pixel"]
+            "repulsion_scale=1", "repulsion_feature=pixel", "save_traj=true", "traj_every=2"]
     P.run(compose(over + ["name=plain"]))
     monkeypatch.setattr(W, "autotune_on", lambda device: True)
     monkeypatch.setattr(W, "warm_up_shapes", spy)
     monkeypatch.setattr(P, "VramMeter", lambda device: VramMeter(device, stats=stats))
     metrics = P.run(compose(over + ["name=warm"]))
     assert [w[0] for w in warmed] == [[2, 3, 4, 6]] and warmed[0][1] == ["PruningHook", "RepulsionHook"]
+    assert warmed[0][3] == [1]  # trajectory frames: one latent per decode
     assert warmed[0][2] == ["reset"]  # only outside_run's own reset came before: the meter had not started
     vram = json.loads((tmp_path / "warm" / "metrics.json").read_text())["vram"]
-    assert vram["autotune_peak_mb"] == 60000.0 and vram["autotune_rows"] == [2, 3, 4, 6]
+    assert vram["autotune_peak_mb"] == 60000.0 and vram["autotune_rows"] == [1, 2, 3, 4, 6]
     assert vram["peak_memory_mb"] == 100.0 and max(vram["segments"].values()) == 100.0
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     assert "autotune_peak_mb" not in plain["vram"]
