@@ -70,14 +70,15 @@ Notes on what each one changes:
   part for the whole process and also turns off the memory-efficient attention backend; this
   switch is the preset's own and undone by `restore()`.  With `attention: default` the decoder's
   memory-efficient attention backward stays non-deterministic: the faithful preset uses `math`.
-* **The 68.6 GB of cudnn_benchmark.**  With `cudnn.benchmark` PyTorch times the candidate
+* **The 68.9 GiB of cudnn_benchmark.**  With `cudnn.benchmark` PyTorch times the candidate
   cuDNN engines (up to `torch.backends.cudnn.benchmark_limit`, 10) of every new convolution
   shape on its first call, each with its own workspace from the caching allocator.  fp32/TF32
-  NHWC decoder, 4 rows, one H100: peak 68.9 GB on the first fwd+bwd, 7.6 GB on the next
+  NHWC decoder, 4 rows, one H100: peak 68.9 GiB on the first fwd+bwd, 7.6 GiB on the next
   (`scripts/profile_decoder.py --benchmark-peak --channels-last --cudnn-benchmark`; the
   `CUDNN_CONV_WSCAP_DBG` cap did not lower it).  PyTorch keeps one cuDNN plan per shape and
   layout, timed or not, so benchmark has no effect (and no peak) for shapes already seen.
-  The `faithful` preset runs without benchmark.
+  The `faithful` preset runs without benchmark; a run with it makes every shape before its VRAM
+  meter starts (`cores/warmup.py`), so the trials' peak is reported apart from the run's.
 
 `apply_speed(model, cfg)` installs the switches on a model built by `build_model` (instance
 attributes shadow `decode` / `eps_model`; the class methods — the exact path — stay

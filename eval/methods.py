@@ -62,7 +62,7 @@ def method_tables(runs: Sequence, paired_comparison) -> str:
     for r in runs:
         datasets.setdefault(dataset_of(r), []).append(r)
     head = ["method", "images", "best PSNR", "best PSNR any orient.", "best SSIM", "best LPIPS", "s/image",
-            "peak VRAM GB alloc / reserved", "network evals/image", "TFLOP/image"]
+            "peak VRAM GiB alloc / reserved", "network evals/image", "TFLOP/image"]
     for ds, rs in datasets.items():
         out.append(f"### Methods — {ds}\n")
         out.append(_md(head, [method_row(r) for r in rs]))

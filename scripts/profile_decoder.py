@@ -162,8 +162,8 @@ def benchmark_peak(model, batch: int, dev: torch.device, channels_last: bool, be
     h.restore()
     print(f"{torch.cuda.get_device_name(dev)} batch {batch} fp32 {'NHWC' if channels_last else 'NCHW'} "
           f"cudnn.benchmark={bench} CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}: "
-          f"peak first step {peaks[0]:.2f} GB, second step {peaks[1]:.2f} GB, reserved "
-          f"{torch.cuda.memory_reserved() / 2 ** 30:.2f} GB", flush=True)
+          f"peak first step {peaks[0]:.2f} GiB, second step {peaks[1]:.2f} GiB, reserved "
+          f"{torch.cuda.memory_reserved() / 2 ** 30:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

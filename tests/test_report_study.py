@@ -234,8 +234,8 @@ def test_cost_per_gpu_hour(tmp_path):
 
 
 def test_peak_with_cudnn_autotuning_is_labelled_and_not_compared(tmp_path):
-    """A GPU run with speed.cudnn_benchmark: its peak is cuDNN's autotuning (68.9 GB measured on an H100
-    for a 7.6 GB step), so the cost and summary tables say so and the pruning table shows no VRAM saving
+    """A GPU run with speed.cudnn_benchmark: its peak is cuDNN's autotuning (68.9 GiB measured on an H100
+    for a 7.6 GiB step), so the cost and summary tables say so and the pruning table shows no VRAM saving
     from it; the same run on CPU, or without the switch, is shown plainly."""
     gpu = {"wall_time_sec": 40.0, "device": "cuda:0", "gpu_name": "NVIDIA H100 80GB HBM3"}
     images = [rec(i, [20.0, 21.0], pruning={"did_prune": True, "mode": "slicing", "pruning_regret": None})
