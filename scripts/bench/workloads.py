@@ -56,6 +56,8 @@ class Workload:
     def definition(self, particles: int = 4) -> Dict[str, Any]:
         """What a --matrix JSON records about the workload."""
         d = asdict(self)
+        if not self.repulsion:  # no hook: its settings would only mislead
+            d = {k: v for k, v in d.items() if not k.startswith(("repulsion_", "dino_"))}
         d.update(anneal_steps=NUM_ANNEAL, ode_steps=ODE_STEPS, particles=particles,
                  sigma_schedule={"sigma_max": SIGMA_MAX, "sigma_min": SIGMA_MIN, "timestep": TIMESTEP},
                  step_counts=self.step_counts())
