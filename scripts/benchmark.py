@@ -21,7 +21,7 @@ Modes::
     python scripts/benchmark.py --sample-hash --preset faithful  # sha256 of a short run's samples (same bits?)
     python scripts/benchmark.py --matrix --matrix-switches exact,faithful,faithful-cuda_graphs,faithful+tf32
                                                     # rows: a switch set, a preset, or <preset>±<switch>
-    python scripts/benchmark.py --matrix --workload Wprime --matrix-switches exact,faithful,fast \
+    python scripts/benchmark.py --matrix --workload Wprime --matrix-switches exact,faithful,fast
         --matrix-two-particles '' --matrix-batch-configs '' --matrix-series fast
                                                     # W′ rows, and fast + pruning 4→2 + HMC-65 as one whole run
     python scripts/benchmark.py --tiny --device cpu # smoke run on the tiny fixture LDM (64 px)
