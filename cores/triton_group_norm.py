@@ -87,7 +87,7 @@ if triton is not None:
         return tl.sum(tl.load(ptrs, mask=bands[:, None] < NCH, other=0.0), axis=0)
 
     @triton.jit
-    def _gn_fwd_stats(x_ptr, part_ptr, R, ROWS, NCH, C: tl.constexpr, G: tl.constexpr,
+    def _group_norm_fwd_stats(x_ptr, part_ptr, R, ROWS, NCH, C: tl.constexpr, G: tl.constexpr,
                       BLOCK_R: tl.constexpr):
         b = tl.program_id(0)
         band = tl.program_id(1)
@@ -111,7 +111,7 @@ if triton is not None:
         tl.store(out + G, _group_sum(tl.sum(acc2, axis=0), G, CG))
 
     @triton.jit
-    def _gn_fwd_norm(x_ptr, y_ptr, part_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, R, ROWS, NCH, eps,
+    def _group_norm_fwd_apply(x_ptr, y_ptr, part_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, R, ROWS, NCH, eps,
                      C: tl.constexpr, G: tl.constexpr, NCH_P2: tl.constexpr, BLOCK_R: tl.constexpr,
                      SILU: tl.constexpr):
         b = tl.program_id(0)
@@ -144,7 +144,7 @@ if triton is not None:
             tl.store(ybase + offs, t.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gn_bwd_sums(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, part_ptr, cpart_ptr, R, ROWS, NCH,
+    def _group_norm_bwd_sums(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, part_ptr, cpart_ptr, R, ROWS, NCH,
                      C: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, SILU: tl.constexpr,
                      WGRAD: tl.constexpr):
         b = tl.program_id(0)
@@ -184,7 +184,7 @@ if triton is not None:
             tl.store(cout + C, c2)
 
     @triton.jit
-    def _gn_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, part_ptr, R, ROWS, NCH,
+    def _group_norm_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, part_ptr, R, ROWS, NCH,
                    C: tl.constexpr, G: tl.constexpr, NCH_P2: tl.constexpr, BLOCK_R: tl.constexpr,
                    SILU: tl.constexpr):
         b = tl.program_id(0)
@@ -241,8 +241,8 @@ def _fwd_triton(x, weight, bias, g, eps, silu):
     rstd = torch.empty_like(mean)
     y = torch.empty_like(x)
     nw = TUNING["fwd_warps"] if block_r * c >= 4096 else 4
-    _gn_fwd_stats[(bsz, nch)](x, part, r, rows, nch, C=c, G=g, BLOCK_R=block_r, num_warps=nw)
-    _gn_fwd_norm[(bsz, nch)](x, y, part, w, bb, mean, rstd, r, rows, nch, eps, C=c, G=g,
+    _group_norm_fwd_stats[(bsz, nch)](x, part, r, rows, nch, C=c, G=g, BLOCK_R=block_r, num_warps=nw)
+    _group_norm_fwd_apply[(bsz, nch)](x, y, part, w, bb, mean, rstd, r, rows, nch, eps, C=c, G=g,
                              NCH_P2=triton.next_power_of_2(nch), BLOCK_R=block_r, SILU=silu, num_warps=nw)
     return y, mean, rstd
 
@@ -255,9 +255,9 @@ def _bwd_triton(dy, x, mean, rstd, weight, bias, g, silu, wgrad):
     cpart = x.new_empty((bsz, nch, 2, c) if wgrad else (1,), dtype=torch.float32)
     dx = torch.empty_like(x)
     nw = TUNING["bwd_warps"] if block_r * c >= 4096 else 4
-    _gn_bwd_sums[(bsz, nch)](dy, x, mean, rstd, w, bb, part, cpart, r, rows, nch, C=c, G=g, BLOCK_R=block_r,
+    _group_norm_bwd_sums[(bsz, nch)](dy, x, mean, rstd, w, bb, part, cpart, r, rows, nch, C=c, G=g, BLOCK_R=block_r,
                              SILU=silu, WGRAD=wgrad, num_warps=nw)
-    _gn_bwd_dx[(bsz, nch)](dy, x, dx, mean, rstd, w, bb, part, r, rows, nch, C=c, G=g,
+    _group_norm_bwd_dx[(bsz, nch)](dy, x, dx, mean, rstd, w, bb, part, r, rows, nch, C=c, G=g,
                            NCH_P2=triton.next_power_of_2(nch), BLOCK_R=block_r, SILU=silu, num_warps=nw)
     if wgrad:
         return dx, cpart[:, :, 1].sum(dim=(0, 1)), cpart[:, :, 0].sum(dim=(0, 1))  # dγ = Σ dt·x̂, dβ = Σ dt
