@@ -187,9 +187,9 @@ def main() -> None:
                                 f = torch.compile(lambda a, b_: F.conv2d(a, b_, None, 1, k - 1 - pad), dynamic=False)
                                 ia, ib = dy, nhwc(w.flip(2, 3).transpose(0, 1))
                             out = f(ia, ib)
-                            torch._dynamo.reset()
                             r["inductor_triton_ms"] = ms(lambda: f(ia, ib))
                             r["inductor_triton_err"] = rel(out, ref)
+                            torch._dynamo.reset()
                     except Exception as err:
                         r["inductor_triton_error"] = f"{type(err).__name__}: {str(err)[:160]}"
                     t_ind += time.perf_counter() - t0
