@@ -88,7 +88,7 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_fwd_stats(x_ptr, part_ptr, R, ROWS, NCH, C: tl.constexpr, G: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
+                              BLOCK_R: tl.constexpr):
         b = tl.program_id(0)
         band = tl.program_id(1)
         CG: tl.constexpr = C // G
@@ -112,8 +112,8 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_fwd_apply(x_ptr, y_ptr, part_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, R, ROWS, NCH, eps,
-                     C: tl.constexpr, G: tl.constexpr, NCH_P2: tl.constexpr, BLOCK_R: tl.constexpr,
-                     SILU: tl.constexpr):
+                              C: tl.constexpr, G: tl.constexpr, NCH_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+                              SILU: tl.constexpr):
         b = tl.program_id(0)
         band = tl.program_id(1)
         CG: tl.constexpr = C // G
@@ -144,33 +144,44 @@ if triton is not None:
             tl.store(ybase + offs, t.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _group_norm_bwd_sums(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, part_ptr, cpart_ptr, R, ROWS, NCH,
-                     C: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, SILU: tl.constexpr,
-                     WGRAD: tl.constexpr):
-        b = tl.program_id(0)
-        band = tl.program_id(1)
+    def _bwd_channel_consts(mean_ptr, rstd_ptr, w_ptr, bias_ptr, b, C: tl.constexpr, G: tl.constexpr):
+        """Per channel: the group's mean and rstd, γ, β."""
         CG: tl.constexpr = C // G
         cols = tl.arange(0, C)
         gi = tl.arange(0, G)
         mean = _channel_of_group(tl.load(mean_ptr + b * G + gi), G, CG)
         rstd = _channel_of_group(tl.load(rstd_ptr + b * G + gi), G, CG)
-        w = tl.load(w_ptr + cols)
-        bias = tl.load(bias_ptr + cols)
+        return mean, rstd, tl.load(w_ptr + cols), tl.load(bias_ptr + cols)
+
+    @triton.jit
+    def _bwd_tile(dy_ptr, x_ptr, offs, m, mean, rstd, w, bias, SILU: tl.constexpr):
+        """(x̂, dt) of one tile: the normalised input and dy through the SiLU (zero outside the rows)."""
+        xh = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+        dt = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if SILU:
+            t = xh * w[None, :] + bias[None, :]
+            sg = tl.sigmoid(t)
+            dt = dt * (sg * (1.0 + t * (1.0 - sg)))
+        return xh, tl.where(m, dt, 0.0)
+
+    @triton.jit
+    def _group_norm_bwd_sums(dy_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, part_ptr, cpart_ptr, R, ROWS, NCH,
+                             C: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, SILU: tl.constexpr,
+                             WGRAD: tl.constexpr):
+        b = tl.program_id(0)
+        band = tl.program_id(1)
+        CG: tl.constexpr = C // G
+        cols = tl.arange(0, C)
+        gi = tl.arange(0, G)
+        mean, rstd, w, bias = _bwd_channel_consts(mean_ptr, rstd_ptr, w_ptr, bias_ptr, b, C, G)
         off_b = b.to(tl.int64) * R * C
         acc1 = tl.zeros((BLOCK_R, C), tl.float32)
         acc2 = tl.zeros((BLOCK_R, C), tl.float32)
         start = band * ROWS
         for r0 in range(0, ROWS, BLOCK_R):
             rows = start + r0 + tl.arange(0, BLOCK_R)
-            m = rows[:, None] < R
             offs = off_b + rows[:, None].to(tl.int64) * C + cols[None, :]
-            xh = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
-            dt = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            if SILU:
-                t = xh * w[None, :] + bias[None, :]
-                sg = tl.sigmoid(t)
-                dt = dt * (sg * (1.0 + t * (1.0 - sg)))
-            dt = tl.where(m, dt, 0.0)
+            xh, dt = _bwd_tile(dy_ptr, x_ptr, offs, rows[:, None] < R, mean, rstd, w, bias, SILU)
             acc1 += dt
             acc2 += dt * xh
         c1 = tl.sum(acc1, axis=0)
@@ -185,8 +196,8 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_bwd_dx(dy_ptr, x_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, part_ptr, R, ROWS, NCH,
-                   C: tl.constexpr, G: tl.constexpr, NCH_P2: tl.constexpr, BLOCK_R: tl.constexpr,
-                   SILU: tl.constexpr):
+                           C: tl.constexpr, G: tl.constexpr, NCH_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+                           SILU: tl.constexpr):
         b = tl.program_id(0)
         band = tl.program_id(1)
         CG: tl.constexpr = C // G
@@ -196,10 +207,7 @@ if triton is not None:
         rstd_g = tl.load(rstd_ptr + b * G + gi)
         k1 = _channel_of_group(rstd_g * _band_totals(part_ptr, b, NCH, NCH_P2, G, 0) / n, G, CG)
         k2 = _channel_of_group(rstd_g * _band_totals(part_ptr, b, NCH, NCH_P2, G, 1) / n, G, CG)
-        mean = _channel_of_group(tl.load(mean_ptr + b * G + gi), G, CG)
-        rstd = _channel_of_group(rstd_g, G, CG)
-        w = tl.load(w_ptr + cols)
-        bias = tl.load(bias_ptr + cols)
+        mean, rstd, w, bias = _bwd_channel_consts(mean_ptr, rstd_ptr, w_ptr, bias_ptr, b, C, G)
         rw = rstd * w
         off_b = b.to(tl.int64) * R * C
         start = band * ROWS
@@ -207,12 +215,7 @@ if triton is not None:
             rows = start + r0 + tl.arange(0, BLOCK_R)
             m = rows[:, None] < R
             offs = off_b + rows[:, None].to(tl.int64) * C + cols[None, :]
-            xh = (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
-            dt = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            if SILU:
-                t = xh * w[None, :] + bias[None, :]
-                sg = tl.sigmoid(t)
-                dt = dt * (sg * (1.0 + t * (1.0 - sg)))
+            xh, dt = _bwd_tile(dy_ptr, x_ptr, offs, m, mean, rstd, w, bias, SILU)
             dx = dt * rw[None, :] - k1[None, :] - xh * k2[None, :]
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 

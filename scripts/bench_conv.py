@@ -124,7 +124,7 @@ def main() -> None:
     del model
     try:
         import cudnn
-        fe = f"cudnn-frontend {cudnn.__version__}, backend {cudnn.backend_version()}"
+        fe = f"cudnn-frontend {getattr(cudnn, '__version__', '?')}, backend {getattr(cudnn, 'backend_version', lambda: '?')()}"
     except Exception as err:
         fe = f"not importable: {type(err).__name__}: {str(err)[:150]}"
     dev = torch.cuda.get_device_name()

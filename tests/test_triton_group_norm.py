@@ -19,13 +19,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from cores.operators import get_operator
 from cores.speed import SpeedConfig, apply_speed
 from cores.triton_group_norm import group_norm_act, install_triton_group_norm, layout_supported
 
-from conftest import FIXTURES, ROOT
+from conftest import ROOT
+from test_decoder_ops import _decode_and_grad, tiny_ldm  # noqa: F401  (the fixture LDM and its decode + gradient)
 
 # (B, C, *spatial), groups: the decoder's 128..512 channels in miniature, a 3-D (B, C, N) input as the
 # attention's norm sees it, rows that are no multiple of a tile, one channel per group (tiny fixture)
@@ -106,25 +105,6 @@ def test_triton_kernels_under_the_interpreter():
     for name, e in errs.items():
         bound = 1e-2 if name.startswith("bf16") else 1e-5  # bf16 output: rounding ≈ 2⁻⁸ of the max
         assert max(e) < bound, (name, e)
-
-
-@pytest.fixture(scope="module")
-def tiny_ldm():
-    from cores.models.ldm import build_ldm
-
-    cfg = {"name": "ldm", "ldm_config": yaml.safe_load((FIXTURES / "ldm_tiny_ffhq.yaml").read_text()),
-           "diffusion_path": str(FIXTURES / "ldm_tiny_ffhq.pt")}
-    return build_ldm(cfg, "cpu")
-
-
-def _decode_and_grad(model):
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn((2, *model.get_in_shape()), generator=g).requires_grad_(True)
-    op = get_operator("phase_retrieval", resolution=64)
-    y = op(torch.rand(2, 3, 64, 64, generator=g) * 2 - 1)
-    x = model.decode(z)
-    (grad,) = torch.autograd.grad(op.loss(x, y).sum(), z)
-    return x.detach(), grad
 
 
 def test_switch_on_the_fixture_decoder(tiny_ldm):
