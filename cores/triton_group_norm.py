@@ -222,9 +222,10 @@ if triton is not None:
 
 def _bands(b: int, r: int, c: int, tile: int) -> Tuple[int, int, int]:
     """(rows per tile, rows per program, programs per batch element): about TUNING['programs']
-    programs in all, each a whole number of tiles."""
+    programs in all, each a whole number of tiles; at most 256 per batch element, so that the partial
+    sums each program adds up (bands × groups) stay a small register tile."""
     block_r = max(1, min(tile // c, triton.next_power_of_2(r)))
-    per_batch = max(1, TUNING["programs"] // b)
+    per_batch = max(1, min(256, TUNING["programs"] // b))
     rows = triton.cdiv(triton.cdiv(r, per_batch), block_r) * block_r
     return block_r, rows, triton.cdiv(r, rows)
 
