@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +37,14 @@ import cores.triton_group_norm as tgn  # noqa: E402
 from cores.models.ldm import build_random_ldm  # noqa: E402
 
 
+DEV = "cuda"  # --smoke: "cpu", the kernels through Triton's interpreter (TRITON_INTERPRET=1), tiny sizes
+
+
 def ms(fn) -> float:
+    if DEV == "cpu":  # smoke run: one call, wall clock (checks the script, measures nothing)
+        t = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t)
     return float(do_bench(fn, warmup=20, rep=100, return_mode="median"))
 
 
@@ -46,7 +54,7 @@ def rel(a, b) -> float:
 
 
 def copy_bandwidth() -> float:
-    x = torch.randn(2 ** 28, device="cuda")
+    x = torch.randn(2 ** 28 if DEV == "cuda" else 2 ** 12, device=DEV)
     y = torch.empty_like(x)
     return 2 * x.numel() * 4 / ms(lambda: y.copy_(x)) / 1e6  # GB/s (bytes read + written)
 
@@ -61,7 +69,7 @@ def norm_shapes(model, batch: int):
                 lambda m, i, o: seen.__setitem__((tuple(i[0].shape[1:]), m.num_groups),
                                                  seen.get((tuple(i[0].shape[1:]), m.num_groups), 0) + 1)))
     with torch.no_grad():
-        model.vq.decoder(model.vq.post_quant_conv(torch.randn(1, *model.get_in_shape(), device="cuda")))
+        model.vq.decoder(model.vq.post_quant_conv(torch.randn(1, *model.get_in_shape(), device=DEV)))
     for h in hooks:
         h.remove()
     return [((batch, *shape), g, n) for (shape, g), n in seen.items()]
@@ -73,10 +81,10 @@ def bench_group_norm(shapes, bw_copy: float, sweep: bool):
     for shape, g, count in shapes:
         for dtype in (torch.float32, torch.bfloat16):
             es = torch.finfo(dtype).bits // 8
-            x = (torch.randn(shape, device="cuda") * 2 + 0.5).to(dtype)
+            x = (torch.randn(shape, device=DEV) * 2 + 0.5).to(dtype)
             x = x.movedim(1, -1).contiguous().movedim(-1, 1)
             c = shape[1]
-            w, b = torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
+            w, b = torch.randn(c, device=DEV), torch.randn(c, device=DEV)
             dy = torch.randn_like(x)
             xr = x.movedim(1, -1).reshape(shape[0], -1, c)
             dyr = dy.movedim(1, -1).reshape(shape[0], -1, c)
@@ -96,7 +104,9 @@ def bench_group_norm(shapes, bw_copy: float, sweep: bool):
             # Inductor's fused kernels of the NHWC reductions (the nhwc_group_norm switch) and eager torch
             xg = x.detach().requires_grad_(True)
             torch._dynamo.reset()  # one lambda's code object per row: no recompile limit is reached
-            ind = torch.compile(lambda t: F.silu(dops.group_norm_nhwc(t, g, w, b, 1e-6)))
+            # what the presets run now: the NHWC reductions for 4-D inputs, F.group_norm for the attention's 3-D one
+            base = dops.group_norm_nhwc if x.ndim == 4 else F.group_norm
+            ind = torch.compile(lambda t: F.silu(base(t, g, w, b, 1e-6)))
             eag = lambda t: F.silu(F.group_norm(t, g, w, b, 1e-6))  # noqa: E731
             ours = lambda t: tgn.group_norm_act(t, g, w, b, 1e-6, True)  # noqa: E731
             fb = {}
@@ -124,7 +134,7 @@ def bench_group_norm(shapes, bw_copy: float, sweep: bool):
             saved = dict(tgn.TUNING)
             for tile, warps, progs in fwd_cfgs:
                 tgn.TUNING.update(fwd_tile=tile, fwd_warps=warps, bwd_tile=tile, bwd_warps=warps, programs=progs)
-                y2 = fwd()
+                y2 = fwd()[0]
                 dx2 = bwd()[0]
                 ok = rel(y2, y) < 1e-5 if dtype == torch.float32 else rel(y2, y) < 1e-2
                 key = f"{tile}/{warps}/{progs}"
@@ -139,9 +149,10 @@ def bench_group_norm(shapes, bw_copy: float, sweep: bool):
 def bench_attention(sweep: bool):
     out = {}
     torch.backends.cuda.matmul.allow_tf32 = False
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(4, 4096, 512, device="cuda", generator=g) for _ in range(3))
-    p = torch.softmax(torch.bmm(q, k.transpose(1, 2)) / 512 ** 0.5, dim=-1)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    n, d = (4096, 512) if DEV == "cuda" else (64, 32)
+    q, k, v = (torch.randn(4, n, d, device=DEV, generator=g) for _ in range(3))
+    p = torch.softmax(torch.bmm(q, k.transpose(1, 2)) / d ** 0.5, dim=-1)
     cases = {"qk": (q, k.transpose(1, 2)), "pv": (p, v)}
     blocks = [dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3), dict(BM=128, BN=256, BK=16, num_warps=8, num_stages=3),
               dict(BM=64, BN=128, BK=32, num_warps=4, num_stages=4)] if sweep else [dict(dops._BMM_BLOCKS)]
@@ -179,13 +190,22 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny fixture decoder, with TRITON_INTERPRET=1: checks "
+                    "that the script runs end to end; its numbers mean nothing")
     args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        DEV = "cpu"
+        dops.SPLIT_TF32_IMPL["cuda"] = "triton"
     torch.manual_seed(0)
-    model = build_random_ldm(yaml.safe_load((ROOT / "configs/model/ffhq256ldm.yaml").read_text()), "cuda")
+    cfg = ROOT / ("tests/fixtures/ldm_tiny_ffhq.yaml" if args.smoke else "configs/model/ffhq256ldm.yaml")
+    spec = yaml.safe_load(cfg.read_text())
+    model = build_random_ldm(spec if not args.smoke else {"name": "ldm", "ldm_config": spec}, DEV)
     shapes = norm_shapes(model, args.batch)
     del model
     bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
+    print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}; "
           f"copy bandwidth {bw:.0f} GB/s; norm shapes {shapes}", flush=True)
     gn_rows, scores = bench_group_norm(shapes, bw, not args.no_sweep)
     best = None
@@ -197,7 +217,7 @@ def main() -> None:
                for k in ("triton", "inductor_nhwc", "eager_torch")} for d in ("float32", "bfloat16")}
     print(f"GroupNorm+SiLU fwd+bwd per decoder step (sum over its norms): {json.dumps(tot)}; best tuning {best}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+        Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__,
                                                    triton=triton.__version__, copy_gbs=bw, group_norm=gn_rows,
                                                    tuning=scores, best_tuning=best, per_step_ms=tot,
                                                    attention=attn), indent=1))
