@@ -37,7 +37,14 @@ from cores.models.ldm import build_random_ldm  # noqa: E402
 PEAK = {"float32": 494.7, "bfloat16": 989.4}  # H100 SXM dense TF32 / BF16 TFLOP/s (datasheet)
 
 
+DEV = "cuda"  # --smoke: "cpu" with the tiny fixture decoder, to check the script runs; its numbers mean nothing
+
+
 def ms(fn) -> float:
+    if DEV == "cpu":
+        t = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t)
     return float(do_bench(fn, warmup=20, rep=100, return_mode="median"))
 
 
@@ -56,7 +63,7 @@ def conv_shapes(model, batch):
                 seen[key] = seen.get(key, 0) + 1
             hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
-        model.vq.decoder(model.vq.post_quant_conv(torch.randn(1, *model.get_in_shape(), device="cuda")))
+        model.vq.decoder(model.vq.post_quant_conv(torch.randn(1, *model.get_in_shape(), device=DEV)))
     for h in hooks:
         h.remove()
     return [dict(cin=k[0], cout=k[1], k=k[2], pad=k[3], stride=k[4], hw=k[5], batch=batch, count=n)
@@ -81,7 +88,7 @@ def cudnn_fe(sh, x, w, dy, direction):
         X = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=dt)
         Y = g.conv_fprop(image=X, weight=W, padding=pad, stride=st, dilation=[1, 1],
                          compute_data_type=cudnn.data_type.FLOAT)
-        out = torch.empty(x.shape[0], w.shape[0], *dy.shape[2:], device="cuda", dtype=x.dtype)
+        out = torch.empty(x.shape[0], w.shape[0], *dy.shape[2:], device=DEV, dtype=x.dtype)
         out = nhwc(out)
         Y.set_output(True).set_data_type(dt).set_dim(list(out.shape)).set_stride(list(out.stride()))
         pack = {X: x, W: w, Y: out}
@@ -100,16 +107,16 @@ def cudnn_fe(sh, x, w, dy, direction):
     best, n = None, g.get_execution_plan_count()
     for i in range(min(n, 12)):
         try:
-            ws = torch.empty(max(1, g.get_workspace_size_plan_at_index(i)), device="cuda", dtype=torch.uint8)
+            ws = torch.empty(max(1, g.get_workspace_size_plan_at_index(i)), device=DEV, dtype=torch.uint8)
             t = float(do_bench(lambda: g.execute_plan_at_index(pack, ws, i, handle=handle), warmup=5, rep=30, return_mode="median"))
         except Exception:
             continue
         if best is None or t < best[0]:
             best = (t, i)
-    ws = torch.empty(max(1, g.get_workspace_size_plan_at_index(best[1])), device="cuda", dtype=torch.uint8)
+    ws = torch.empty(max(1, g.get_workspace_size_plan_at_index(best[1])), device=DEV, dtype=torch.uint8)
     g.execute_plan_at_index(pack, ws, best[1], handle=handle)
     torch.cuda.synchronize()
-    return best[0], out, n
+    return best[0], out, n  # noqa: E501
 
 
 def main() -> None:
@@ -117,9 +124,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--inductor-budget-s", type=float, default=200.0)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny fixture decoder: checks that the script runs")
     args = ap.parse_args()
+    global DEV
     torch.manual_seed(0)
-    model = build_random_ldm(yaml.safe_load((ROOT / "configs/model/ffhq256ldm.yaml").read_text()), "cuda")
+    if args.smoke:
+        DEV = "cpu"
+        spec = yaml.safe_load((ROOT / "tests/fixtures/ldm_tiny_ffhq.yaml").read_text())
+        model = build_random_ldm({"name": "ldm", "ldm_config": spec}, DEV)
+    else:
+        model = build_random_ldm(yaml.safe_load((ROOT / "configs/model/ffhq256ldm.yaml").read_text()), DEV)
     shapes = conv_shapes(model, args.batch)
     del model
     try:
@@ -127,14 +141,14 @@ def main() -> None:
         fe = f"cudnn-frontend {getattr(cudnn, '__version__', '?')}, backend {getattr(cudnn, 'backend_version', lambda: '?')()}"
     except Exception as err:
         fe = f"not importable: {type(err).__name__}: {str(err)[:150]}"
-    dev = torch.cuda.get_device_name()
+    dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)"
     print(f"device {dev}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}; {fe}", flush=True)
     # measured GEMM ceilings
     ceil = {}
     for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(8192, 8192, device="cuda", dtype=dt)
+        a = torch.randn(8192 if DEV == "cuda" else 256, 8192 if DEV == "cuda" else 256, device=DEV, dtype=dt)
         torch.backends.cuda.matmul.allow_tf32 = True
-        ceil[str(dt).split(".")[-1]] = 2 * 8192 ** 3 / ms(lambda: a @ a) / 1e9
+        ceil[str(dt).split(".")[-1]] = 2 * a.shape[0] ** 3 / ms(lambda: a @ a) / 1e9
     print(f"cuBLAS 8192^3 ceiling TFLOP/s: {ceil}", flush=True)
     rows = []
     t_ind = 0.0
@@ -145,9 +159,9 @@ def main() -> None:
         flop = 2 * b * ho * ho * cout * cin * k * k
         for dt in (torch.float32, torch.bfloat16):
             dname = str(dt).split(".")[-1]
-            x = nhwc(torch.randn(b, cin, hw, hw, device="cuda", dtype=dt))
-            w = nhwc(torch.randn(cout, cin, k, k, device="cuda", dtype=dt) / (cin * k * k) ** 0.5)
-            dy = nhwc(torch.randn(b, cout, ho, ho, device="cuda", dtype=dt))
+            x = nhwc(torch.randn(b, cin, hw, hw, device=DEV, dtype=dt))
+            w = nhwc(torch.randn(cout, cin, k, k, device=DEV, dtype=dt) / (cin * k * k) ** 0.5)
+            dy = nhwc(torch.randn(b, cout, ho, ho, device=DEV, dtype=dt))
             with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
                 ref_f = F.conv2d(x.float(), w.float(), None, st, pad)
                 ref_b = torch.ops.aten.convolution_backward(dy.float(), x.float(), w.float(), None, [st] * 2, [pad] * 2,
@@ -170,11 +184,11 @@ def main() -> None:
                 m, kk, n = b * ho * ho, cin * k * k, cout
                 if direction == "dgrad":
                     m, kk, n = b * hw * hw, cout * k * k, cin
-                a_ = torch.randn(m, kk, device="cuda", dtype=dt)
-                b_ = torch.randn(kk, n, device="cuda", dtype=dt)
+                a_ = torch.randn(m, kk, device=DEV, dtype=dt)
+                b_ = torch.randn(kk, n, device=DEV, dtype=dt)
                 r["gemm_equiv_ms"] = ms(lambda: a_ @ b_)
                 del a_, b_
-                if k == 3 and st == 1 and min(cin, cout) >= 128 and t_ind < args.inductor_budget_s:
+                if k == 3 and st == 1 and min(cin, cout) >= (128 if DEV == "cuda" else 32) and t_ind < args.inductor_budget_s:
                     import torch._inductor.config as icfg
 
                     t0 = time.perf_counter()
