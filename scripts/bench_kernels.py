@@ -77,7 +77,8 @@ def norm_shapes(model, batch: int):
 
 def bench_group_norm(shapes, bw_copy: float, sweep: bool):
     rows, tuning_scores = [], {}
-    fwd_cfgs = [(8192, 8, 512), (4096, 4, 512), (8192, 8, 1056), (16384, 8, 512), (4096, 4, 264)] if sweep else []
+    fwd_cfgs = [(8192, 8, 512, 0), (4096, 4, 512, 0), (8192, 8, 1056, 0), (16384, 8, 512, 0), (4096, 4, 264, 0),
+                (8192, 8, 512, 1), (8192, 8, 512, 2)] if sweep else []
     for shape, g, count in shapes:
         for dtype in (torch.float32, torch.bfloat16):
             es = torch.finfo(dtype).bits // 8
@@ -132,12 +133,13 @@ def bench_group_norm(shapes, bw_copy: float, sweep: bool):
                   f"eager {fb['eager_torch']:.3f} ms; err y {row['err_y']:.1e} dx {row['err_dx']:.1e} "
                   f"(torch fp32 {row['torch_err_y']:.1e} / {row['torch_err_dx']:.1e})", flush=True)
             saved = dict(tgn.TUNING)
-            for tile, warps, progs in fwd_cfgs:
-                tgn.TUNING.update(fwd_tile=tile, fwd_warps=warps, bwd_tile=tile, bwd_warps=warps, programs=progs)
+            for tile, warps, progs, chunk in fwd_cfgs:
+                tgn.TUNING.update(fwd_tile=tile, fwd_warps=warps, bwd_tile=tile, bwd_warps=warps, programs=progs,
+                                  batch_chunk=chunk)
                 y2 = fwd()[0]
                 dx2 = bwd()[0]
                 ok = rel(y2, y) < 1e-5 if dtype == torch.float32 else rel(y2, y) < 1e-2
-                key = f"{tile}/{warps}/{progs}"
+                key = f"tile {tile}/warps {warps}/programs {progs}/batch chunk {chunk or 'all'}"
                 s = tuning_scores.setdefault(key, {"fwd": 0.0, "bwd": 0.0, "ok": True})
                 s["fwd"] += count * ms(fwd)
                 s["bwd"] += count * ms(bwd)

@@ -91,6 +91,8 @@ out["bf16 (2, 128, 6, 5) silu"] = _compare((2, 128, 6, 5), 32, True, dtype=torch
 import cores.triton_group_norm as m
 m.TUNING["programs"] = 3  # several bands per batch element, a partial last band
 out["fp32 (2, 64, 9, 7) 3 bands"] = _compare((2, 64, 9, 7), 32, True)
+m.TUNING["batch_chunk"] = 2  # launches over batch chunks (2 + 1 elements)
+out["fp32 (3, 64, 5, 7) chunks"] = _compare((3, 64, 5, 7), 32, True)
 print(json.dumps(out))
 """
 
