@@ -32,25 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 from triton.testing import do_bench  # noqa: E402
 
+import scripts.bench_kernels as bench_kernels  # noqa: E402
 from cores.models.ldm import build_random_ldm  # noqa: E402
+from scripts.bench_kernels import ms, rel  # noqa: E402  (median CUDA-event time; error over max magnitude)
 
 PEAK = {"float32": 494.7, "bfloat16": 989.4}  # H100 SXM dense TF32 / BF16 TFLOP/s (datasheet)
 
 
 DEV = "cuda"  # --smoke: "cpu" with the tiny fixture decoder, to check the script runs; its numbers mean nothing
-
-
-def ms(fn) -> float:
-    if DEV == "cpu":
-        t = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t)
-    return float(do_bench(fn, warmup=20, rep=100, return_mode="median"))
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def conv_shapes(model, batch):
@@ -129,7 +118,7 @@ def main() -> None:
     global DEV
     torch.manual_seed(0)
     if args.smoke:
-        DEV = "cpu"
+        DEV = bench_kernels.DEV = "cpu"
         spec = yaml.safe_load((ROOT / "tests/fixtures/ldm_tiny_ffhq.yaml").read_text())
         model = build_random_ldm({"name": "ldm", "ldm_config": spec}, DEV)
     else:
