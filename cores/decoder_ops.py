@@ -25,10 +25,18 @@ against the library's modules on CPU (tests/test_decoder_ops.py).
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+
+try:  # optional: the fused split-TF32 GEMM (CUDA) needs Triton; without it the cuBLAS form runs
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - no Triton
+    triton = None
+    tl = None
 
 __all__ = ["split_tf32", "split_tf32_bmm", "SplitTF32AttnProcessor", "group_norm_nhwc",
            "install_split_tf32_attention", "install_nhwc_group_norm", "install_nhwc_conv_layout"]
@@ -54,12 +62,64 @@ class _TF32Matmuls:
         torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
+# which implementation split_tf32_bmm runs on CUDA: "triton" (one kernel: the split inside the GEMM's
+# tile loop, `tl.dot(..., input_precision="tf32x3")`) or "cublas" (three cuBLAS TF32 products of
+# operands split beforehand in separate elementwise kernels); scripts/bench_kernels.py times both
+SPLIT_TF32_IMPL = {"cuda": "triton"}
+_BMM_BLOCKS = dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)  # fixed: one summation order
+
+if triton is not None:
+    @triton.jit
+    def _bmm_tf32x3_kernel(a_ptr, b_ptr, c_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, scb, scm, scn,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        bid = tl.program_id(1).to(tl.int64)
+        num_m = tl.cdiv(M, BM)
+        num_n = tl.cdiv(N, BN)
+        group = pid // (GROUP_M * num_n)  # grouped tile order: neighbouring programs share B tiles in L2
+        first_m = group * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pm = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pn = (pid % (GROUP_M * num_n)) // size_m
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        a_ptrs = a_ptr + bid * sab + rm[:, None] * sam + rk[None, :] * sak
+        b_ptrs = b_ptr + bid * sbb + rk[:, None] * sbk + rn[None, :] * sbn
+        acc = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, K, BK):
+            ka = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=(rm[:, None] < M) & ka[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=ka[:, None] & (rn[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
+            a_ptrs += BK * sak
+            b_ptrs += BK * sbk
+        c_ptrs = c_ptr + bid * scb + rm[:, None] * scm + rn[None, :] * scn
+        tl.store(c_ptrs, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _bmm_tf32x3_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    bsz, m, k = a.shape
+    n = b.shape[2]
+    c = a.new_empty((bsz, m, n))
+    blk = _BMM_BLOCKS
+    grid = (triton.cdiv(m, blk["BM"]) * triton.cdiv(n, blk["BN"]), bsz)
+    _bmm_tf32x3_kernel[grid](a, b, c, m, n, k, *a.stride(), *b.stride(), *c.stride(), BM=blk["BM"], BN=blk["BN"],
+                             BK=blk["BK"], GROUP_M=8, num_warps=blk["num_warps"], num_stages=blk["num_stages"])
+    return c
+
+
 @torch.library.custom_op("latentdaps::split_tf32_bmm", mutates_args=())
 def split_tf32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched a @ b of fp32 (B, n, k) × (B, k, m) as three TF32 tensor-core products.
 
     An opaque op for torch.compile (Inductor would lower a plain bmm under the global flag), so the
-    TF32 switch applies to these products only; CUDA graphs capture it like any other kernel."""
+    TF32 switch applies to these products only; CUDA graphs capture it like any other kernel.  On
+    CUDA with Triton the split happens inside one GEMM kernel (no split tensors in memory, operands
+    read through their strides: no transposed copies)."""
+    if triton is not None and (a.is_cuda and SPLIT_TF32_IMPL["cuda"] == "triton"
+                               or not a.is_cuda and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return _bmm_tf32x3_triton(a, b)
     a_hi, a_lo = split_tf32(a)
     b_hi, b_lo = split_tf32(b)
     with _TF32Matmuls():

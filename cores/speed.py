@@ -26,6 +26,8 @@ Switches (defaults = exact path)::
       attention: default     # default | math: SDPA backend of the decoder's 512-wide attention head;
                              # split_tf32: fp32-accurate 3xTF32 tensor-core matmuls (cores/decoder_ops.py)
       nhwc_group_norm: false # GroupNorm of a channels-last input as reductions over its NHWC view
+      triton_group_norm: false # fused NHWC GroupNorm(+SiLU) Triton kernels, forward and backward
+                             # (cores/triton_group_norm.py); replaces nhwc_group_norm where both are on
       nhwc_conv_layout: false # conv inputs and output gradients asked for in channels-last memory
       deterministic: false   # deterministic cuDNN / Inductor / PyTorch kernels: bit-identical runs
 
@@ -95,6 +97,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from cores.decoder_ops import install_nhwc_conv_layout, install_nhwc_group_norm, install_split_tf32_attention
+from cores.triton_group_norm import install_triton_group_norm
 
 __all__ = ["SpeedConfig", "SpeedHandle", "apply_speed", "speed_config", "compile_seconds"]
 
@@ -125,6 +128,7 @@ class SpeedConfig:
     fast_upsample: bool = False
     attention: str = "default"  # default | math | split_tf32 (cores/decoder_ops.py)
     nhwc_group_norm: bool = False
+    triton_group_norm: bool = False
     nhwc_conv_layout: bool = False
     deterministic: bool = False
 
@@ -134,7 +138,7 @@ class SpeedConfig:
                              "picked by timing can differ between processes)")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"speed.precision={self.precision!r}: expected fp32 or bf16")
-        for name in ("nhwc_group_norm", "nhwc_conv_layout"):
+        for name in ("nhwc_group_norm", "triton_group_norm", "nhwc_conv_layout"):
             if getattr(self, name) and not self.channels_last:
                 raise ValueError(f"speed.{name}=true acts on channels-last activations: it needs "
                                  "speed.channels_last=true")
@@ -174,6 +178,8 @@ class SpeedConfig:
             on.append(f"attn_{self.attention}")
         if self.nhwc_group_norm:
             on.append("nhwc_group_norm")
+        if self.triton_group_norm:
+            on.append("triton_group_norm")
         if self.nhwc_conv_layout:
             on.append("nhwc_conv_layout")
         if self.deterministic:
@@ -182,7 +188,8 @@ class SpeedConfig:
 
 
 _BOOLS = ("compile", "compile_unet", "compile_dynamic", "compile_warmup", "compile_grad_only", "compile_tuning",
-          "cudnn_benchmark", "channels_last", "fast_upsample", "nhwc_group_norm", "nhwc_conv_layout",
+          "cudnn_benchmark", "channels_last", "fast_upsample", "nhwc_group_norm", "triton_group_norm",
+          "nhwc_conv_layout",
           "deterministic")
 
 
@@ -248,6 +255,7 @@ class SpeedHandle:
         self.compiled = False        # False when compile was asked for but fell back to eager
         self._patched: list = []     # modules whose `forward` is shadowed (fast_upsample, nhwc_* switches)
         self._processors: list = []  # attention modules given another processor (attention=split_tf32)
+        self._swapped: list = []     # (parent, attribute, module it replaced): SiLUs folded into a norm
 
     def restore(self) -> None:
         for name in self._shadowed:
@@ -258,6 +266,9 @@ class SpeedHandle:
         for mod in self._processors:
             mod.set_processor(mod.__dict__.pop("_processor_before"))
         self._processors = []
+        for parent, name, before in self._swapped:
+            parent._modules[name] = before
+        self._swapped = []
         if self.cfg.channels_last and hasattr(self.model, "vq"):
             self.model.vq.to(memory_format=torch.contiguous_format)
         _set_flags(self._flags)
@@ -473,7 +484,10 @@ def apply_speed(model, cfg: Any = None) -> SpeedHandle:
             vq.to(memory_format=torch.channels_last)
         if cfg.fast_upsample:
             handle._patched += _patch_upsamplers(vq.decoder)
-        if cfg.nhwc_group_norm:
+        if cfg.triton_group_norm:
+            norms, handle._swapped = install_triton_group_norm(vq.decoder)
+            handle._patched += norms
+        elif cfg.nhwc_group_norm:
             handle._patched += install_nhwc_group_norm(vq.decoder)
         if cfg.nhwc_conv_layout:
             handle._patched += install_nhwc_conv_layout(vq.decoder)

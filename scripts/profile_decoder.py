@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--cudnn-benchmark", action="store_true", help="with --benchmark-peak")
     p.add_argument("--benchmark-peak", action="store_true",
                    help="peak memory of the first and of a later decoder step with cudnn.benchmark on / off")
+    p.add_argument("--set", action="append", default=[], metavar="SWITCH=VALUE",
+                   help="a speed switch on top of --preset, e.g. --set triton_group_norm=true (repeatable)")
     p.add_argument("--trace-copies", action="store_true",
                    help="also attribute copy / layout-transpose kernels to the ops that launched them")
     args = p.parse_args()
@@ -46,6 +48,11 @@ def main() -> None:
         from scripts.benchmark import switch
 
         speed = switch(args.preset)
+        if args.set:
+            from dataclasses import asdict
+
+            speed = speed_config({**asdict(speed), **{k: yaml.safe_load(v) for k, v in
+                                                      (kv.split("=", 1) for kv in args.set)}})
     else:
         speed = speed_config({"precision": args.precision, "compile": args.compile,
                               "channels_last": args.channels_last})
@@ -57,47 +64,52 @@ def main() -> None:
         (g,) = torch.autograd.grad(model.decode(zz).square().sum(), zz)
         return g
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    averages = prof.key_averages()
-    device_us = [(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total, e)
-                 for e in averages]  # µs over the profiled steps, per kernel name
-    groups = {}
-    total = 0.0
-    for t, e in device_us:
-        if t <= 0:
-            continue
-        name = e.key.lower()
-        kind = ("layout transpose" if any(k in name for k in ("nchwtonhwc", "nhwctonchw", "transpose"))
-                else "conv" if any(k in name for k in ("conv", "cudnn", "implicit", "xmma", "sm90", "wgrad", "dgrad"))
-                else "norm" if "norm" in name else "elementwise/activation" if any(
-                    k in name for k in ("elementwise", "silu", "sigmoid", "mul", "add", "triton")) else
-                "attention" if any(k in name for k in ("attention", "fmha", "softmax", "gemm", "bmm")) else
-                "upsample" if "upsample" in name else "other")
-        groups[kind] = groups.get(kind, 0.0) + t
-        total += t
+    prof = kernel_profile(step)
     print(f"{torch.cuda.get_device_name(dev)} batch {args.batch} {speed.label()}: "
-          f"{total / 5 / 1e3:.1f} ms GPU time per decoder fwd+bwd")
-    for k, v in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:24s} {v / total:6.1%}")
+          f"{prof['total_ms']:.1f} ms GPU time per decoder fwd+bwd")
+    for k, v in sorted(prof["groups_ms"].items(), key=lambda kv: -kv[1]):
+        print(f"  {k:24s} {v / prof['total_ms']:6.1%}  {v:7.3f} ms")
     print("top kernels (ms per decoder step, share):")
-    rows = sorted(((t, e.count, e.key) for t, e in device_us), reverse=True)
-    for t, n, key in [r for r in rows if r[0] > 0][:25]:
-        print(f"  {t / 5 / 1e3:7.3f} ms {t / total:6.1%} x{n // 5:<4d} {key[:110]}")
+    for ms_, n, key in prof["top"]:
+        print(f"  {ms_:7.3f} ms {ms_ / prof['total_ms']:6.1%} x{n:<4d} {key[:110]}")
     if args.trace_copies:
         trace_copies(step)
     # last: under the counter's dispatch mode a compiled decoder may fall back to eager for later calls
-    conv_ms = groups.get("conv", 0.0) / 5 / 1e3
+    conv_ms = prof["groups_ms"].get("conv", 0.0)
     tflop = conv_tflop(step)
     print(f"convolutions: {tflop:.3f} TFLOP per decoder fwd+bwd (flop_counter), {conv_ms:.2f} ms in "
           f"convolution kernels -> {tflop / conv_ms * 1e3 if conv_ms else float('nan'):.0f} TFLOP/s")
-    print(averages.table(sort_by="cuda_time_total" if not hasattr(torch.profiler, "_x") else None,
-                         row_limit=12, max_name_column_width=60))
+
+
+def kernel_kind(name: str) -> str:
+    """Group of a CUDA kernel by its name (cuDNN/cuBLAS/Inductor/Triton naming)."""
+    name = name.lower()
+    return ("layout transpose" if any(k in name for k in ("nchwtonhwc", "nhwctonchw", "transpose"))
+            else "conv" if any(k in name for k in ("conv", "cudnn", "implicit", "xmma", "sm90", "wgrad", "dgrad"))
+            else "norm" if "norm" in name else "elementwise/activation" if any(
+                k in name for k in ("elementwise", "silu", "sigmoid", "mul", "add", "triton")) else
+            "attention" if any(k in name for k in ("attention", "fmha", "softmax", "gemm", "bmm")) else
+            "upsample" if "upsample" in name else "other")
+
+
+def kernel_profile(step, steps: int = 5, warmup: int = 3, top: int = 25) -> dict:
+    """GPU time per `step()` (ms): total, per kernel group, and the top kernels (ms, launches per step, name)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total  # µs over the steps
+        if t > 0:
+            rows.append((t / steps / 1e3, e.count // steps, e.key))
+    groups: dict = {}
+    for ms_, _, key in rows:
+        groups[kernel_kind(key)] = groups.get(kernel_kind(key), 0.0) + ms_
+    return {"total_ms": sum(r[0] for r in rows), "groups_ms": groups, "top": sorted(rows, reverse=True)[:top]}
 
 
 def conv_tflop(step) -> float:

@@ -41,13 +41,13 @@ SWITCH_OFF = {"compile": dict(compile=False, compile_mode="default"), "cuda_grap
               "attn_math": dict(attention="default"), "deterministic": dict(deterministic=False),
               "cudnn_benchmark": dict(cudnn_benchmark=False), "bf16": dict(precision="fp32"),
               "attn_split_tf32": dict(attention="math"), "nhwc_group_norm": dict(nhwc_group_norm=False),
-              "nhwc_conv_layout": dict(nhwc_conv_layout=False)}
+              "nhwc_conv_layout": dict(nhwc_conv_layout=False), "triton_group_norm": dict(triton_group_norm=False)}
 SWITCH_ON = {"cudnn_benchmark": dict(cudnn_benchmark=True, deterministic=False), "tf32": dict(tf32=True),
              "cuda_graphs": dict(compile_mode="reduce-overhead"), "compile_unet": dict(compile_unet=True),
              "bf16": dict(precision="bf16"), "deterministic": dict(deterministic=True, cudnn_benchmark=False),
              "channels_last": dict(channels_last=True), "attn_split_tf32": dict(attention="split_tf32"),
              "nhwc_group_norm": dict(nhwc_group_norm=True), "attn_math": dict(attention="math"),
-             "nhwc_conv_layout": dict(nhwc_conv_layout=True)}
+             "nhwc_conv_layout": dict(nhwc_conv_layout=True), "triton_group_norm": dict(triton_group_norm=True)}
 
 
 def switch(name: str) -> SpeedConfig:
