@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from eval.study import cost_summary, feature_of, is_baseline, mean_ci, repulsion_by_step
+from eval.study import cost_summary, device_kind, feature_of, is_baseline, mean_ci, repulsion_by_step
 
 DPI = 80  # small files: the report is committed next to its plots
 
@@ -127,21 +127,6 @@ def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
 
 
 # --- quality against compute -----------------------------------------------------------------------
-def device_kind(run) -> str:
-    """'cpu', 'gpu' or 'unknown' from the devices in the run's metadata (every rank of every folder)."""
-    devices = []
-    for part in run.parts:
-        meta = part.get("metadata") or {}
-        ranks = meta.get("ranks") if isinstance(meta.get("ranks"), list) else []
-        devices += [str(d.get("device")) for d in ranks if isinstance(d, dict) and d.get("device")]
-        if meta.get("device"):
-            devices.append(str(meta["device"]))
-        elif meta.get("gpu_name"):
-            devices.append("cuda")
-    kinds = {"cpu" if d.startswith("cpu") else "gpu" for d in devices}
-    return kinds.pop() if len(kinds) == 1 else "unknown"
-
-
 def compute_axis_label(runs: Sequence) -> str:
     """What the cost axis measures: GPU-seconds only when every run used a GPU."""
     kinds = {device_kind(r) for r in runs}
