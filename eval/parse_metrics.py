@@ -105,6 +105,8 @@ def run_label(path: Path) -> str:
 
 def _read_metrics(path: Path) -> Tuple[Optional[Dict], str]:
     """(metrics.json as a dict, "") or (None, why not)."""
+    if not (path / "metrics.json").exists():
+        return None, "is missing"
     try:
         m = json.loads((path / "metrics.json").read_text())
     except OSError as err:
@@ -170,27 +172,40 @@ def load_run(path: Path) -> Run:
                repulsion=repulsion, parts=[part], origin=origin)
 
 
+def is_run_folder(p: Path) -> bool:
+    """A folder holding metrics.json, or per-image records (a run whose metrics.json was lost)."""
+    return (p / "metrics.json").is_file() or (p / "records").is_dir() and any((p / "records").glob("*.json"))
+
+
 def find_run_dirs(args: Iterable[str]) -> List[Path]:
-    """Run folders named by the arguments (folders, parents of run folders, globs), in order, once each."""
+    """Run folders named by the arguments (folders, parents of run folders, globs), in order, once each.
+    An argument that names none gets one line and counts in `find_run_dirs.missed`."""
     out: List[Path] = []
     seen = set()
+    find_run_dirs.missed = 0
     for arg in args:
         matches = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
         if not matches:
-            print(f"note: {arg}: no match", file=sys.stderr)
+            print(f"error: {arg}: no match", file=sys.stderr)
+            find_run_dirs.missed += 1
         for p in map(Path, matches):
             if not p.exists():
                 print(f"error: {p} does not exist", file=sys.stderr)
+                find_run_dirs.missed += 1
                 continue
-            if (p / "metrics.json").is_file():
+            if is_run_folder(p):
                 found = [p]
             elif p.is_dir():
-                found = sorted(q.parent for q in p.rglob("metrics.json") if ".hydra_logs" not in q.parts)
+                found = sorted({q.parent.parent if q.parent.name == "records" else q.parent
+                                for q in p.rglob("*.json") if ".hydra_logs" not in q.parts
+                                and (q.name == "metrics.json" or q.parent.name == "records")})
+                found = [q for q in found if is_run_folder(q)]
             else:
                 found = []
             if not found:
-                print(f"note: {p}: no metrics.json" + (" in it or below it" if p.is_dir() else
-                                                       " (a file, not a run folder)"), file=sys.stderr)
+                print(f"error: {p}: no metrics.json" + (" in it or below it" if p.is_dir() else
+                                                        " (a file, not a run folder)"), file=sys.stderr)
+                find_run_dirs.missed += 1
             for q in found:
                 key = q.resolve()
                 if key not in seen:
@@ -677,6 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: no run folder with a metrics.json found", file=sys.stderr)
         return 2
     runs, skipped = load_readable(dirs, merge=not args.no_merge)
+    skipped += find_run_dirs.missed
     if not runs:
         print("error: none of the run folders could be read", file=sys.stderr)
         return 2
@@ -697,7 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for p in write_plots(runs, args.plots):
             print(f"wrote {p}", file=sys.stderr)
     if skipped:
-        print(f"error: {skipped} run folder(s) skipped (named above); the tables hold the others", file=sys.stderr)
+        print(f"error: {skipped} path(s) or run folder(s) skipped (named above); the tables hold the others",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -372,15 +372,18 @@ def device_kind(run) -> str:
 
 def seconds_unit(runs: Sequence) -> Tuple[str, Optional[str]]:
     """(unit of the cost rows, warning): `GPU` or `CPU` when every run used that device, else `device`
-    with one warning line naming each run's device."""
+    (each column then names its device); a warning line when the runs used different devices."""
     kinds = {r.label: device_kind(r) for r in runs}
+    known = set(kinds.values()) - {"unknown"}
     if set(kinds.values()) == {"gpu"}:
         return "GPU", None
     if set(kinds.values()) == {"cpu"}:
         return "CPU", None
+    if len(known) < 2:
+        return "device", None
     named = ", ".join(f"{label}: {k.upper() if k != 'unknown' else 'not recorded'}" for label, k in kinds.items())
-    return "device", (f"warning: the runs used different or unrecorded devices ({named}); their seconds are "
-                      "not comparable across devices")
+    return "device", (f"warning: the runs used different devices ({named}); their seconds and rates per hour "
+                      "are not comparable across devices")
 
 
 def cost_summary(run) -> Dict:
