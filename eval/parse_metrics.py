@@ -3,8 +3,12 @@
     python eval/parse_metrics.py RUN_DIR [RUN_DIR ...] [--csv FILE] [--plots DIR] [--report DIR]
                                  [--brief] [--all-pairs] [--no-merge]
 
-A RUN_DIR is a run folder (holding metrics.json), a folder above run folders (searched
-recursively) or a glob. Summaries are recomputed from `images[]`, so merged runs are right.
+A RUN_DIR is a run folder (holding metrics.json, or only records/), a folder above run folders
+(searched recursively) or a glob; folders written by the original study's code are read too
+(eval/original.py) and marked `original`. Summaries are recomputed from `images[]`, so merged runs
+are right. A folder that cannot be read is named in one line and skipped (exit 2); a bad
+metrics.json is rebuilt from the folder's records/. Images of two runs are paired by index and
+source hash; runs on different data sets get their own tables.
 
 Merging rule: folders laid out as `<experiment>/<dataset>_<N>img/<run>` with the same
 experiment folder name, dataset and run name but different N (e.g. `imagenet_10img` and
@@ -177,21 +181,21 @@ def is_run_folder(p: Path) -> bool:
     return (p / "metrics.json").is_file() or (p / "records").is_dir() and any((p / "records").glob("*.json"))
 
 
-def find_run_dirs(args: Iterable[str]) -> List[Path]:
+def find_run_dirs(args: Iterable[str], missed: Optional[List[str]] = None) -> List[Path]:
     """Run folders named by the arguments (folders, parents of run folders, globs), in order, once each.
-    An argument that names none gets one line and counts in `find_run_dirs.missed`."""
+    An argument that names none gets one line and is appended to `missed`."""
     out: List[Path] = []
     seen = set()
-    find_run_dirs.missed = 0
+    missed = [] if missed is None else missed
     for arg in args:
         matches = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
         if not matches:
             print(f"error: {arg}: no match", file=sys.stderr)
-            find_run_dirs.missed += 1
+            missed.append(arg)
         for p in map(Path, matches):
             if not p.exists():
                 print(f"error: {p} does not exist", file=sys.stderr)
-                find_run_dirs.missed += 1
+                missed.append(str(p))
                 continue
             if is_run_folder(p):
                 found = [p]
@@ -205,7 +209,7 @@ def find_run_dirs(args: Iterable[str]) -> List[Path]:
             if not found:
                 print(f"error: {p}: no metrics.json" + (" in it or below it" if p.is_dir() else
                                                         " (a file, not a run folder)"), file=sys.stderr)
-                find_run_dirs.missed += 1
+                missed.append(str(p))
             for q in found:
                 key = q.resolve()
                 if key not in seen:
@@ -687,12 +691,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    dirs = find_run_dirs(args.runs)
+    missed: List[str] = []
+    dirs = find_run_dirs(args.runs, missed)
     if not dirs:
         print("error: no run folder with a metrics.json found", file=sys.stderr)
         return 2
     runs, skipped = load_readable(dirs, merge=not args.no_merge)
-    skipped += find_run_dirs.missed
+    skipped += len(missed)
     if not runs:
         print("error: none of the run folders could be read", file=sys.stderr)
         return 2
