@@ -592,11 +592,11 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
             for rec in r.images:
                 st = image_stats(rec)
                 st["particle_psnr"] = ";".join(_f(v, "{:.4f}") for v in rec.get("psnr", []))
-                o = image_orientation(rec, margin)
-                st.update({k: o[k] for k in ("correct_orientation_found", "both_orientations_any")},
-                          orientation=";".join(o["orientation"]),
+                o = None if lacks(r, "orientation") else image_orientation(rec, margin)  # not recorded: empty
+                st.update({k: o[k] if o else None for k in ("correct_orientation_found", "both_orientations_any")},
+                          orientation=";".join(o["orientation"]) if o else None,
                           selected_is_best=(rec.get("best_idx") == rec.get("selected_idx")
-                                            if rec.get("best_idx") is not None else None))
+                                            if None not in (rec.get("best_idx"), rec.get("selected_idx")) else None))
                 w.writerow({"run": r.label, **{k: st[k] for k in CSV_FIELDS[1:]}})
     spath = path.with_name(path.stem + "_summary.csv")
     with spath.open("w", newline="") as fh:
@@ -623,8 +623,8 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "time_per_image_sec": s["time_per_image_sec"],
                         "peak_memory_mb": cost["peak_memory_mb"], "gpu_sec_per_image": cost["gpu_sec_per_image"],
                         "selection_accuracy": selection_summary(r)["accuracy"]["rate"],
-                        "correct_orientation_rate": o["correct"]["rate"],
-                        "both_orientations_any_rate": o["both_any"]["rate"],
+                        "correct_orientation_rate": None if lacks(r, "orientation") else o["correct"]["rate"],
+                        "both_orientations_any_rate": None if lacks(r, "orientation") else o["both_any"]["rate"],
                         "psnr_spread_mean": spread_summary(r)["psnr_std"]["mean"],
                         "success_per_gpu_hour": cost["success_per_gpu_hour"],
                         "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"],
@@ -647,7 +647,7 @@ def output_problem(args) -> Optional[str]:
             return f"{flag} {path}: a file of that name exists; give a folder (the report and plots go into it)"
         if kind == "file" and path.is_dir():
             return f"{flag} {path}: a folder of that name exists; give a file name"
-        blocker = next((q for q in ([path] + list(path.parents)) if q.exists()), None)
+        blocker = next((q for q in path.parents if q.exists()), None)  # the deepest folder above that exists
         if blocker is not None and not blocker.is_dir():
             return f"{flag} {path}: {blocker} is a file, not a folder"
     return None

@@ -216,3 +216,20 @@ def test_every_corruption_gives_one_line_or_a_rebuilt_report(real_folders, tmp_p
     else:  # reported: as it is, or rebuilt from records/ with one note
         assert rc == 0 and pm.run_label(dirs[which]) in out.getvalue()
         assert len([ln for ln in about if ln.startswith(("note:", "error:"))]) <= 1, lines
+
+
+def test_original_fields_it_lacks_are_empty_in_the_csv_not_zero(tmp_path):
+    import csv
+
+    per_image, summary = pm.write_csv(pm.load_runs([ORIGINAL_RUN]), tmp_path / "t.csv")
+    rows = list(csv.DictReader(per_image.open()))
+    assert [r["image_idx"] for r in rows] == ["1", "2"]
+    for r in rows:
+        for key in ("success", "both_orientations", "selected_psnr", "correct_orientation_found", "orientation",
+                    "selected_is_best"):
+            assert r[key] == "", key
+    (s,) = list(csv.DictReader(summary.open()))
+    for key in ("success_rate", "correct_orientation_rate", "both_orientations_any_rate", "peak_memory_mb",
+                "success_per_gpu_hour", "selection_accuracy"):
+        assert s[key] == "", key
+    assert float(s["best_psnr_mean"]) > 0
