@@ -124,7 +124,7 @@ def _read_metrics(path: Path) -> Tuple[Optional[Dict], str]:
     return m, ""
 
 
-def _rebuilt_images(path: Path, images: Sequence, why: str) -> List[Dict]:
+def _rebuilt_images(path: Path, images: Sequence, why: str, totals_lost: bool) -> List[Dict]:
     """The usable entries of metrics.json's `images`, each bad or missing one replaced by its intact
     `records/<idx>.json` (the record the run wrote last; metrics.json is rebuilt from them); one note
     line says what was rebuilt or left out."""
@@ -133,6 +133,8 @@ def _rebuilt_images(path: Path, images: Sequence, why: str) -> List[Dict]:
     good = [r for r in images if not record_problem(r)]
     out = {int(r["image_idx"]): r for r in good}
     bad = len(images) - len(good)
+    if not images and not why:
+        why = "lists no image"
     if why or bad:
         added = {int(r["image_idx"]): r for r in RunFolder(path).records() if int(r["image_idx"]) not in out}
         out.update(added)
@@ -141,7 +143,7 @@ def _rebuilt_images(path: Path, images: Sequence, why: str) -> List[Dict]:
         if not out:
             raise UnreadableRun(f"{head}, and records/ holds no intact record; skipped")
         print(f"note: {head}; reporting {len(out)} image(s): {len(good)} from metrics.json, {len(added)} "
-              f"rebuilt from records/" + ("; VRAM and wall time are missing" if why else ""), file=sys.stderr)
+              f"rebuilt from records/" + ("; VRAM and wall time are missing" if totals_lost else ""), file=sys.stderr)
     for r in out.values():
         r.pop("saved_particles", None)
     return [out[i] for i in sorted(out)]
@@ -160,7 +162,7 @@ def load_run(path: Path) -> Run:
             raise UnreadableRun(f"{path / 'metrics.json'} (the original study's format): {problem}; skipped")
         origin = ORIGINAL
     else:
-        images = _rebuilt_images(path, (m or {}).get("images") or [], why)
+        images = _rebuilt_images(path, (m or {}).get("images") or [], why, totals_lost=m is None)
         vram = m.get("vram") if m is not None and isinstance(m.get("vram"), dict) else {}
         metadata = m.get("metadata") if m is not None and isinstance(m.get("metadata"), dict) else {}
     if not images:
