@@ -71,7 +71,8 @@ def preset_rows(paths: List[Path]) -> Dict[str, Dict[int, Dict]]:
         for row in report.get("results", []):
             for preset, label in labels.items():
                 if row.get("config") == label and row.get("images_per_batch") == 1 and "mcmc_step_sec" in row:
-                    out[preset][int(row["particles"])] = {**row, "card": report.get("card"), "file": Path(path).name}
+                    out[preset][int(row["particles"])] = {**row, "card": report.get("card"), "file": Path(path).name,
+                                                          "architecture": (report.get("workload") or {}).get("architecture")}
     return out
 
 
@@ -97,6 +98,7 @@ def table(paths: List[Path], a10_sec: float = A10_EXP0_SEC) -> str:
     scale = a10_sec / base if base else None
     cards = sorted({r["card"] for p in PRESETS for r in rows[p].values() if r.get("card")})
     files = sorted({r["file"] for p in PRESETS for r in rows[p].values()})
+    archs = sorted({r["architecture"] for p in PRESETS for r in rows[p].values() if r.get("architecture")})
 
     def cell(s: Optional[float], why: str) -> str:
         return f"{s:.0f} s · {s * 100 / 3600:.1f} h" if s is not None else f"n/a ({why})"
@@ -115,7 +117,8 @@ def table(paths: List[Path], a10_sec: float = A10_EXP0_SEC) -> str:
         lines.append("| " + " | ".join([e, f"{w['particles']}, {w['anneal']} × {w['mcmc']} {w['algo']}{prune}"]
                                       + [cell(secs[e][p], missing[p]) for p in PRESETS]
                                       + [a10, ", ".join(w["untimed"]) or "—"]) + " |")
-    note = (f"H100 rows from {', '.join(files)} ({', '.join(cards)}; one image per batch, the presets' "
+    note = (f"H100 rows from {', '.join(files)} ({', '.join(cards)}; {'; '.join(archs) or 'architecture not recorded'}, "
+            "while the experiments run the ImageNet LDM; one image per batch, the presets' "
             f"switches as in configs/speed/ now; per-step times at the row's particle count, MCMC steps "
             f"scaled to each experiment's count). A10 = H100 × {a10_sec:.0f} ÷ {base:.1f} = "
             f"H100 × {scale:.2f}: the original study's exp0 on an A10 took {a10_sec:.0f} s per image at "
