@@ -2,6 +2,7 @@
 benchmark JSONs (`scripts/benchmark.py --matrix`), for the speed presets as they are now.
 
     python scripts/cost_table.py docs/benchmarks/matrix_speed6_h100.json [MORE.json ...] [--a10-sec 903]
+                                 [--readme README.md]    # also replace README's table with this one
 
 A row of a JSON is used for a preset when its switches (`config`) are those of configs/speed/<preset>.yaml
 today, one image per batch.  Each experiment's workload comes from its composed config
@@ -128,9 +129,20 @@ def table(paths: List[Path], a10_sec: float = A10_EXP0_SEC) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+README_START, README_END = "<!-- cost table: ", "<!-- end of cost table -->"
+
+
+def write_readme(path: Path, text: str, command: str) -> None:
+    """Replace the block between README's cost-table markers (the first names the command)."""
+    doc = path.read_text()
+    start, end = doc.index(README_START), doc.index(README_END)
+    path.write_text(doc[:start] + f"{README_START}{command} -->\n{text}" + doc[end:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", nargs="+", type=Path, help="benchmark JSONs (scripts/benchmark.py --matrix)")
+    ap.add_argument("--readme", type=Path, help="also write the table into this README between its markers")
     ap.add_argument("--a10-sec", type=float, default=A10_EXP0_SEC,
                     help="the original study's A10 seconds per image of exp0 (default 903)")
     args = ap.parse_args(argv)
@@ -138,7 +150,14 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: {missing[0]} does not exist", file=sys.stderr)
         return 2
-    print(table(args.json, args.a10_sec), end="")
+    text = table(args.json, args.a10_sec)
+    print(text, end="")
+    if args.readme:
+        if README_START not in args.readme.read_text():
+            print(f"error: {args.readme} has no cost-table markers ({README_START}… / {README_END})", file=sys.stderr)
+            return 2
+        shown = " ".join(str(p) for p in args.json) + ("" if args.a10_sec == A10_EXP0_SEC else f" --a10-sec {args.a10_sec:g}")
+        write_readme(args.readme, text, f"python scripts/cost_table.py {shown} --readme {args.readme}")
     return 0
 
 

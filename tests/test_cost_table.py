@@ -32,3 +32,11 @@ def test_table_from_per_step_times(tmp_path):
     assert f"| {sec * 903 / a10_base * 100 / 3600:.0f} · " in exp0
     assert "n/a (no 4-particle row)" in exp0  # faithful: no row in this file
     assert "hard data consistency" in next(line for line in text.splitlines() if line.startswith("| exp4"))
+
+
+def test_readme_block_is_replaced_in_place(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"head\n{ct.README_START}old -->\nold table\n{ct.README_END}\ntail\n")
+    ct.write_readme(readme, "| new |\n", "python scripts/cost_table.py x.json --readme README.md")
+    assert readme.read_text() == (f"head\n{ct.README_START}python scripts/cost_table.py x.json --readme README.md -->\n"
+                                  f"| new |\n{ct.README_END}\ntail\n")
