@@ -7,6 +7,7 @@
 # config.yaml records every resolved setting.
 #
 # Flags:   --1 (image 0)   --10 (images 0-9)   --90 (images 10-99; with --10 = 100 images)
+#          --resume  continue interrupted runs (resume=true: finished images are kept, the rest done)
 #          exp5 only: --imagenet / --ffhq (dataset), --100 (images 0-99 in one folder),
 #                     --baselines (also DAPS with exp0's settings and ReSample on the same images,
 #                     into sibling folders of the same <dataset>_<N>img folder)
@@ -38,6 +39,7 @@ usage: [DRY_RUN=1] [GPU=id] [MODEL=toy] [SAVE_DIR=dir] [SPEED=fast] [BATCH=N] [E
   --1   image 0 (sanity check)
   --10  images 0-9
   --90  images 10-99 (together with --10: the 100-image test set)
+  --resume  continue the runs these flags name where they stopped (finished images are kept)
 USAGE
   [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]] && cat >&2 <<USAGE
   --100 images 0-99 in one run folder
@@ -143,11 +145,12 @@ exp_main() {  # EXP EXP_SHORT RUN_TAG flags...
   shift 3
   _REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   EXP_DESCRIPTION="$(sed -n 2p "$0" | sed 's/^# //')"
-  local sizes=() datasets=() a baselines=0
+  local sizes=() datasets=() a baselines=0 resume=0
   if [[ $# -eq 0 ]]; then _usage; return 2; fi
   for a in "$@"; do
     case "$a" in
       --1|--10|--90) sizes+=("$a") ;;
+      --resume) resume=1 ;;
       --baselines)
         if [[ "${EXP_DATASET_FLAGS:-0}" != 1 ]]; then
           echo "error: unknown flag $a" >&2; _usage; return 2
@@ -162,6 +165,8 @@ exp_main() {  # EXP EXP_SHORT RUN_TAG flags...
       *) echo "error: unknown flag $a" >&2; _usage; return 2 ;;
     esac
   done
+  # --resume: resume=true first among the extra overrides (an EXTRA_ARGS resume=false still wins)
+  [[ "$resume" == 1 ]] && EXTRA_ARGS="resume=true${EXTRA_ARGS:+ $EXTRA_ARGS}"
   if [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]]; then
     if [[ ${#datasets[@]} -eq 0 ]]; then
       echo "error: give a dataset: --imagenet and/or --ffhq" >&2; _usage; return 2

@@ -36,12 +36,14 @@ def check_command_line(argv: Sequence[str], config_dir: Path) -> Optional[Any]:
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         text = " ".join(str(err).split()).split(" Config search path")[0]
+        from hydra.errors import OverrideParseException
+
+        if isinstance(err, OverrideParseException):
+            raise ConfigError(override_syntax_message(text, overrides)) from None
         key = next((o.split("=", 1)[0] for o in overrides if f"'{o.split('=', 1)[0]}'" in text), None)
         if key is not None and ("Could not override" in text or "not in struct" in text):
-            from cores.config import TOP_LEVEL_KEYS
-
-            close = difflib.get_close_matches(key.split(".")[-1], sorted(TOP_LEVEL_KEYS), n=1)
-            hint = f"; did you mean {close[0]}?" if close and "." not in key else ""
+            close = difflib.get_close_matches(key.lstrip("+~"), known_keys(config_dir, overrides, key), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown setting {key}{hint}") from None
         raise ConfigError(text) from None
     try:  # Hydra creates its log folder <save_dir>/<name>/.hydra_logs before anything else
@@ -50,6 +52,39 @@ def check_command_line(argv: Sequence[str], config_dir: Path) -> Optional[Any]:
     except OmegaConfBaseException as err:
         raise ConfigError(" ".join(str(err).split())) from None
     return cfg
+
+
+def known_keys(config_dir: Path, overrides: Sequence[str], key: str) -> List[str]:
+    """The settings next to `key` (`sampler.mcmc.num_step` → every `sampler.mcmc.*`; a top-level key → the
+    top-level keys), from the config composed without the override that names it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig
+
+    from cores.config import TOP_LEVEL_KEYS
+
+    parent = key.lstrip("+~").rsplit(".", 1)[0] if "." in key else ""
+    if not parent:
+        return sorted(TOP_LEVEL_KEYS - {"hydra"})
+    rest = [o for o in overrides if o.split("=", 1)[0] != key]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            node = compose(config_name="config", overrides=rest)
+        for part in parent.split("."):
+            node = node[part]
+    except Exception:  # the hint is a courtesy: without it the message still names the key
+        return []
+    return [f"{parent}.{k}" for k in node] if isinstance(node, DictConfig) else []
+
+
+def override_syntax_message(text: str, overrides: Sequence[str]) -> str:
+    """One sentence for an override Hydra's grammar cannot read (non-ASCII letters or a
+    special character in an unquoted value), with the quoting that works."""
+    bad = next((o for o in overrides if o in text), None)
+    if bad is None or "=" not in bad:
+        return text.split(" See https://")[0]
+    key, value = bad.split("=", 1)
+    return (f"{bad}: Hydra cannot read this value unquoted (non-ASCII letters and characters such "
+            f"as ()[]{{}},:=' need quotes); quote it inside the argument: \"{key}='{value}'\"")
 
 
 def folders_hydra_will_create(cfg: Optional[Any]) -> List[Path]:

@@ -13,6 +13,14 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def note(message: str) -> None:
+    """`note: …` as exactly one stderr line (information, nothing wrong)."""
+    from tqdm import tqdm
+
+    tqdm.write("note: " + one_line(message), file=sys.stderr)
+    sys.stderr.flush()
+
+
 def warn(message: str, key: Optional[Hashable] = None) -> None:
     """`warning: …` as exactly one stderr line; with `key`, at most once per process for that key.
 

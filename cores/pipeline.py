@@ -184,6 +184,8 @@ class StepTimer:
             self.per_step_sec.append(info["time"] - self._t0)
             self.step_end[info["step"]] = self._t0 = info["time"]
             self.pbar.update(self.images)
+            if self.pbar.total and self.pbar.n >= self.pbar.total:
+                self.pbar.close()  # done: a warning printed after this must not redraw a finished bar
 
     def segments(self, pruning: bool, prune_step: Optional[int], optimization: bool) -> Dict[str, float]:
         """Seconds per phase of the batch (record field `time_segments`, before sharing among images).
@@ -381,12 +383,18 @@ def sample_images(config: RunConfig, todo: List[int], dataset: ImageFolder, fold
                 nograd_rows=[1] if config.save_traj else [])
     vram.start()
     steps = config.sampler.loop_steps
+    # the bar is transient (leave=False) and closes at its last step: a warning printed under a finished
+    # bar would redraw it, showing its last state two or three times; one final line says what was done
+    t_bar = time.perf_counter()
     with tqdm(total=len(todo) * steps, desc=config.name, unit="img·step", file=sys.stderr,
-              disable=not show_progress) as pbar:
+              disable=not show_progress, leave=False) as pbar:
         for k in range(0, len(todo), bs):
             run_batch(config, model, operator, dataset, todo[k:k + bs], hooks, folder, device, pbar, meter)
             if show_progress:  # one writer of the intermediate summary (rank 0)
                 write_summary(folder, config, run_metadata(device, start, vram, compile_before))
+    elapsed = time.perf_counter() - t_bar
+    if show_progress and todo:
+        print(f"{config.name}: {len(todo)} image(s), {len(todo) * steps} img·step in {elapsed:.1f} s", file=sys.stderr)
 
 
 def numerics_summary(records: List[Dict]) -> Dict:

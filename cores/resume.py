@@ -29,6 +29,10 @@ from cores.run_folder import RECORD_DIR, RunFolder
 # Keys that may differ between jobs writing the same run folder.  `batch_size` is one: every
 # particle draws from its own random stream, so a result does not depend on how images are batched.
 RESUMABLE_KEYS = {"resume", "data.start_id", "data.end_id", "shard", "num_shards", "device", "batch_size"}
+# Where a run lives is not what it is: a folder moved or renamed (results copied off a cluster's scratch
+# disk) is the same run, and resumes; `locations.jsonl` keeps where it was written before.
+LOCATION_KEYS = {"save_dir", "name"}
+LOCATIONS_LOG = "locations.jsonl"
 
 
 def _flatten(d, prefix: str = "") -> Dict[str, object]:
@@ -46,7 +50,7 @@ def config_differences(old: Dict, new: Dict) -> List[str]:
     """Flattened keys (outside RESUMABLE_KEYS) whose values differ."""
     a, b = _flatten(old), _flatten(new)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if k not in RESUMABLE_KEYS and a.get(k, "<missing>") != b.get(k, "<missing>")]
+    return [k for k in keys if k not in RESUMABLE_KEYS | LOCATION_KEYS and a.get(k, "<missing>") != b.get(k, "<missing>")]
 
 
 def describe_differences(old: Dict, new: Dict, keys: Sequence[str], limit: int = 8) -> str:
@@ -126,8 +130,27 @@ def prepare_folder(cfg: DictConfig, folder: RunFolder, image_ids: List[int]) -> 
             raise ConfigError(f"{folder.root} already holds results for image(s) {shown}; pass resume=true "
                               f"to continue it or choose another name=")
     folder.root.mkdir(parents=True, exist_ok=True)
+    if cfg_path.exists():
+        note_move(folder, OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True), current)
     write_text(cfg_path, OmegaConf.to_yaml(cfg, resolve=True))
     return [i for i in image_ids if i not in done]
+
+
+def note_move(folder: RunFolder, old: Dict, new: Dict) -> None:
+    """When the folder's config.yaml names another location (the folder was moved or renamed), append
+    the old one to `locations.jsonl` and say so in one line; records stay as they were written."""
+    was = {k: old.get(k) for k in sorted(LOCATION_KEYS)}
+    if was == {k: new.get(k) for k in sorted(LOCATION_KEYS)}:
+        return
+    import datetime
+    import json
+
+    from cores.console import note
+
+    with open(folder.root / LOCATIONS_LOG, "a") as fh:
+        fh.write(json.dumps({**was, "until": datetime.datetime.now().isoformat(timespec="seconds")}) + "\n")
+    note(f"{folder.root} was written as {Path(str(was['save_dir'])) / str(was['name'])}; continuing it here "
+         f"(the earlier location is kept in {LOCATIONS_LOG})")
 
 
 def records_signature(folder: RunFolder) -> Tuple:

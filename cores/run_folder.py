@@ -26,6 +26,33 @@ GRID_HEADER = [["ground truth"], ["measurement", "(log-amplitude)"], ["particles
 REQUIRED_FIELDS = {"image_idx": int, "particle_ids": list, "psnr": list, "ssim": list, "lpips": list,
                    "psnr_twin": list, "measurement_loss": list, "success": bool, "both_orientations": bool}
 OPTIONAL_INDEX_FIELDS = ("best_idx", "selected_idx")
+# per-particle lists of numbers (null where a value is missing)
+NUMBER_LIST_FIELDS = ("psnr", "ssim", "lpips", "psnr_twin", "measurement_loss")
+
+
+def record_problem(rec: object) -> str:
+    """Why a per-image record (a `records/` file or an entry of metrics.json's `images`) cannot be
+    used, or "" when it can."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    missing = [k for k in REQUIRED_FIELDS if k not in rec]
+    if missing:
+        return "missing " + ", ".join(missing)
+    wrong = [k for k, t in REQUIRED_FIELDS.items()
+             if not isinstance(rec[k], t) or (t is int and isinstance(rec[k], bool))]
+    n = len(rec["particle_ids"]) if isinstance(rec["particle_ids"], list) else -1
+    wrong += [k for k, t in REQUIRED_FIELDS.items() if t is list and k not in wrong and len(rec[k]) != n]
+    for k in OPTIONAL_INDEX_FIELDS:
+        v = rec.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n):
+            wrong.append(k)
+    wrong += [k for k in NUMBER_LIST_FIELDS if k not in wrong and isinstance(rec.get(k), list)
+              and not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in rec[k])]
+    if not isinstance(rec.get("saved_particles", []), list):
+        wrong.append("saved_particles")
+    if "pruned" in rec and (not isinstance(rec["pruned"], list) or len(rec["pruned"]) != n):
+        wrong.append("pruned")
+    return "bad " + ", ".join(wrong) if wrong else ""
 
 
 def read_record(path: Path) -> Tuple[Optional[Dict], str]:
@@ -36,25 +63,9 @@ def read_record(path: Path) -> Tuple[Optional[Dict], str]:
         return None, f"unreadable ({type(err).__name__})"
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return None, f"not valid JSON ({one_line(err)})"
-    if not isinstance(rec, dict):
-        return None, "not a JSON object"
-    missing = [k for k in REQUIRED_FIELDS if k not in rec]
-    if missing:
-        return None, "missing " + ", ".join(missing)
-    wrong = [k for k, t in REQUIRED_FIELDS.items()
-             if not isinstance(rec[k], t) or (t is int and isinstance(rec[k], bool))]
-    n = len(rec["particle_ids"]) if isinstance(rec["particle_ids"], list) else -1
-    wrong += [k for k, t in REQUIRED_FIELDS.items() if t is list and k not in wrong and len(rec[k]) != n]
-    for k in OPTIONAL_INDEX_FIELDS:
-        v = rec.get(k)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n):
-            wrong.append(k)
-    if not isinstance(rec.get("saved_particles", []), list):
-        wrong.append("saved_particles")
-    if "pruned" in rec and (not isinstance(rec["pruned"], list) or len(rec["pruned"]) != n):
-        wrong.append("pruned")
-    if wrong:
-        return None, "bad " + ", ".join(wrong)
+    why = record_problem(rec)
+    if why:
+        return None, why
     if Path(path).stem != f"{rec['image_idx']:05d}":
         return None, f"image_idx {rec['image_idx']} does not match the file name"
     return rec, ""

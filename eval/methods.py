@@ -31,7 +31,9 @@ def method_of(run) -> str:
         return "ReSample" if pix else "ReSample (latent stages)"
     plain = (float(c.get("repulsion_scale") or 0) == 0 and c.get("repulsion_target_ratio") is None
              and int(c.get("pruning_step", -1) or -1) < 0 and int(c.get("hard_data_consistency", -1) or -1) != 1)
-    return "DAPS" if c and plain else run.label.split("/")[-1]
+    name = "DAPS" if c and plain else run.label.split("/")[-1]
+    return f"{name} (original)" if getattr(run, "origin", "project") != "project" and "(original)" not in name \
+        else name
 
 
 def _mean(xs: List[Optional[float]]) -> Optional[float]:

@@ -3,8 +3,12 @@
     python eval/parse_metrics.py RUN_DIR [RUN_DIR ...] [--csv FILE] [--plots DIR] [--report DIR]
                                  [--brief] [--all-pairs] [--no-merge]
 
-A RUN_DIR is a run folder (holding metrics.json), a folder above run folders (searched
-recursively) or a glob. Summaries are recomputed from `images[]`, so merged runs are right.
+A RUN_DIR is a run folder (holding metrics.json, or only records/), a folder above run folders
+(searched recursively) or a glob; folders written by the original study's code are read too
+(eval/original.py) and marked `original`. Summaries are recomputed from `images[]`, so merged runs
+are right. A folder that cannot be read is named in one line and skipped (exit 2); a bad
+metrics.json is rebuilt from the folder's records/. Images of two runs are paired by index and
+source hash; runs on different data sets get their own tables.
 
 Merging rule: folders laid out as `<experiment>/<dataset>_<N>img/<run>` with the same
 experiment folder name, dataset and run name but different N (e.g. `imagenet_10img` and
@@ -43,9 +47,10 @@ from cores.evaluation import best_psnr_any_orientation, summarize  # noqa: E402
 from cores.resume import read_jsonl_latest  # noqa: E402
 from cores.vram import merge_vram  # noqa: E402
 from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E402
+from eval.original import ORIGINAL, is_original, records as original_records  # noqa: E402
 from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
-from eval.study import (cost_summary, cudnn_autotuned, image_orientation, margin_db, merged_metadata,  # noqa: E402
+from eval.study import (common_images, cost_summary, dataset_key, lacks, pairing_notes, seconds_unit, cudnn_autotuned, image_orientation, margin_db, merged_metadata,  # noqa: E402
                         orientation_summary, PROTOCOL_KEYS, protocol_warning, repulsion_by_step, run_protocol,
                         selection_summary, spread_summary)
 
@@ -65,23 +70,34 @@ class Run:
     repulsion: List[Dict] = field(default_factory=list)
     # one entry per run folder behind this run: path, metadata, vram, image count, summed record time
     parts: List[Dict] = field(default_factory=list)
+    # "project", or "original" for a folder written by the original study's code (eval/original.py)
+    origin: str = "project"
 
     @property
     def summary(self) -> Dict:
-        return summarize(self.images)
+        s = summarize(self.images)
+        if lacks(self, "success"):  # not recorded (the original's format): n/a, not 0 %
+            s.update(success_rate=None, success_rate_ci95=(None, None), both_orientations_rate=None,
+                     both_orientations_rate_ci95=(None, None))
+        return s
 
     def by_image(self) -> Dict[int, Dict]:
         return {int(r["image_idx"]): r for r in self.images}
 
 
 # --- loading -------------------------------------------------------------------------------
+class UnreadableRun(Exception):
+    """A run folder the parser cannot report: the message is the one line the user sees."""
+
+
 def _read_config(path: Path) -> Dict:
     if not path.is_file():
         return {}
     try:
         import yaml
 
-        return yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.safe_load(path.read_text())
+        return cfg if isinstance(cfg, dict) else {}
     except Exception:  # a config we cannot read only costs the settings rows
         return {}
 
@@ -91,37 +107,111 @@ def run_label(path: Path) -> str:
     return "/".join(Path(path).resolve().parts[-3:])
 
 
+def _read_metrics(path: Path) -> Tuple[Optional[Dict], str]:
+    """(metrics.json as a dict, "") or (None, why not)."""
+    if not (path / "metrics.json").exists():
+        return None, "is missing"
+    try:
+        m = json.loads((path / "metrics.json").read_text())
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror or type(err).__name__})"
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return None, f"is not valid JSON ({' '.join(str(err).split())})"
+    if not isinstance(m, dict):
+        return None, "is not a JSON object"
+    if not is_original(m) and not isinstance(m.get("images"), list):
+        return None, "has no list of images"
+    return m, ""
+
+
+def _rebuilt_images(path: Path, images: Sequence, why: str, totals_lost: bool) -> List[Dict]:
+    """The usable entries of metrics.json's `images`, each bad or missing one replaced by its intact
+    `records/<idx>.json` (the record the run wrote last; metrics.json is rebuilt from them); one note
+    line says what was rebuilt or left out."""
+    from cores.run_folder import RunFolder, record_problem
+
+    good = [r for r in images if not record_problem(r)]
+    out = {int(r["image_idx"]): r for r in good}
+    bad = len(images) - len(good)
+    if not images and not why:
+        why = "lists no image"
+    if why or bad:
+        added = {int(r["image_idx"]): r for r in RunFolder(path).records() if int(r["image_idx"]) not in out}
+        out.update(added)
+        head = f"{path / 'metrics.json'} {why}" if why else f"{path / 'metrics.json'}: {bad} image entr" + \
+            ("y is" if bad == 1 else "ies are") + " unreadable"
+        if not out:
+            raise UnreadableRun(f"{head}, and records/ holds no intact record; skipped")
+        print(f"note: {head}; reporting {len(out)} image(s): {len(good)} from metrics.json, {len(added)} "
+              f"rebuilt from records/" + ("; VRAM and wall time are missing" if totals_lost else ""), file=sys.stderr)
+    for r in out.values():
+        r.pop("saved_particles", None)
+    return [out[i] for i in sorted(out)]
+
+
 def load_run(path: Path) -> Run:
+    """One run folder: the project's (metrics.json, else its intact records/) or the original study's
+    (eval/original.py).  UnreadableRun (one line) when neither gives an image."""
     path = Path(path)
-    m = json.loads((path / "metrics.json").read_text())
-    images = sorted(m.get("images", []), key=lambda r: r["image_idx"])
+    config = _read_config(path / "config.yaml")
+    m, why = _read_metrics(path)
+    origin = "project"
+    if m is not None and is_original(m):
+        images, vram, metadata, problem = original_records(m, config)
+        if problem:
+            raise UnreadableRun(f"{path / 'metrics.json'} (the original study's format): {problem}; skipped")
+        origin = ORIGINAL
+    else:
+        images = _rebuilt_images(path, (m or {}).get("images") or [], why, totals_lost=m is None)
+        vram = m.get("vram") if m is not None and isinstance(m.get("vram"), dict) else {}
+        metadata = m.get("metadata") if m is not None and isinstance(m.get("metadata"), dict) else {}
+    if not images:
+        raise UnreadableRun(f"{path / 'metrics.json'} holds no image; skipped")
     # the log's last line per (image, step) for the images metrics.json reports (a redone image
     # after a resume appends its lines again)
-    repulsion = read_jsonl_latest(path / "repulsion.jsonl", images=[r["image_idx"] for r in images])
-    vram, metadata = m.get("vram") or {}, m.get("metadata") or {}
+    repulsion = [r for r in read_jsonl_latest(path / "repulsion.jsonl", images=[r["image_idx"] for r in images])
+                 if isinstance(r, dict)]
     part = {"path": str(path), "metadata": metadata, "vram": vram, "images": len(images),
             "record_time_sec": float(sum(_vals(r.get("time_sec") for r in images)))}
-    return Run(label=run_label(path), paths=[path], images=images, vram=vram, metadata=metadata,
-               config=_read_config(path / "config.yaml"), repulsion=repulsion, parts=[part])
+    label = run_label(path) + (f" ({ORIGINAL})" if origin == ORIGINAL else "")
+    return Run(label=label, paths=[path], images=images, vram=vram, metadata=metadata, config=config,
+               repulsion=repulsion, parts=[part], origin=origin)
 
 
-def find_run_dirs(args: Iterable[str]) -> List[Path]:
-    """Run folders named by the arguments (folders, parents of run folders, globs), in order, once each."""
+def is_run_folder(p: Path) -> bool:
+    """A folder holding metrics.json, or per-image records (a run whose metrics.json was lost)."""
+    return (p / "metrics.json").is_file() or (p / "records").is_dir() and any((p / "records").glob("*.json"))
+
+
+def find_run_dirs(args: Iterable[str], missed: Optional[List[str]] = None) -> List[Path]:
+    """Run folders named by the arguments (folders, parents of run folders, globs), in order, once each.
+    An argument that names none gets one line and is appended to `missed`."""
     out: List[Path] = []
     seen = set()
+    missed = [] if missed is None else missed
     for arg in args:
         matches = sorted(glob.glob(arg)) if glob.has_magic(arg) else [arg]
         if not matches:
-            print(f"note: {arg}: no match", file=sys.stderr)
+            print(f"error: {arg}: no match", file=sys.stderr)
+            missed.append(arg)
         for p in map(Path, matches):
-            if (p / "metrics.json").is_file():
+            if not p.exists():
+                print(f"error: {p} does not exist", file=sys.stderr)
+                missed.append(str(p))
+                continue
+            if is_run_folder(p):
                 found = [p]
             elif p.is_dir():
-                found = sorted(q.parent for q in p.rglob("metrics.json") if ".hydra_logs" not in q.parts)
+                found = sorted({q.parent.parent if q.parent.name == "records" else q.parent
+                                for q in p.rglob("*.json") if ".hydra_logs" not in q.parts
+                                and (q.name == "metrics.json" or q.parent.name == "records")})
+                found = [q for q in found if is_run_folder(q)]
             else:
                 found = []
             if not found:
-                print(f"note: {p}: no metrics.json", file=sys.stderr)
+                print(f"error: {p}: no metrics.json" + (" in it or below it" if p.is_dir() else
+                                                        " (a file, not a run folder)"), file=sys.stderr)
+                missed.append(str(p))
             for q in found:
                 key = q.resolve()
                 if key not in seen:
@@ -145,21 +235,25 @@ def merge_runs(runs: Sequence[Run]) -> Run:
     images = sorted((r for run in runs for r in run.images), key=lambda r: r["image_idx"])
     parts = [p for r in runs for p in r.parts]
     exp, dataset, name = merge_key(runs[0].paths[0])
-    return Run(label=f"{exp}/{dataset}_{len(images)}img/{name}", paths=[p for r in runs for p in r.paths],
-               images=images, vram=merge_vram([r.vram for r in runs]),
+    origin = runs[0].origin
+    return Run(label=f"{exp}/{dataset}_{len(images)}img/{name}" + (f" ({ORIGINAL})" if origin == ORIGINAL else ""),
+               paths=[p for r in runs for p in r.paths], images=images, vram=merge_vram([r.vram for r in runs]),
                metadata=merged_metadata(parts, images), config=runs[0].config,
-               repulsion=[row for r in runs for row in r.repulsion], parts=parts)
+               repulsion=[row for r in runs for row in r.repulsion], parts=parts, origin=origin)
 
 
 def load_runs(dirs: Sequence[Path], merge: bool = True) -> List[Run]:
     """Load run folders, merging `_<N>img` siblings of one run (first-seen order kept)."""
     runs = [load_run(d) for d in dirs]
-    if not merge:
-        return _unique_labels(runs)
+    return regroup(runs) if merge else _unique_labels(runs)
+
+
+def regroup(runs: Sequence[Run]) -> List[Run]:
+    """Merge `_<N>img` siblings of one run with disjoint images (first-seen order kept)."""
     groups: Dict[object, List[Run]] = {}
     order: List[object] = []
     for i, r in enumerate(runs):
-        key = merge_key(r.paths[0]) or ("__single__", i)
+        key = (merge_key(r.paths[0]), r.origin) if merge_key(r.paths[0]) else ("__single__", i)
         if key not in groups:
             groups[key] = []
             order.append(key)
@@ -208,8 +302,8 @@ def image_stats(rec: Dict) -> Dict:
         "selected_psnr": rec["psnr"][sel_idx] if sel_idx is not None else None,
         "best_ssim": max(_vals(rec.get("ssim", [])), default=None),
         "best_lpips": min(_vals(rec.get("lpips", [])), default=None),
-        "success": bool(rec.get("success")),
-        "both_orientations": bool(rec.get("both_orientations")),
+        "success": None if rec.get("success") is None else bool(rec["success"]),
+        "both_orientations": None if rec.get("both_orientations") is None else bool(rec["both_orientations"]),
         "time_sec": rec.get("time_sec"),
     }
 
@@ -235,7 +329,7 @@ def paired_comparison(a: Run, b: Run) -> Dict:
     """Best-PSNR differences b − a on common image indices with a Wilcoxon signed-rank test; the same for
     the best PSNR in any orientation (`any_*` keys: a particle on the 180° twin is a valid solution)."""
     ia, ib = a.by_image(), b.by_image()
-    common = sorted(set(ia) & set(ib))
+    common = common_images(a, b)[0]
     rows = []
     for i in common:
         pa, pb = image_stats(ia[i])["best_psnr"], image_stats(ib[i])["best_psnr"]
@@ -254,6 +348,9 @@ def paired_comparison(a: Run, b: Run) -> Dict:
     out["any_n"] = int(d_any.size)
     out["any_mean_diff"] = float(d_any.mean()) if d_any.size else None
     _, out["any_p_value"], out["any_test_note"] = wilcoxon_test(d_any)
+    if lacks(a, "success") or lacks(b, "success"):  # not recorded in a run's format
+        out["success_gained"] = out["success_lost"] = None
+        return out
     succ_a = {i: bool(ia[i].get("success")) for i in common}
     succ_b = {i: bool(ib[i].get("success")) for i in common}
     out["success_gained"] = sum(succ_b[i] and not succ_a[i] for i in common)
@@ -300,6 +397,8 @@ def settings_rows(runs: Sequence[Run]) -> List[List[str]]:
     protocols = [run_protocol(r) for r in runs]
 
     def lpips_net(r):
+        if r.origin == ORIGINAL:  # its eval.py: piq.LPIPS(replace_pooling=True), VGG
+            return "vgg (piq, the original's eval.py)"
         nets = {str(i["lpips_net"]) for i in r.images if i.get("lpips_net")}
         ev = _cfg(r, "eval")
         if not nets and isinstance(ev, dict) and ev.get("lpips_net"):
@@ -327,7 +426,8 @@ BEST_ANY_ROW = "best PSNR any orientation (dB), mean ± std (ddof 0)"
 def summary_table(runs: Sequence[Run]) -> str:
     """Settings and summary metrics, one column per run."""
     sums = [r.summary for r in runs]
-    rows = settings_rows(runs) if any(r.config for r in runs) else []
+    rows = [["code"] + [r.origin for r in runs]] if any(r.origin != "project" for r in runs) else []
+    rows += settings_rows(runs) if any(r.config for r in runs) else []
 
     def row(name, fn):
         rows.append([name] + [fn(r, s) for r, s in zip(runs, sums)])
@@ -340,10 +440,10 @@ def summary_table(runs: Sequence[Run]) -> str:
     row("selected-by-loss PSNR (dB)", lambda r, s: _f(s["selected_psnr_mean"]))
     row("best SSIM", lambda r, s: _f(s["best_ssim_mean"], "{:.3f}"))
     row("best LPIPS", lambda r, s: _f(s["best_lpips_mean"], "{:.3f}"))
-    row("success rate [95% CI]",
-        lambda r, s: _rate(sum(bool(i.get("success")) for i in r.images), s["num_images"]))
-    row("both orientations [95% CI]",
-        lambda r, s: _rate(sum(bool(i.get("both_orientations")) for i in r.images), s["num_images"]))
+    row("success rate [95% CI]", lambda r, s: "n/a (not recorded)" if lacks(r, "success") else
+        _rate(sum(bool(i.get("success")) for i in r.images), s["num_images"]))
+    row("both orientations [95% CI]", lambda r, s: "n/a (not recorded)" if lacks(r, "success") else
+        _rate(sum(bool(i.get("both_orientations")) for i in r.images), s["num_images"]))
     row("final particles / image",
         lambda r, s: _f(float(np.mean([len(i.get("psnr", [])) for i in r.images])) if r.images else None, "{:.1f}"))
     row("time / image (s)", lambda r, s: _f(s["time_per_image_sec"], "{:.1f}"))
@@ -369,6 +469,10 @@ def summary_table(runs: Sequence[Run]) -> str:
     return _md(["metric"] + [r.label for r in runs], rows)
 
 
+def _yes_no(v: Optional[bool]) -> str:
+    return "n/a" if v is None else ("yes" if v else "no")
+
+
 def per_image_table(run: Run) -> str:
     pids = sorted({int(p) for rec in run.images for p in rec.get("particle_ids", range(len(rec.get("psnr", []))))})
     rows = []
@@ -378,7 +482,7 @@ def per_image_table(run: Run) -> str:
         by_pid = dict(zip((int(i) for i in ids), rec.get("psnr", [])))
         rows.append([str(st["image_idx"])] + [_f(by_pid.get(p)) if p in by_pid else "–" for p in pids]
                     + [_f(st["best_psnr"]), _f(st["std_psnr"]), _f(st["selected_psnr"]),
-                       "yes" if st["success"] else "no", "yes" if st["both_orientations"] else "no"])
+                       _yes_no(st["success"]), _yes_no(st["both_orientations"])])
     header = ["image"] + [f"p{p}" for p in pids] + ["best", "std", "selected", "success", "both"]
     return f"### {run.label} — PSNR (dB) per particle\n\n" + _md(header, rows)
 
@@ -391,7 +495,8 @@ def comparison_tables(comps: Sequence[Dict], per_image: bool = True) -> str:
         any_test = (f"p={c['any_p_value']:.3g}" if c.get("any_p_value") is not None
                     else f"n/a ({c.get('any_test_note', '')})")
         rows.append([c["b"], c["a"], str(c["n"]), _f(c["mean_diff"], "{:+.2f}"), _f(c["median_diff"], "{:+.2f}"),
-                     f"{c['wins']}/{c['losses']}/{c['ties']}", f"+{c['success_gained']} / −{c['success_lost']}",
+                     f"{c['wins']}/{c['losses']}/{c['ties']}",
+                     "n/a" if c["success_gained"] is None else f"+{c['success_gained']} / −{c['success_lost']}",
                      test, _f(c.get("any_mean_diff"), "{:+.2f}"), any_test])
     out = [_md(["run B", "vs run A", "common images", "mean Δ best PSNR (B−A, dB)", "median Δ",
                 "B better/worse/tie", "success gained/lost", "Wilcoxon signed-rank",
@@ -404,11 +509,33 @@ def comparison_tables(comps: Sequence[Dict], per_image: bool = True) -> str:
     return "\n\n".join(out)
 
 
+def by_dataset(runs: Sequence[Run]) -> List[Tuple[str, List[Run]]]:
+    """Runs grouped by the data set they read (first-seen order): each group is reported and paired apart."""
+    groups: Dict[str, List[Run]] = {}
+    for r in runs:
+        groups.setdefault(dataset_key(r), []).append(r)
+    return list(groups.items())
+
+
 def report(runs: Sequence[Run], all_pairs: bool = False, brief: bool = False) -> str:
-    """Every table: summary, the study's sections, paired best-PSNR comparisons, then per image."""
+    """Every table: summary, the study's sections, paired best-PSNR comparisons, then per image; one
+    part per data set when the runs read several (runs of different data sets are never paired)."""
+    groups = by_dataset(runs)
+    if len(groups) == 1:
+        return group_report(runs, all_pairs, brief)
+    return "\n\n".join(f"# Data set: {name}\n\n" + group_report(rs, all_pairs, brief).rstrip()
+                        for name, rs in groups) + "\n"
+
+
+def group_report(runs: Sequence[Run], all_pairs: bool = False, brief: bool = False) -> str:
+    """The tables of runs of one data set."""
     pairs = run_pairs(runs, all_pairs)
-    parts = ["## Summary\n\n" + summary_table(runs)] + study_sections(runs, pairs)
     warnings_ = pair_warnings(pairs)
+    unit_warning = seconds_unit(runs)[1]
+    if unit_warning:
+        warnings_.append(unit_warning)
+    pairs = [(a, b) for a, b in pairs if common_images(a, b)[0]]  # a pair without common images is not tested
+    parts = ["## Summary\n\n" + summary_table(runs)] + study_sections(runs, pairs)
     if warnings_:  # first, where it cannot be missed: paired numbers below mix in these differences
         parts.insert(0, "\n".join(f"> {w}" for w in warnings_))
     if pairs:
@@ -420,8 +547,17 @@ def report(runs: Sequence[Run], all_pairs: bool = False, brief: bool = False) ->
 
 
 def pair_warnings(pairs: Sequence[Tuple[Run, Run]]) -> List[str]:
-    """One warning line per compared pair whose protocol, seed or image set differs (eval/study.py)."""
-    return [w for w in (protocol_warning(a, b) for a, b in pairs) if w]
+    """One line per compared pair whose protocol, seed or image set differs, or whose images differ in
+    content or pair by index only (eval/study.py)."""
+    out = []
+    for a, b in pairs:
+        notes = pairing_notes(a, b)
+        if not (notes and common_images(a, b)[0] == []):  # a pair not compared needs no protocol warning
+            w = protocol_warning(a, b)
+            if w:
+                out.append(w)
+        out += notes
+    return out
 
 
 def run_pairs(runs: Sequence[Run], all_pairs: bool = False) -> List[Tuple[Run, Run]]:
@@ -432,7 +568,9 @@ def run_pairs(runs: Sequence[Run], all_pairs: bool = False) -> List[Tuple[Run, R
 
 
 def compare_all(runs: Sequence[Run], all_pairs: bool = False) -> List[Dict]:
-    return [paired_comparison(a, b) for a, b in run_pairs(runs, all_pairs)]
+    """Paired comparisons within each data set, of the pairs that share images."""
+    return [paired_comparison(a, b) for _, rs in by_dataset(runs) for a, b in run_pairs(rs, all_pairs)
+            if common_images(a, b)[0]]
 
 
 # --- CSV and plots --------------------------------------------------------------------------
@@ -456,11 +594,11 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
             for rec in r.images:
                 st = image_stats(rec)
                 st["particle_psnr"] = ";".join(_f(v, "{:.4f}") for v in rec.get("psnr", []))
-                o = image_orientation(rec, margin)
-                st.update({k: o[k] for k in ("correct_orientation_found", "both_orientations_any")},
-                          orientation=";".join(o["orientation"]),
+                o = None if lacks(r, "orientation") else image_orientation(rec, margin)  # not recorded: empty
+                st.update({k: o[k] if o else None for k in ("correct_orientation_found", "both_orientations_any")},
+                          orientation=";".join(o["orientation"]) if o else None,
                           selected_is_best=(rec.get("best_idx") == rec.get("selected_idx")
-                                            if rec.get("best_idx") is not None else None))
+                                            if None not in (rec.get("best_idx"), rec.get("selected_idx")) else None))
                 w.writerow({"run": r.label, **{k: st[k] for k in CSV_FIELDS[1:]}})
     spath = path.with_name(path.stem + "_summary.csv")
     with spath.open("w", newline="") as fh:
@@ -487,8 +625,8 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "time_per_image_sec": s["time_per_image_sec"],
                         "peak_memory_mb": cost["peak_memory_mb"], "gpu_sec_per_image": cost["gpu_sec_per_image"],
                         "selection_accuracy": selection_summary(r)["accuracy"]["rate"],
-                        "correct_orientation_rate": o["correct"]["rate"],
-                        "both_orientations_any_rate": o["both_any"]["rate"],
+                        "correct_orientation_rate": None if lacks(r, "orientation") else o["correct"]["rate"],
+                        "both_orientations_any_rate": None if lacks(r, "orientation") else o["both_any"]["rate"],
                         "psnr_spread_mean": spread_summary(r)["psnr_std"]["mean"],
                         "success_per_gpu_hour": cost["success_per_gpu_hour"],
                         "both_orientations_per_gpu_hour": cost["both_orientations_per_gpu_hour"],
@@ -499,6 +637,42 @@ def write_csv(runs: Sequence[Run], path: Path) -> Tuple[Path, Path]:
                         "peak_includes_autotuning": cost["peak_includes_autotuning"],
                         **{f"protocol_{k}": v for k, v in run_protocol(r).items()}})
     return path, spath
+
+
+def output_problem(args) -> Optional[str]:
+    """One line when an output target cannot be written as asked (checked before any work)."""
+    for flag, path, kind in (("--report", args.report, "folder"), ("--plots", args.plots, "folder"),
+                             ("--csv", args.csv, "file")):
+        if path is None:
+            continue
+        if kind == "folder" and path.exists() and not path.is_dir():
+            return f"{flag} {path}: a file of that name exists; give a folder (the report and plots go into it)"
+        if kind == "file" and path.is_dir():
+            return f"{flag} {path}: a folder of that name exists; give a file name"
+        blocker = next((q for q in path.parents if q.exists()), None)  # the deepest folder above that exists
+        if blocker is not None and not blocker.is_dir():
+            return f"{flag} {path}: {blocker} is a file, not a folder"
+    return None
+
+
+def load_readable(dirs: Sequence[Path], merge: bool) -> Tuple[List[Run], int]:
+    """The runs that can be reported, and how many folders were skipped (each named in one line)."""
+    runs, skipped = [], 0
+    for d in dirs:
+        try:
+            run = load_run(d)
+            report([run], brief=True)  # every table of this folder alone: a record the tables cannot use
+        except UnreadableRun as err:
+            print(f"error: {err}", file=sys.stderr)
+            skipped += 1
+            continue
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as err:
+            print(f"error: {d / 'metrics.json'}: a value the tables cannot use ({type(err).__name__}: "
+                  f"{' '.join(str(err).split())[:120]}); skipped", file=sys.stderr)
+            skipped += 1
+            continue
+        runs.append(run)
+    return (regroup(runs) if merge else _unique_labels(runs)), skipped
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -515,14 +689,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--report", type=Path, metavar="DIR",
                     help="write DIR/report.md with every table, the run folders and settings, and the plots")
     args = ap.parse_args(argv)
-    dirs = find_run_dirs(args.runs)
+    problem = output_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    missed: List[str] = []
+    dirs = find_run_dirs(args.runs, missed)
     if not dirs:
         print("error: no run folder with a metrics.json found", file=sys.stderr)
         return 2
-    runs = load_runs(dirs, merge=not args.no_merge)
+    runs, skipped = load_readable(dirs, merge=not args.no_merge)
+    skipped += len(missed)
+    if not runs:
+        print("error: none of the run folders could be read", file=sys.stderr)
+        return 2
     body = report(runs, all_pairs=args.all_pairs, brief=args.brief)
     if args.methods or any((r.config.get("sampler") or {}).get("name") == "resample" for r in runs
-                           if isinstance(r.config, dict)):
+                           if isinstance(r.config, dict) and isinstance(r.config.get("sampler") or {}, dict)):
         from eval.methods import method_tables   # Exp5 with baselines: DAPS / ReSample / the method
 
         body += "\n\n## Methods\n\n" + method_tables(runs, paired_comparison)
@@ -536,6 +719,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plots:
         for p in write_plots(runs, args.plots):
             print(f"wrote {p}", file=sys.stderr)
+    if skipped:
+        print(f"error: {skipped} path(s) or run folder(s) skipped (named above); the tables hold the others",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from eval.study import cost_summary, feature_of, is_baseline, mean_ci, repulsion_by_step
+from cores.evaluation import best_psnr_any_orientation
+from eval.study import cost_summary, device_kind, feature_of, is_baseline, mean_ci, repulsion_by_step
 
 DPI = 80  # small files: the report is committed next to its plots
 
@@ -38,7 +39,7 @@ def run_style(k: int) -> Dict[str, object]:
 
 def legend_below(ax, count: int):
     """A legend under the axes, so it never covers data; the figure is saved with a tight box."""
-    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1 if count > 4 else min(count, 2),
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1 if count > 4 else min(count, 2),
                      fontsize=7, frameon=False)
 
 
@@ -50,28 +51,65 @@ def dodge_offsets(count: int, images: int) -> List[float]:
     return [float(v) for v in np.linspace(-width / 2, width / 2, count)]
 
 
+PSNR_MIN_SPAN_DB = 10.0  # a PSNR axis spans at least this much: a 0.1 dB difference must not fill the plot
+
+
+def _any_orientation(rec) -> float:
+    v = best_psnr_any_orientation(rec)
+    return float(v) if v is not None else np.nan
+
+
+def span_at_least(ax, values: Sequence[float], span: float, floor: Optional[float] = None) -> None:
+    """y-limits around the finite `values`, at least `span` wide (centred), not below `floor`."""
+    v = [float(x) for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return
+    lo, hi = min(v), max(v)
+    pad = max(0.08 * (hi - lo), (span - (hi - lo)) / 2, 0.0)
+    lo, hi = lo - pad, hi + pad
+    if floor is not None and lo < floor:
+        lo, hi = floor, max(hi, floor + span)
+    ax.set_ylim(lo, hi)
+
+
 def best_psnr_figure(runs: Sequence):
-    """Best-particle PSNR per image: integer image ticks, one marker per run, runs shifted sideways
-    around each image so equal values do not hide each other, legend under the axes."""
+    """Best-particle PSNR per image (top) and best PSNR in either orientation (bottom: a particle on the
+    180° twin is a valid solution, and would otherwise look like a failure): integer image ticks, one
+    marker per run, runs shifted sideways around each image so equal values do not hide each other,
+    both panels on one y-axis at least 10 dB tall, legend under the axes."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _plt()
     n_img = len({int(rec["image_idx"]) for r in runs for rec in r.images})
-    fig, ax = plt.subplots(figsize=(max(6.0, min(0.12 * n_img + 4, 16.0)), 4))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, min(0.12 * n_img + 4, 16.0)), 6.4), sharex=True, sharey=True)
     offsets = dodge_offsets(len(runs), n_img)
-    for k, (r, dx) in enumerate(zip(runs, offsets)):
-        ax.plot([int(rec["image_idx"]) + dx for rec in r.images], [_best(rec) for rec in r.images],
-                ms=5, lw=1, label=r.label, markerfacecolor="none" if k % 2 else None, **run_style(k))
+    values = []
+    for ax, value, title in ((axes[0], _best, "Best-particle PSNR per image"),
+                             (axes[1], _any_orientation, "Best PSNR in either orientation (max of PSNR and "
+                                                         "PSNR to the 180° twin)")):
+        panel: List[float] = []
+        for k, (r, dx) in enumerate(zip(runs, offsets)):
+            ys = [value(rec) for rec in r.images]
+            panel += ys
+            ax.plot([int(rec["image_idx"]) + dx for rec in r.images], ys, ms=5, lw=1,
+                    label=r.label, markerfacecolor="none" if k % 2 else None, **run_style(k))
+        values += panel
+        if not np.isfinite(panel).any():
+            ax.text(0.5, 0.5, "not recorded (no twin PSNR in these runs)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=8, color="0.4")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    ax = axes[0]
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     idx = [int(rec["image_idx"]) for r in runs for rec in r.images]
     if idx:
         ax.set_xlim(min(idx) - 0.6, max(idx) + 0.6)
-    ax.set_xlabel("image index" + (" (runs shifted sideways to stay visible)" if any(offsets) else ""))
-    ax.set_ylabel("best PSNR (dB)")
-    ax.set_title("Best-particle PSNR per image")
-    ax.grid(alpha=0.3)
+    span_at_least(ax, values, PSNR_MIN_SPAN_DB)
+    axes[1].set_xlabel("image index" + (" (runs shifted sideways to stay visible)" if any(offsets) else ""))
     if runs:
-        legend_below(ax, len(runs))
+        legend_below(axes[1], len(runs))
+    fig.tight_layout()
     return fig
 
 
@@ -98,8 +136,30 @@ def repulsion_curves(runs: Sequence, key: str) -> List[Tuple[str, List[int], Lis
     return out
 
 
+LINESTYLES = ("-", (0, (6, 3)), (0, (1, 2)), (0, (5, 2, 1, 2)), (0, (3, 1)), (0, (8, 2, 2, 2)))
+
+
+def coinciding(curves: Sequence[Tuple[str, List[int], List[float], bool]], rtol: float = 1e-6) -> List[List[int]]:
+    """Groups (indices into `curves`, two or more) of curves with the same steps and values."""
+    groups: List[List[int]] = []
+    for k, (_, xs, ys, _) in enumerate(curves):
+        for g in groups:
+            _, xg, yg, _ = curves[g[0]]
+            if xs == xg and np.allclose(ys, yg, rtol=rtol, atol=0.0):
+                g.append(k)
+                break
+        else:
+            groups.append([k])
+    return [g for g in groups if len(g) > 1]
+
+
 def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
-    """repulsion_distance.png (a scale-0 baseline dashed) and repulsion_ratio.png (runs with ON steps)."""
+    """repulsion_distance.png (a scale-0 baseline dashed grey) and repulsion_ratio.png (runs with ON steps).
+
+    Both y-axes start at 0 (a distance and a ratio have a natural zero: a few % wobble must not fill
+    the plot) unless the values span decades (ratio: log axis).  Curves that lie on each other are
+    drawn thick under thin, each with its own dash pattern and marker phase, and named under the
+    plot as identical."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _plt()
@@ -108,17 +168,27 @@ def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
                                      ("ratio", "repulsion_ratio.png", "‖λ·r‖ / ‖score‖", True)):
         fig, ax = plt.subplots(figsize=(7, 4))
         curves = repulsion_curves(runs, key)
+        n = len(curves)
         for k, (label, xs, ys, base) in enumerate(curves):
             style = run_style(k)
-            ax.plot(xs, ys, ms=3, label=label, ls="--" if base else "-", marker=style["marker"],
-                    color="0.4" if base else style["color"])
+            every = max(1, len(xs) // 12)
+            ax.plot(xs, ys, ms=4, label=label, marker=style["marker"], markevery=(k % every, every),
+                    ls=(0, (4, 3)) if base else LINESTYLES[k % len(LINESTYLES)], lw=1.2 + 1.6 * (n - 1 - k) / max(n - 1, 1),
+                    color="0.4" if base else style["color"], zorder=2 + k)
         positive = [v for c in curves for v in c[2] if v > 0]
         if logy and positive and max(positive) > 10 * min(positive):  # log only where values span decades
             ax.set_yscale("log")
+        elif curves:
+            ax.set_ylim(0, 1.12 * max(max(c[2]) for c in curves) or 1.0)
+        same = coinciding(curves)
+        if same:
+            text = "; ".join(" = ".join(curves[i][0].split(" [")[0].split("/")[0] for i in g) for g in same)
+            ax.text(0.0, 1.01, f"identical curves: {text}", transform=ax.transAxes, fontsize=7, va="bottom",
+                    color="0.3")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlabel("annealing step")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ylabel} per step (mean over images)")
+        ax.set_title(f"{ylabel} per step (mean over images)", pad=14 if same else 6)
         ax.grid(alpha=0.3)
         if curves:
             legend_below(ax, len(curves))
@@ -127,21 +197,6 @@ def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
 
 
 # --- quality against compute -----------------------------------------------------------------------
-def device_kind(run) -> str:
-    """'cpu', 'gpu' or 'unknown' from the devices in the run's metadata (every rank of every folder)."""
-    devices = []
-    for part in run.parts:
-        meta = part.get("metadata") or {}
-        ranks = meta.get("ranks") if isinstance(meta.get("ranks"), list) else []
-        devices += [str(d.get("device")) for d in ranks if isinstance(d, dict) and d.get("device")]
-        if meta.get("device"):
-            devices.append(str(meta["device"]))
-        elif meta.get("gpu_name"):
-            devices.append("cuda")
-    kinds = {"cpu" if d.startswith("cpu") else "gpu" for d in devices}
-    return kinds.pop() if len(kinds) == 1 else "unknown"
-
-
 def compute_axis_label(runs: Sequence) -> str:
     """What the cost axis measures: GPU-seconds only when every run used a GPU."""
     kinds = {device_kind(r) for r in runs}
@@ -154,13 +209,14 @@ def compute_axis_label(runs: Sequence) -> str:
     return "seconds per image (wall time × processes; device not recorded)"
 
 
-def quality_points(runs: Sequence) -> List[Tuple[str, float, dict]]:
-    """(label, device-seconds per image (wall time × processes), best-PSNR mean with 95 % t interval)
-    per run with both known."""
+def quality_points(runs: Sequence, value=None) -> List[Tuple[str, float, dict]]:
+    """(label, device-seconds per image (wall time × processes), mean of `value` per image (default best
+    PSNR) with 95 % t interval) per run with both known."""
+    value = value or _best
     out = []
     for r in runs:
         x = cost_summary(r)["gpu_sec_per_image"]
-        c = mean_ci(_best(rec) for rec in r.images)
+        c = mean_ci(value(rec) for rec in r.images)
         if x is not None and c["mean"] is not None:
             out.append((r.label, x, c))
     return out
@@ -243,32 +299,38 @@ def place_labels(ax, xy: Sequence[Tuple[float, float]], texts: Sequence[str], fo
 
 
 def quality_vs_compute_figure(runs: Sequence):
-    """Best PSNR (mean, 95 % t interval) against seconds per image; one colour, marker and
-    non-overlapping label per run; the cost axis names the device (CPU or GPU)."""
+    """Best PSNR (left) and best PSNR in either orientation (right), mean with its 95 % t interval where
+    a run has two images or more, against seconds per image; both panels share one x-axis from 0 and
+    one y-axis; one colour, marker and non-overlapping label per run; the cost axis names the device."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    points = quality_points(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharex=True, sharey=True)
     styles = {r.label: run_style(k) for k, r in enumerate(runs)}
-    for label, x, c in points:
-        err = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]] if c["low"] is not None else None
-        ax.errorbar([x], [c["mean"]], yerr=err, fmt=styles[label]["marker"], color=styles[label]["color"],
-                    capsize=4, ms=6)
-    xs = [x for _, x, _ in points]
+    panels = [(axes[0], quality_points(runs), "best PSNR"),
+              (axes[1], quality_points(runs, _any_orientation), "best PSNR in either orientation")]
+    xs = [x for _, pts, _ in panels for _, x, _ in pts]
+    ys = [v for _, pts, _ in panels for _, _, c in pts for v in (c["low"], c["mean"], c["high"]) if v is not None]
     if xs:
-        lo, hi = min(xs), max(xs)
-        span = (hi - lo) or max(abs(hi) * 0.2, 1e-3)
-        ax.set_xlim(max(0.0, lo - 0.35 * span) if lo >= 0 else lo - 0.35 * span, hi + 0.35 * span)
-        ys = [v for _, _, c in points for v in (c["low"], c["mean"], c["high"]) if v is not None]
-        ylo, yhi = min(ys), max(ys)
-        yspan = (yhi - ylo) or max(abs(yhi) * 0.02, 0.1)
-        ax.set_ylim(ylo - 0.3 * yspan, yhi + 0.3 * yspan)
-    ax.set_xlabel(compute_axis_label(runs))
-    ax.set_ylabel("best PSNR (dB), mean ± 95% CI")
-    ax.set_title("Quality against compute")
-    ax.grid(alpha=0.3)
+        axes[0].set_xlim(0.0, 1.3 * max(xs) or 1.0)
+    span_at_least(axes[0], ys, PSNR_MIN_SPAN_DB)
+    for ax, points, what in panels:
+        for label, x, c in points:
+            err = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]] if c["low"] is not None else None
+            ax.errorbar([x], [c["mean"]], yerr=err, fmt=styles[label]["marker"], color=styles[label]["color"],
+                        capsize=4, ms=6)
+        with_ci = [c for _, _, c in points if c["low"] is not None]
+        unit = "mean ± 95% CI" if len(with_ci) == len(points) and points else \
+            "mean" + (" (± 95% CI where n ≥ 2)" if with_ci else "; no CI at n = 1")
+        ax.set_ylabel(f"{what} (dB), {unit}", fontsize=9)
+        ax.set_xlabel(compute_axis_label(runs), fontsize=9)
+        ax.yaxis.set_tick_params(labelleft=True)
+        ax.set_title(f"{what[0].upper()}{what[1:]} against compute", fontsize=10)
+        ax.grid(alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="0.4")
     fig.tight_layout()
-    place_labels(ax, [(x, c["mean"]) for _, x, c in points], point_labels([p[0] for p in points]),
-                 bars=[(x, c["low"], c["high"]) for _, x, c in points if c["low"] is not None])
+    for ax, points, _ in panels:
+        place_labels(ax, [(x, c["mean"]) for _, x, c in points], point_labels([p[0] for p in points]),
+                     bars=[(x, c["low"], c["high"]) for _, x, c in points if c["low"] is not None])
     return fig
 
 

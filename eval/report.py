@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from eval.markdown import ci_text, fmt, table
-from eval.study import (COMPUTE_KEYS, ORIENTATIONS, cost_summary, flat_config, hdc_summary, last_on_step,
+from eval.study import (COMPUTE_KEYS, ORIENTATIONS, cost_summary, flat_config, hdc_summary, lacks, last_on_step,
+                        seconds_unit,
                         orientation_pair, orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
                         spread_summary, world_size)
 
@@ -18,6 +19,9 @@ def _rate(r: Dict) -> str:
     return f"{r['rate']:.0%} [{r['low']:.0%}, {r['high']:.0%}] ({r['k']}/{r['n']})"
 
 
+NOT_RECORDED = "n/a (not recorded: no twin PSNR)"
+
+
 def _cols(runs: Sequence) -> List[str]:
     return ["metric"] + [r.label for r in runs]
 
@@ -25,13 +29,17 @@ def _cols(runs: Sequence) -> List[str]:
 # --- orientation -------------------------------------------------------------------------------
 def orientation_table(runs: Sequence) -> str:
     """Correct / both orientations per image (Wilson 95 % CI) and particle fractions, one column per run."""
-    o = [orientation_summary(r) for r in runs]
-    rows = [["correct orientation found [95% CI]"] + [_rate(x["correct"]) for x in o],
-            ["both orientations (any PSNR) [95% CI]"] + [_rate(x["both_any"]) for x in o]]
+    o = [None if lacks(r, "orientation") else orientation_summary(r) for r in runs]
+
+    def cell(x, text):
+        return NOT_RECORDED if x is None else text(x)
+
+    rows = [["correct orientation found [95% CI]"] + [cell(x, lambda x: _rate(x["correct"])) for x in o],
+            ["both orientations (any PSNR) [95% CI]"] + [cell(x, lambda x: _rate(x["both_any"])) for x in o]]
     for k in ORIENTATIONS:
-        rows.append([f"particles '{k}'"] + [f"{fmt(x['particle_fractions'][k], '{:.0%}')} "
-                                              f"({x['particle_counts'][k]}/{x['num_particles']})" for x in o])
-    rows.append(["margin (dB)"] + [fmt(x["margin_db"], "{:g}") for x in o])
+        rows.append([f"particles '{k}'"] + [cell(x, lambda x: f"{fmt(x['particle_fractions'][k], '{:.0%}')} "
+                                                 f"({x['particle_counts'][k]}/{x['num_particles']})") for x in o])
+    rows.append(["margin (dB)"] + [cell(x, lambda x: fmt(x["margin_db"], "{:g}")) for x in o])
     return table(_cols(runs), rows)
 
 
@@ -39,6 +47,9 @@ def orientation_pairs_table(pairs: Sequence[Tuple]) -> str:
     """Exact McNemar (two-sided) of each pair on common images."""
     rows = []
     for a, b in pairs:
+        if lacks(a, "orientation") or lacks(b, "orientation"):
+            rows.append([b.label, a.label, "orientations", NOT_RECORDED] + ["n/a"] * 4)
+            continue
         res = orientation_pair(a, b)
         for key, name in (("correct_orientation_found", "correct orientation"),
                           ("both_orientations_any", "both orientations")):
@@ -107,20 +118,25 @@ def _peak(x: Dict, key: str) -> str:
 
 
 def cost_table(runs: Sequence) -> str:
-    """GPU-seconds (also per phase), peak VRAM allocated and reserved, network evaluations and TFLOP per
-    image; n/a for runs written before a field existed."""
+    """Device-seconds (also per phase), peak VRAM allocated and reserved, network evaluations and TFLOP per
+    image; n/a for runs written before a field existed.  The unit names the runs' device (GPU- or
+    CPU-seconds); runs on different devices get the device per column instead (and a warning)."""
     c = [cost_summary(r) for r in runs]
-    rows = [["GPU-seconds / image"] + [f"{fmt(x['gpu_sec_per_image'], '{:.3g}')} ({x['source']})" for x in c],
+    unit, _ = seconds_unit(runs)
+    per_col = unit == "device"
+    dev = lambda x: f", {x['device'].upper() if x['device'] != 'unknown' else 'device n/a'}" if per_col else ""  # noqa: E731
+    rows = [[f"{unit}-seconds / image"] + [f"{fmt(x['gpu_sec_per_image'], '{:.3g}')} ({x['source']}{dev(x)})"
+                                           for x in c],
             ["seconds / image by phase"] + [_phases(x) for x in c],
             ["processes"] + [str(x["processes"]) for x in c],
-            ["total GPU-seconds"] + [fmt(x["gpu_sec_total"], "{:.4g}") for x in c],
+            [f"total {unit}-seconds"] + [fmt(x["gpu_sec_total"], "{:.4g}") for x in c],
             ["peak VRAM allocated (MB)"] + [_peak(x, "peak_memory_mb") for x in c],
             ["peak VRAM reserved (MB)"] + [_peak(x, "peak_reserved_mb") for x in c]]
     rows += [[f"network evaluations / image: {k}"] + [_evals(x, k) for x in c] for k in COMPUTE_KEYS]
     rows += [["TFLOP / image"] + [_tflop(x) for x in c],
-             ["successes / GPU-hour"] + [fmt(x["success_per_gpu_hour"], "{:.4g}") for x in c],
-             ["both orientations (any PSNR) / GPU-hour"] + [fmt(x["both_orientations_per_gpu_hour"], "{:.4g}")
-                                                             for x in c]]
+             [f"successes / {unit}-hour"] + [fmt(x["success_per_gpu_hour"], "{:.4g}") for x in c],
+             [f"both orientations (any PSNR) / {unit}-hour"] + [fmt(x["both_orientations_per_gpu_hour"], "{:.4g}")
+                                                                 for x in c]]
     return table(_cols(runs), rows)
 
 
@@ -235,7 +251,8 @@ DEFINITIONS = """## Definitions
 - Success (summary table) is the thresholded rule of the run (`eval.success_psnr`).
 - Rates carry 95 % Wilson intervals; means carry 95 % Student-t intervals; paired binary outcomes use the
   exact two-sided McNemar test (binomial on the discordant images); paired best PSNR uses Wilcoxon signed-rank.
-- GPU-seconds / image: wall time × processes of each run folder, summed over merged folders, divided by
+- GPU-seconds / image (CPU-seconds for CPU runs; device-seconds, with each run's device, when the runs
+  used different devices): wall time × processes of each run folder, summed over merged folders, divided by
   the images; `records` means the per-image sampling times were used (no wall time, or it covers fewer
   images than the folder holds, as after a resume). Seconds by phase: mean over images of the records'
   `time_segments`. Peak VRAM allocated is `max_memory_allocated`, reserved `max_memory_reserved` (what

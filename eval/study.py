@@ -25,6 +25,64 @@ PRUNING_KEYS = {"pruning_step", "pruning_keep", "pruning_mode", "pruning_criteri
                 "pruning_refill"}
 
 
+# --- what a run holds, and which images two runs share ------------------------------------------
+def lacks(run, field: str) -> bool:
+    """Whether the run's format does not record `field` (the original study's folders, eval/original.py):
+    what derives from it is shown as n/a, never as 0."""
+    from eval.original import LACKS, ORIGINAL
+
+    return getattr(run, "origin", "project") == ORIGINAL and field in LACKS
+
+
+def common_images(a, b) -> Tuple[List[int], Dict[str, int]]:
+    """The image indices two runs share: the same index and the same source content (`source_sha256`);
+    where a record has no hash (the original's format, older records) the index alone pairs them.
+    Counts: `same_index`, `by_index` (paired without a hash), `differ` (same index, other content)."""
+    ia, ib = a.by_image(), b.by_image()
+    same = sorted(set(ia) & set(ib))
+    common, by_index, differ = [], 0, 0
+    for i in same:
+        ha, hb = ia[i].get("source_sha256"), ib[i].get("source_sha256")
+        if ha is None or hb is None:
+            common.append(i)
+            by_index += 1
+        elif ha == hb:
+            common.append(i)
+        else:
+            differ += 1
+    return common, {"same_index": len(same), "by_index": by_index, "differ": differ}
+
+
+def pairing_notes(a, b) -> List[str]:
+    """One line each when two compared runs hold different images at the same index, or pair only by index."""
+    common, c = common_images(a, b)
+    out = []
+    if c["differ"] and not common:
+        out.append(f"warning: {b.label} and {a.label} hold different images (none of their "
+                   f"{c['same_index']} shared index(es) has the same source content); not compared")
+    elif c["differ"]:
+        out.append(f"warning: {b.label} vs {a.label}: {c['differ']} image(s) at the same index hold other "
+                   f"content; compared on the {len(common)} image(s) whose content agrees")
+    if c["by_index"]:
+        out.append(f"note: {b.label} vs {a.label}: {c['by_index']} image(s) paired by index only (a record "
+                   "without a source hash: the original study's format or an older run)")
+    return out
+
+
+def dataset_key(run) -> str:
+    """The data set a run read: its data folder's name (`data.root`), else `data.name`, else the
+    `<dataset>_<N>img` part of its label."""
+    from pathlib import PurePath
+
+    data = run.config.get("data") if isinstance(run.config, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("root"), str) and data["root"].strip("/"):
+        return PurePath(data["root"].rstrip("/")).name
+    if isinstance(data, dict) and data.get("name"):
+        return str(data["name"])
+    parts = run.label.split("/")
+    return parts[-2].rsplit("_", 1)[0] if len(parts) >= 2 and parts[-2].endswith("img") else "unknown"
+
+
 # --- small statistics -------------------------------------------------------------------------
 def finite(xs: Iterable) -> List[float]:
     return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
@@ -153,7 +211,7 @@ def orientation_pair(a, b) -> Dict[str, Dict]:
     """Exact McNemar of A vs B on common images, for both binary orientation outcomes."""
     ma, mb = margin_db(a.config), margin_db(b.config)
     ia, ib = a.by_image(), b.by_image()
-    common = sorted(set(ia) & set(ib))
+    common = common_images(a, b)[0]
     out = {}
     for key in ("correct_orientation_found", "both_orientations_any"):
         xa = [image_orientation(ia[i], ma)[key] for i in common]
@@ -299,6 +357,38 @@ def cudnn_autotuned(run) -> bool:
     return bool(_speed_block(run).get("cudnn_benchmark")) and on_gpu and not warmed
 
 
+def device_kind(run) -> str:
+    """'cpu', 'gpu' or 'unknown' from the devices in the run's metadata (every rank of every folder)."""
+    devices = []
+    for part in run.parts:
+        meta = part.get("metadata") or {}
+        ranks = meta.get("ranks") if isinstance(meta.get("ranks"), list) else []
+        devices += [str(d.get("device")) for d in ranks if isinstance(d, dict) and d.get("device")]
+        device = _meta_value(meta, "device")
+        if device:
+            devices.append(str(device))
+        elif meta.get("gpu_name"):
+            devices.append("cuda")
+    kinds = {"cpu" if d.startswith("cpu") else "gpu" for d in devices}
+    return kinds.pop() if len(kinds) == 1 else "unknown"
+
+
+def seconds_unit(runs: Sequence) -> Tuple[str, Optional[str]]:
+    """(unit of the cost rows, warning): `GPU` or `CPU` when every run used that device, else `device`
+    (each column then names its device); a warning line when the runs used different devices."""
+    kinds = {r.label: device_kind(r) for r in runs}
+    known = set(kinds.values()) - {"unknown"}
+    if set(kinds.values()) == {"gpu"}:
+        return "GPU", None
+    if set(kinds.values()) == {"cpu"}:
+        return "CPU", None
+    if len(known) < 2:
+        return "device", None
+    named = ", ".join(f"{label}: {k.upper() if k != 'unknown' else 'not recorded'}" for label, k in kinds.items())
+    return "device", (f"warning: the runs used different devices ({named}); their seconds and rates per hour "
+                      "are not comparable across devices")
+
+
 def cost_summary(run) -> Dict:
     """GPU-seconds per image, peak VRAM and successes per GPU-hour."""
     totals = [part_gpu_seconds(p) for p in run.parts]
@@ -311,11 +401,14 @@ def cost_summary(run) -> Dict:
     margin = margin_db(run.config)
     both = sum(image_orientation(r, margin)["both_orientations_any"] for r in run.images)
     hours = gpu_total / 3600 if gpu_total else None
+    if lacks(run, "success"):
+        hours = None  # no success flags, no orientations: n/a per hour rather than 0
     return {"gpu_sec_total": gpu_total, "gpu_sec_per_image": per_image, "source": "+".join(sources),
             "processes": max((world_size(p.get("metadata") or {}) for p in run.parts), default=1),
             "peak_memory_mb": _peak(run, "peak_memory_mb"),
             "peak_reserved_mb": _peak(run, "peak_reserved_mb"),
             "peak_includes_autotuning": cudnn_autotuned(run),
+            "device": device_kind(run),
             "success_per_gpu_hour": succ / hours if hours else None,
             "both_orientations_per_gpu_hour": both / hours if hours else None,
             **work_per_image(run.images)}
@@ -347,7 +440,10 @@ PROTOCOL_KEYS = ("preset", "precision", "deterministic", "batch_size", "device",
 
 
 def _meta_value(meta: Dict, key: str):
-    """A protocol value stored in run metadata (flat key, or inside a `speed` block)."""
+    """A protocol value stored in run metadata (flat key, or inside a `speed` block); a block (the
+    original's `device: {type: …}`) gives its `type`."""
+    if isinstance(meta.get(key), dict):
+        return meta[key].get("type") if isinstance(meta[key].get("type"), str) else None
     if meta.get(key) is not None:
         return meta[key]
     speed = meta.get("speed") if isinstance(meta.get("speed"), dict) else {}
@@ -363,6 +459,9 @@ def run_protocol(run) -> Dict[str, Optional[str]]:
     metas = _part_metadata(run)
     from_cfg = {"preset": speed.get("preset"), "precision": speed.get("precision"),
                 "deterministic": cfg.get("deterministic"), "batch_size": cfg.get("batch_size")}
+    if getattr(run, "origin", "project") != "project":
+        # the original's posterior_sample.py samples image by image (its `batch_size` key is unused)
+        from_cfg["batch_size"] = 1
     out: Dict[str, Optional[str]] = {}
     for key in PROTOCOL_KEYS:
         if from_cfg.get(key) is not None:
@@ -388,8 +487,9 @@ def protocol_differences(a, b) -> List[Tuple[str, Optional[str], Optional[str]]]
     if sa != sb:
         diff.append(("seed", None if sa is None else str(sa), None if sb is None else str(sb)))
     ia, ib = set(a.by_image()), set(b.by_image())
-    if ia != ib:
-        diff.append(("images", f"{len(ia)} images", f"{len(ib)} images, {len(ia & ib)} in common"))
+    common = common_images(a, b)[0]
+    if ia != ib or len(common) != len(ia):
+        diff.append(("images", f"{len(ia)} images", f"{len(ib)} images, {len(common)} in common"))
     return diff
 
 
@@ -459,7 +559,7 @@ def counterpart(run, runs: Sequence, ignore: set) -> Optional[object]:
         if other is run or not other.config:
             continue
         diff = config_differences(run.config, other.config)
-        if set(diff) <= ignore | OUTPUT_ONLY_KEYS and set(other.by_image()) & set(run.by_image()):
+        if set(diff) <= ignore | OUTPUT_ONLY_KEYS and common_images(run, other)[0]:
             return other
     return None
 
@@ -542,7 +642,7 @@ def timing_savings(pruned, unpruned) -> Dict:
     otherwise 'within noise'.  Without per-step times the per-image differences' interval must exclude 0.
     The seconds shown are the per-image totals (`image_seconds`) averaged over the common images."""
     mine, theirs = pruned.by_image(), unpruned.by_image()
-    common = sorted(set(mine) & set(theirs))
+    common = common_images(pruned, unpruned)[0]
     totals = [(image_seconds(mine[i]), image_seconds(theirs[i])) for i in common]
     pairs = [(a, b) for (a, _), (b, _) in totals if a is not None and b is not None]
     sources = sorted({s for pair in totals for _, s in pair if s != "none"})

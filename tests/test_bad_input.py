@@ -18,6 +18,9 @@ BAD = [
     (["batch_size=1.5"], "batch_size=1.5"),
     (["repulsion_scael=1"], "did you mean repulsion_scale"),
     (["+repulsion_scael=1"], "did you mean repulsion_scale"),
+    (["sampler.mcmc.num_step=3"], "unknown setting sampler.mcmc.num_step; did you mean sampler.mcmc.num_steps?"),
+    (["dino.resise=224"], "did you mean dino.resize?"),
+    (["name=día"], "name=día: Hydra cannot read this value unquoted"),
     (["sampler.mcmc.algo=gibbs"], "sampler.mcmc.algo=gibbs"),
     (["repulsion_schedule=step"], "repulsion_schedule=step"),
     (["model=nope"], "model/nope"),
@@ -35,6 +38,15 @@ def test_bad_override_is_one_line_exit_2(tmp_path, args, expect):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], res.stderr
     assert not (tmp_path / "bad" / "records").exists()
+
+
+def test_the_quoting_the_lexer_message_names_works(tmp_path):
+    from conftest import compose
+
+    res = subprocess.run([sys.executable, "posterior_sample.py", "name=día", f"save_dir={tmp_path}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    quoted = res.stderr.split("quote it inside the argument: ")[1].strip().strip('"')
+    assert quoted == "name='día'" and compose([quoted]).name == "día"
 
 
 def test_save_dir_that_is_a_file(tmp_path):

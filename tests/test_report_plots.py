@@ -97,9 +97,81 @@ def test_best_psnr_runs_with_equal_values_stay_visible_and_legend_is_outside(tmp
     assert len(set(xs)) == 6                      # ... drawn at six places around image 0
     assert all(abs(x) < 0.5 for x in xs)          # closer to image 0 than to any other index
     assert len({line.get_marker() for line in ax.lines}) == 6
-    legend_box, axes_box = drawn_boxes(fig, [ax.get_legend(), ax])
-    assert not legend_box.overlaps(axes_box)
+    legend_box, top_box, bottom_box = drawn_boxes(fig, [fig.axes[-1].get_legend(), ax, fig.axes[-1]])
+    assert not legend_box.overlaps(top_box) and not legend_box.overlaps(bottom_box)
     plt.close(fig)
+
+
+def test_best_psnr_beside_best_psnr_in_either_orientation(tmp_path):
+    """A run that found the 180° twin at 35 dB is 8 dB in the first panel and 35 dB in the second."""
+    import matplotlib.pyplot as plt
+
+    twin_run = make_run(tmp_path, "e/demo_1img/twin", [rec(0, [8.0, 7.0], twin=[35.0, 6.0])],
+                        metadata={"device": "cpu"})
+    fig = best_psnr_figure(pm.load_runs([twin_run]))
+    top, bottom = fig.axes
+    assert list(top.lines[0].get_ydata()) == [8.0] and list(bottom.lines[0].get_ydata()) == [35.0]
+    assert "either orientation" in bottom.get_title()
+    lo, hi = top.get_ylim()
+    assert (lo, hi) == bottom.get_ylim() and lo < 8.0 and hi > 35.0
+    plt.close(fig)
+
+
+def test_psnr_axis_does_not_zoom_into_noise(tmp_path):
+    import matplotlib.pyplot as plt
+
+    runs = runs_of(tmp_path, 2, 3, spread=0.01)  # 0.04 dB apart
+    for fig in (best_psnr_figure(runs), quality_vs_compute_figure(runs)):
+        lo, hi = fig.axes[0].get_ylim()
+        assert hi - lo >= 10.0
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("n_images, with_ci", [(1, False), (10, True)])
+def test_ci_bars_where_n_allows_and_a_shared_x_origin(tmp_path, n_images, with_ci):
+    import matplotlib.pyplot as plt
+
+    fig = quality_vs_compute_figure(runs_of(tmp_path, 3, n_images, spread=1.0))
+    for ax in fig.axes:
+        assert ax.get_xlim()[0] == 0.0                       # both panels from 0 s
+        assert ("95% CI" in ax.get_ylabel()) == with_ci
+        assert ("no CI at n = 1" in ax.get_ylabel()) == (not with_ci)
+        caps = [c for c in ax.containers if getattr(c, "has_yerr", False)]
+        assert len(caps) == (3 if with_ci else 0)
+    assert fig.axes[0].get_xlim() == fig.axes[1].get_xlim() and fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
+    plt.close(fig)
+
+
+def test_identical_repulsion_curves_are_told_apart_and_axes_start_at_zero(tmp_path):
+    """exp1, exp2 and exp4 before pruning: the same curve. Each is drawn with its own dash pattern and
+    width and named identical; the ratio axis starts at 0, so a ±4 % wobble stays small."""
+    from PIL import Image
+
+    from eval.plots import repulsion_plots
+
+    steps = [{"image_idx": 0, "step": s, "repulsion_on": True, "feature": "pixel",
+              "ratio_scaled_to_score": 0.0235 * (1 + 0.04 * (-1) ** s), "mean_pairwise_dino_dist": 100.0 - s}
+             for s in range(10)]
+    dirs = [make_run(tmp_path, f"exp{k}/demo_1img/r{k}", [rec(0, [30.0, 20.0])], config={"repulsion_scale": 10.0},
+                     repulsion=steps, metadata={"device": "cpu"}) for k in (1, 2, 4)]
+    import matplotlib.pyplot as plt
+
+    real_save = plt.Figure.savefig
+    figs = []
+    plt.Figure.savefig = lambda self, *a, **k: (figs.append(self), real_save(self, *a, **k))[1]
+    try:
+        written = repulsion_plots(pm.load_runs(dirs), tmp_path)
+    finally:
+        plt.Figure.savefig = real_save
+    for fig in figs:
+        ax = fig.axes[0]
+        styles = {(str(line.get_linestyle()), str(line.get_dashes() if hasattr(line, "get_dashes") else ""),
+                   line.get_linewidth()) for line in ax.lines}
+        assert len(styles) == 3
+        assert any("identical curves: exp1 = exp2 = exp4" in t.get_text() for t in ax.texts)
+        assert ax.get_ylim()[0] == 0.0
+    assert [p.name for p in written] == ["repulsion_distance.png", "repulsion_ratio.png"]
+    assert all(Image.open(p).size[0] > 300 for p in written)
 
 
 def test_cost_axis_names_the_device(tmp_path):

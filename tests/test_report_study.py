@@ -215,9 +215,9 @@ def test_cost_per_gpu_hour(tmp_path):
     # images 0-2: p0 gt, p1 twin (success, both); image 3: p0 unclear (10 vs 10), p1 twin
     images = [rec(i, [25.0 if i < 3 else 10.0, 5.0], twin=[5.0 if i < 3 else 10.0, 25.0]) for i in range(4)]
     d = make_run(tmp_path, "e/demo_4img/ddp", images, vram={"peak_memory_mb": 1000.0, "segments": {}},
-                 metadata={"wall_time_sec": 100.0, "world_size": 2,
+                 metadata={"wall_time_sec": 100.0, "world_size": 2, "device": "cuda:0",
                            "ranks": [{"peak_memory_mb": 1000.0}, {"peak_memory_mb": 1200.0}]})
-    resumed = make_run(tmp_path, "e/demo_4img/resumed", images, metadata={"wall_time_sec": 1.0})
+    resumed = make_run(tmp_path, "e/demo_4img/resumed", images, metadata={"wall_time_sec": 1.0, "device": "cuda:0"})
     rd, rr = load(d, resumed)
     c = study.cost_summary(rd)
     assert c["gpu_sec_total"] == 200.0 and c["gpu_sec_per_image"] == 50.0 and c["source"] == "wall"

@@ -107,3 +107,23 @@ def test_interpreter_without_the_packages_is_one_line():
     assert res.returncode == 2 and "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {sys.executable} has no module") and ".venv" in lines[0]
+
+
+def test_resume_flag_continues_a_script_run(tmp_path):
+    """`--resume` passes resume=true (before EXTRA_ARGS, which still win): a second run of the same flags
+    continues the folder instead of being refused, and leaves the finished image as it was."""
+    import sys
+
+    dry = run(ROOT, "--1", "--resume", MODEL="toy", DRY_RUN="1", PYTHON=sys.executable, EXTRA_ARGS="seed=3")
+    assert dry.returncode == 0 and dry.stdout.split()[-2:] == ["resume=true", "seed=3"], dry.stdout
+    env = dict(MODEL="toy", SAVE_DIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               EXTRA_ARGS="sampler.annealing.num_steps=2 sampler.mcmc.num_steps=1 eval.lpips=false num_samples=2")
+    assert run(ROOT, "--1", **env).returncode == 0
+    (record,) = tmp_path.glob("exp0_baseline/*/*/records/00000.json")
+    before = (record.read_bytes(), record.stat().st_mtime_ns)
+    again = run(ROOT, "--1", **env)
+    assert again.returncode == 2 and "pass resume=true" in again.stderr
+    resumed = run(ROOT, "--1", "--resume", **env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (record.read_bytes(), record.stat().st_mtime_ns) == before
+    assert "--resume" in run(ROOT, "--help").stderr

@@ -97,13 +97,13 @@ def new_fields(i: int, pruned: bool):
 
 def test_cost_table_reads_the_new_fields_and_shows_na_for_older_runs(tmp_path):
     new = make_run(tmp_path, "exp2/demo_2img/new", [rec(i, [20.0, 10.0], **new_fields(i, True)) for i in range(2)],
-                   metadata={"wall_time_sec": 30.0},
+                   metadata={"wall_time_sec": 30.0, "device": "cuda:0"},
                    vram={"peak_memory_mb": 6100.0, "peak_reserved_mb": 7200.0, "segments": {"pre_pruning": 6100.0},
                          "segments_reserved": {"pre_pruning": 7200.0}})
     half = make_run(tmp_path, "exp1/demo_2img/half", [rec(0, [20.0], **new_fields(0, False)), rec(1, [21.0])],
-                    metadata={"wall_time_sec": 30.0})
+                    metadata={"wall_time_sec": 30.0, "device": "cuda:0"})
     old = make_run(tmp_path, "exp0/demo_2img/old", [rec(i, [20.0, 10.0]) for i in range(2)],
-                   metadata={"wall_time_sec": 30.0}, vram={"peak_memory_mb": 10116.0, "segments": {}})
+                   metadata={"wall_time_sec": 30.0, "device": "cuda:0"}, vram={"peak_memory_mb": 10116.0, "segments": {}})
     runs = load(new, half, old)
     section = pm.report(runs, brief=True).split("## Cost")[1].split("\n## ")[0]
     assert [cell(section, "GPU-seconds / image", k) for k in range(3)] == ["15 (wall)"] * 3

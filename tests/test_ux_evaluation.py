@@ -186,3 +186,23 @@ def test_orientation_fields_on_a_toy_run_with_twins(tmp_path, one_thread):
     assert o["correct_orientation_found_rate"] == sum(r["correct_orientation_found"] for r in m["images"]) / 3
     assert m["summary"]["best_psnr_any_orientation"]["mean"] >= m["summary"]["best_psnr"]["mean"]
     assert "gt" in labels and "twin" in labels  # the seed-42 run finds both modes
+
+
+def test_one_final_progress_line_and_no_compile_of_the_toy_on_a_cpu(tmp_path):
+    """A finished bar is not redrawn by a warning after it: its last state appears once, then one final
+    line; `speed=fast` on the network-free toy prior compiles nothing (no torch log line, no compile time)."""
+    import json
+    import subprocess
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, "posterior_sample.py", "speed=fast", "sampler.annealing.num_steps=3",
+                          "sampler.mcmc.num_steps=2", "data.end_id=2", "batch_size=1", "eval.lpips=true",
+                          f"save_dir={tmp_path}", "name=bar"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    pieces = res.stderr.replace("\r", "\n").splitlines()
+    assert sum("6/6" in p for p in pieces) <= 1, res.stderr  # the finished bar is cleared, never redrawn
+    assert [p for p in pieces if p.startswith("bar: 2 image(s), 6 img·step in ")] == pieces[-1:]
+    assert not any(p.startswith(("W1", "W0", "I1", "I0")) or "cpp_extension" in p for p in pieces), res.stderr
+    meta = json.loads((tmp_path / "bar" / "metrics.json").read_text())["metadata"]
+    assert not meta.get("compile_sec")

@@ -59,13 +59,17 @@ class GaussianMixtureLatentPrior(LatentModel):
         """decode(encode(x)): in the decoder's range, so exact recovery is attainable."""
         return self.decode(self.encode(x))
 
-    def foreign_rows(self, x: torch.Tensor, tol: float = 1e-4) -> List[int]:
-        """Rows of the images `x` whose latent is none of the components: the prior knows only its
-        own images, so on any other image it reconstructs a mixture of those (≈ 16 dB)."""
+    def foreign_rows(self, x: torch.Tensor, tol: float = 2.0 / 255) -> List[int]:
+        """Rows of the images `x` that the prior does not render: what it decodes from their latent differs
+        from every component's decoded image by more than one 8-bit level (2/255 in [-1, 1]) somewhere.
+        The prior knows only its own images, so on any other image it reconstructs a mixture of those
+        (≈ 16 dB); a faithful re-encode of one of them (16 bit, another JPEG decoder: within a level)
+        is the same image to it."""
         with torch.no_grad():
-            z = self.encode(x.to(self.means.device))
-            dist = (z.unsqueeze(1) - self.means.unsqueeze(0)).abs().flatten(2).amax(-1)  # (B, K)
-        return [int(r) for r in torch.nonzero(dist.amin(1) > tol).flatten()]
+            mine = self.decode(self.encode(x.to(self.means.device)))                  # (B, 3, H, W)
+            comps = self.decode(self.means)                                          # (K, 3, H, W)
+            dist = torch.stack([(m.unsqueeze(0) - comps).abs().flatten(1).amax(1) for m in mine])  # (B, K)
+        return [int(r) for r in torch.nonzero(dist.amin(1) > tol * 1.001).flatten()]
 
 
 def demo_image_files(roots: Sequence[str | Path]) -> List[Path]:
