@@ -57,6 +57,7 @@ own J_iᵀ g_i.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -79,11 +80,12 @@ WEIGHT_NONZERO_TOL = 1e-6
 NORMALIZERS = ("rlsd", "density")
 RATIO_WARN = 10.0
 
-#: the exact fields of one repulsion.jsonl line (the original study's names, plus `feature`)
+#: the exact fields of one repulsion.jsonl line: the original study's names and meanings, then the
+#: injected multiplier λ, the project's own per-particle ratio at σ_i, and the feature space
 REPULSION_FIELDS = ("image_idx", "step", "sigma", "repulsion_on", "repulsion_scale_used", "score_base_norm",
                     "repulsion_norm", "scaled_repulsion_norm", "ratio_scaled_to_score", "repulsion_cleared",
                     "mean_pairwise_dino_dist", "weights_mean", "weights_max", "weights_nonzero_frac",
-                    "repulsion_time_sec", "feature")
+                    "repulsion_time_sec", "repulsion_multiplier", "ratio_per_particle_at_sigma", "feature")
 
 
 def __getattr__(name: str):
@@ -194,24 +196,23 @@ def compute_repulsion_gradient(latents: torch.Tensor, feature_fn: Callable[[torc
 
 # ----------------------------------------------------------------------------- schedule
 def schedule_factor(sigma: float, sigma_break: float, sigma_max: float, schedule: str = "constant") -> float:
-    """Multiplier of `repulsion_scale` at noise level σ (0 when OFF, i.e. σ < σ_break).
+    """Multiplier of `repulsion_scale` at noise level σ: 0 (OFF) unless σ > σ_break.
 
-    With u = clamp((σ − σ_break) / (σ_max − σ_break), 0, 1), σ_max = the annealing
+    As the original's `get_repulsion_scale` (DAPS/repulsion.py lines 342-359 at b967b2b), with
+    u = clip((σ − σ_break) / (σ_max − σ_break + 1e-8), 0, 1), σ_max = the annealing
     schedule's σ_max (σ_0):
-      constant → 1;  linear → u;  cosine → (1 − cos(π·u)) / 2.
-    linear and cosine are 1 at σ_max and decay to 0 at σ_break (at exactly σ_break they
-    are 0, so the repulsion is cleared there; with σ_break ≥ σ_max they are 0 everywhere).
+      constant → 1;  linear → u;  cosine → (1 + cos(π·(1 − u))) / 2.
+    linear and cosine are 1 at σ_max (to 1e-9) and decay towards 0 at σ_break.
     """
-    if sigma < sigma_break:
+    if sigma <= sigma_break:
         return 0.0
     if schedule == "constant":
         return 1.0
-    span = sigma_max - sigma_break
-    u = 0.0 if span <= 0 else min(1.0, max(0.0, (sigma - sigma_break) / span))
+    u = min(1.0, max(0.0, (sigma - sigma_break) / (sigma_max - sigma_break + 1e-8)))
     if schedule == "linear":
         return u
     if schedule == "cosine":
-        return 0.5 * (1.0 - math.cos(math.pi * u))
+        return 0.5 * (1.0 + math.cos(math.pi * (1.0 - u)))
     raise ValueError(f"repulsion_schedule={schedule!r}: expected constant, linear or cosine")
 
 
@@ -224,22 +225,34 @@ def logged_step(step: int) -> bool:
 
 # ----------------------------------------------------------------------------- hook
 class RepulsionHook(SamplerHook):
-    """Adds λ·r to the PF-ODE score while σ ≥ σ_break, and logs repulsion.jsonl.
+    """Adds λ·r to the PF-ODE score while σ > σ_break, and logs repulsion.jsonl.
 
-    Per annealing step (`wrap_score`): ON while λ = scale·schedule(σ) > 0 → r is computed
-    once for the whole batch (images never interact: `batch.image_ids` are the groups) and
-    the returned score function is `score + λ·r`.  It measures the score norm of the step's
-    first Euler evaluation (σ_i) for the log.  On logged OFF steps (below σ_break, or at
-    scale 0 with `log_baseline`) the score is returned unchanged; the feature distances and
-    kernel statistics are still logged, computed under no_grad, so a scale-0 run gives the
-    baseline curve with bit-identical samples.  Norms in the log are per-particle L2 norms
-    averaged over the image's particles; the ratio is their quotient.
+    Per annealing step (`wrap_score`): the scale amounts to w = scale·schedule(σ) and the
+    injected multiplier is λ = w² (`repulsion_multiplier: squared`, the original code, which
+    applies w twice) or λ = w (`linear`).  ON while λ > 0 → r is computed once for the whole
+    batch (images never interact: `batch.image_ids` are the groups) and the returned score
+    function is `score + λ·r`.  On logged OFF steps (σ ≤ σ_break, or scale 0 with
+    `log_baseline`) the score is returned unchanged; the feature distances and kernel statistics
+    are still logged, computed under no_grad, so a scale-0 run gives the baseline curve with
+    bit-identical samples.
 
-    Target ratio (`target_ratio` = ρ, replaces the scale): ON while ρ·schedule(σ) > 0; r is
-    computed as above, and at the step's first Euler evaluation, where ||score|| at σ_i is first
-    known, λ is set per image so that mean ||λ·r_i|| / mean ||score_i|| (the log's norms) equals
-    ρ·schedule(σ), capped at `scale_max`, 0 where r = 0.  The same λ serves the step's later
-    Euler evaluations; `repulsion_scale_used` logs it.  The scale then follows the prior's and
+    Log norms, per image (`REPULSION_FIELDS`): `score_base_norm`, `repulsion_norm`,
+    `scaled_repulsion_norm` and `ratio_scaled_to_score` as the original logs them
+    (DAPS/cores/scheduler.py lines 465-506 at b967b2b): L2 norms over all the image's particles
+    together (the original's batch is one image's particles) at the PF-ODE's last drift
+    evaluation of the step (the original overwrites them at every evaluation), with
+    `repulsion_scale_used` = w, `repulsion_norm` = ||(λ/w)·r|| (the original hands w·r to the
+    ODE, which multiplies it by w again), `scaled_repulsion_norm` = ||λ·r|| and
+    ratio = scaled / (score_base_norm + 1e-12).  `repulsion_multiplier` is λ.  The project's own
+    ratio, `ratio_per_particle_at_sigma`, is mean_i ||λ·r_i|| / mean_i ||score_i|| over the
+    image's particles at the step's first evaluation (σ_i itself).
+
+    Target ratio (`target_ratio` = ρ, replaces the scale and the multiplier meaning): ON while
+    ρ·schedule(σ) > 0; r is computed as above, and at the step's first Euler evaluation, where
+    ||score|| at σ_i is first known, λ itself is set per image so that `ratio_per_particle_at_sigma`
+    = mean ||λ·r_i|| / mean ||score_i|| equals ρ·schedule(σ), capped at `scale_max`, 0 where
+    r = 0.  The same λ serves the step's later Euler evaluations; `repulsion_scale_used` and
+    `repulsion_multiplier` log it.  The scale then follows the prior's and
     the particle count's score and force magnitudes instead of being tuned per setting.
 
     Latent decoded for the features (`latent`): `z_t` (default, the original study's
@@ -263,21 +276,24 @@ class RepulsionHook(SamplerHook):
             from cores.dino import DinoFeatureExtractor
 
             extractor = DinoFeatureExtractor(weights_path=cfg.dino.weights_path, resize=cfg.dino.resize,
-                                             normalize=cfg.dino.normalize, device=device)
+                                             normalize=cfg.dino.normalize, device=device,
+                                             preprocess=cfg.dino.preprocess)
             extractor.ensure_available()  # fail before heavy work, with the download hint
         return cls(cfg, model, extractor)
 
     # ------------------------------------------------------------------ features
-    def features(self, z: torch.Tensor) -> torch.Tensor:
-        """φ(z): (B, D) features of latents in the configured space."""
+    def features(self, z: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """φ(z): (B, D) features of latents in the configured space (`groups`: the rows' images, for
+        the DINO input's per-image preprocessing)."""
         if self.cfg.feature == "latent":
             return z.flatten(1)
         x = self.model.decode(z)
         if self.cfg.feature == "pixel":
             return x.flatten(1)
-        return self._extractor(x)
+        return self._extractor(x, groups) if groups is not None else self._extractor(x)
 
     def factor(self, sigma: float) -> float:
+        """w = scale·schedule(σ): what the user's scale amounts to at σ (λ = `cfg.injected(w)`)."""
         return self.cfg.scale * schedule_factor(sigma, self.cfg.sigma_break, self.cfg.sigma_max, self.cfg.schedule)
 
     def target(self, sigma: float) -> Optional[float]:
@@ -314,13 +330,15 @@ class RepulsionHook(SamplerHook):
     def repulsion(self, zt: torch.Tensor, sigma: float, groups: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """r w.r.t. z_t (chain rule applied) and the kernel diagnostics."""
         u, du_dz = self._feature_latent(zt, sigma)
-        r, diag = compute_repulsion_gradient(u, self.features, groups, normalizer=self.cfg.normalizer)
+        r, diag = compute_repulsion_gradient(u, functools.partial(self.features, groups=groups), groups,
+                                             normalizer=self.cfg.normalizer)
         return (r * du_dz if du_dz != 1.0 else r), diag
 
     # ------------------------------------------------------------------ sampler interface
     def wrap_score(self, score_fn: ScoreFn, batch: ParticleBatch, ctx: StepContext) -> ScoreFn:
         target = self.target(ctx.sigma)
-        lam = self.factor(ctx.sigma) if target is None else target  # with a target: λ is set per image below
+        w = self.factor(ctx.sigma)
+        lam = self.cfg.injected(w) if target is None else target  # with a target: λ is set per image below
         on = lam > 0 and len(batch) > 0
         logged = logged_step(ctx.step) and len(batch) > 0
         if not (on or logged):
@@ -332,9 +350,10 @@ class RepulsionHook(SamplerHook):
             if not torch.isfinite(r).all():
                 raise AssertionError("repulsion direction is not finite")
         else:
-            r, lam, target = None, 0.0, None
+            r, w, lam, target = None, 0.0, 0.0, None
             with torch.no_grad():
-                diag = feature_statistics(self._feature_latent(batch.zt, ctx.sigma)[0], self.features, groups,
+                diag = feature_statistics(self._feature_latent(batch.zt, ctx.sigma)[0],
+                                          functools.partial(self.features, groups=groups), groups,
                                           weights=not self.cfg.on, normalizer=self.cfg.normalizer)
         if batch.zt.is_cuda:
             torch.cuda.synchronize(batch.zt.device)
@@ -348,18 +367,21 @@ class RepulsionHook(SamplerHook):
                 dist = diag["per_group"].get(img, {}).get("mean_pairwise_dist")
                 if dist is not None:
                     s["dists"].append(dist)
-        score_norm: List[torch.Tensor] = []
+        first_norm: List[torch.Tensor] = []  # per-row ||score|| at the first evaluation (σ_i)
+        last_sq: List[torch.Tensor] = []     # per-row ||score||² at the latest evaluation (logged steps)
         lam_img: Dict[int, float] = {}       # target ratio: λ per image, set at the first Euler evaluation
         lam_rows: List[torch.Tensor] = []    # ... and per row, shaped like r
-        self._pending = {"step": ctx.step, "sigma": ctx.sigma, "on": on, "lam": lam if target is None else lam_img,
-                         "r": r, "diag": diag, "groups": groups, "share": share,
-                         "score_norm": score_norm} if logged else None
+        self._pending = {"step": ctx.step, "sigma": ctx.sigma, "on": on, "w": w,
+                         "lam": lam if target is None else lam_img, "r": r, "diag": diag, "groups": groups,
+                         "share": share, "score_norm": first_norm, "last_sq": last_sq} if logged else None
 
         def score_with_repulsion(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             score = score_fn(z, sigma)
-            first = not score_norm
+            first = not first_norm
             if first:  # the step's first Euler evaluation, at σ_i
-                score_norm.append(score.flatten(1).norm(dim=1))
+                first_norm.append(score.flatten(1).norm(dim=1))
+            if logged:  # the original logs the last evaluation's norms: each call overwrites them
+                last_sq[:] = [score.detach().flatten(1).double().pow(2).sum(1)]
             if r is None:
                 return score
             if r.shape != score.shape:
@@ -368,7 +390,7 @@ class RepulsionHook(SamplerHook):
                 push = lam * r
             else:
                 if first:  # only now is ||score|| at σ_i known
-                    lam_img.update(self.scale_for_ratio(r, score_norm[0], groups, target))
+                    lam_img.update(self.scale_for_ratio(r, first_norm[0], groups, target))
                     for img, v in lam_img.items():
                         if img >= 0:
                             self._image(img)["scales"].append(v)
@@ -388,20 +410,30 @@ class RepulsionHook(SamplerHook):
             return
         groups = p["groups"]
         norms = p["score_norm"][0] if p["score_norm"] else None
+        last_sq = p["last_sq"][0].cpu() if p["last_sq"] else None
+        r_sq = p["r"].detach().flatten(1).double().pow(2).sum(1).cpu() if p["on"] else None
         for img in image_groups(groups):
             rows = (groups == img).nonzero().flatten()
-            sn = float(norms[rows.to(norms.device)].mean()) if norms is not None else None
             g = p["diag"]["per_group"].get(img, {})
-            rn = float(p["r"][rows.to(p["r"].device)].flatten(1).norm(dim=1).mean()) if p["on"] else 0.0
             lam = p["lam"].get(int(img), 0.0) if isinstance(p["lam"], dict) else p["lam"]
-            scaled = lam * rn
+            used = lam if isinstance(p["lam"], dict) else p["w"]  # the ODE-side factor (the original's)
+            # the original's norms: over all the image's particles at the last evaluation
+            base = math.sqrt(float(last_sq[rows].sum())) if last_sq is not None else None
+            r_img = math.sqrt(float(r_sq[rows].sum())) if r_sq is not None else 0.0
+            scaled = lam * r_img
+            handed = scaled / used if used else 0.0
+            # the project's: per-particle norms at σ_i, averaged over the image's particles
+            sn = float(norms[rows.to(norms.device)].mean()) if norms is not None else None
+            rn = float(p["r"][rows.to(p["r"].device)].flatten(1).norm(dim=1).mean()) if p["on"] else 0.0
             line = {"image_idx": int(img), "step": int(p["step"]), "sigma": float(p["sigma"]),
-                    "repulsion_on": bool(p["on"]), "repulsion_scale_used": float(lam),
-                    "score_base_norm": sn, "repulsion_norm": rn, "scaled_repulsion_norm": scaled,
-                    "ratio_scaled_to_score": (scaled / sn) if sn else None, "repulsion_cleared": not p["on"],
+                    "repulsion_on": bool(p["on"]), "repulsion_scale_used": float(used),
+                    "score_base_norm": base, "repulsion_norm": handed, "scaled_repulsion_norm": scaled,
+                    "ratio_scaled_to_score": scaled / (base + 1e-12) if base is not None else None,
+                    "repulsion_cleared": not p["on"],
                     "mean_pairwise_dino_dist": g.get("mean_pairwise_dist"), "weights_mean": g.get("weights_mean"),
                     "weights_max": g.get("weights_max"), "weights_nonzero_frac": g.get("weights_nonzero_frac"),
-                    "repulsion_time_sec": float(p["share"]), "feature": self.cfg.feature}
+                    "repulsion_time_sec": float(p["share"]), "repulsion_multiplier": float(lam),
+                    "ratio_per_particle_at_sigma": (lam * rn / sn) if sn else None, "feature": self.cfg.feature}
             self._image(img)["lines"].append({k: finite_or_none(v) if isinstance(v, float) else v
                                               for k, v in line.items()})
 
@@ -503,7 +535,8 @@ def summarize(records: List[Dict]) -> Dict[str, Any]:
 
 def run_totals(c: RepulsionConfig, records: List[Dict]) -> Dict:
     """metrics.json `metadata.repulsion`: the settings and `summarize(records)`."""
-    return {"scale": c.scale, "sigma_break": c.sigma_break, "schedule": c.schedule,
-            "feature": c.feature, "latent": c.latent, "normalizer": c.normalizer,
+    return {"scale": c.scale, "multiplier": c.multiplier, "sigma_break": c.sigma_break, "schedule": c.schedule,
+            "feature": c.feature, "dino_preprocess": c.dino.preprocess if c.feature == "dino" else None,
+            "latent": c.latent, "normalizer": c.normalizer,
             "log_baseline": c.log_baseline, "target_ratio": c.target_ratio,
             "scale_max": c.scale_max, **summarize(records)}

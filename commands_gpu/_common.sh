@@ -8,7 +8,8 @@
 #
 # Flags:   --1 (image 0)   --10 (images 0-9)   --90 (images 10-99; with --10 = 100 images)
 #          --resume  continue interrupted runs (resume=true: finished images are kept, the rest done)
-#          exp5 only: --imagenet / --ffhq (dataset), --100 (images 0-99 in one folder),
+#          exp5 only: --imagenet / --ffhq (dataset; without a size flag as the original exp5_final.sh:
+#                     ImageNet images 10-99, FFHQ images 0-99), --100 (images 0-99 in one folder),
 #                     --baselines (also DAPS with exp0's settings and ReSample on the same images,
 #                     into sibling folders of the same <dataset>_<N>img folder)
 # Environment:
@@ -20,11 +21,13 @@
 #                 pixel features for repulsion (no DINO weights needed); results go to results/toy/
 #   SAVE_DIR=dir  results root (default results, or results/toy with MODEL=toy)
 #   SPEED=fast    opt in to the fast path (bf16 + compile; default: exact, the reference protocol);
-#                 the run name gets `_fast`, so it never shares a folder with the exact run.
+#                 the run name gets `_fast` after the original name, so it never shares a folder with
+#                 the exact run.
 #                 Validate it on your checkpoints first: bash commands_gpu/validate_speed.sh --10
 #                 (MODEL=toy: the toy prior has no network, so the switches change nothing)
 #   BATCH=N       N images per batch (default 1, the reference protocol: per-image VRAM and times);
-#                 results do not depend on it (per-particle random streams), VRAM and step times do
+#                 results do not depend on it (per-particle random streams), VRAM and step times do;
+#                 N > 1 appends `_batch<N>` to the run name
 #   EXTRA_ARGS="k=v ..."  extra Hydra overrides appended last (they win), e.g. fewer steps; split
 #                 like shell words (quotes group: EXTRA_ARGS="data.root='/my images'"), and DRY_RUN
 #                 prints the command with the same words, quoted so that it can be pasted
@@ -44,19 +47,26 @@ USAGE
   [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]] && cat >&2 <<USAGE
   --100 images 0-99 in one run folder
   --baselines  also run DAPS (exp0 settings) and ReSample (sampler=resample) on the same images
-  --imagenet / --ffhq  dataset (at least one); without a size flag: --10 then --90
+  --imagenet / --ffhq  dataset (at least one); without a size flag as the original exp5_final.sh:
+               ImageNet images 10-99 (as --90), FFHQ images 0-99 (as --100)
 USAGE
   return 0
 }
 
-# image range [start, end) and folder size label of a size flag
+# image range [start, end), image count and the count of its folder (the original's layout: the 90
+# images 10-99 complete the 100-image set, so they go to <dataset>_100img) of a size flag
 _range() {
   case "$1" in
-    --1) echo "0 1 1" ;;
-    --10) echo "0 10 10" ;;
-    --90) echo "10 100 90" ;;
-    --100) echo "0 100 100" ;;
+    --1) echo "0 1 1 1" ;;
+    --10) echo "0 10 10 10" ;;
+    --90) echo "10 100 90 100" ;;
+    --100) echo "0 100 100 100" ;;
   esac
+}
+
+# exp5 without a size flag, as the original exp5_final.sh: ImageNet images 10-99, FFHQ images 0-99
+_dataset_default_size() {
+  if [[ "$1" == imagenet ]]; then echo --90; else echo --100; fi
 }
 
 # model/data overrides of a dataset label (imagenet | ffhq)
@@ -108,27 +118,29 @@ _quoted() {
   echo "${out% }"
 }
 
-# where the runs go: save_dir=<root>/<experiment config>, name=<dataset>_<n>img/<short>_<kind>_<tag>
+# where the runs go: save_dir=<root>/<experiment config>, name=<dataset>_<folder count>img/<run>, <run> as
+# the original scripts name it: <short>_sanity_check_<tag> (1 image), <short>_<n>img_<tag> (no `_` before an
+# empty tag), exp5: exp5_<dataset>_<n>img_<tag>; then the suffixes of non-default settings (_fast, _batch4)
 _results_root() {
   if [[ "${MODEL:-}" == toy ]]; then echo "${SAVE_DIR:-results/toy}"; else echo "${SAVE_DIR:-results}"; fi
 }
 
-_run_name() {  # dataset-label image-count experiment-short run-tag
-  local kind=main
-  [[ "$2" == 1 ]] && kind=sanity_check
-  echo "${1}_${2}img/${3}_${kind}_${4}"
+_run_name() {  # dataset-label image-count folder-count experiment-short run-tag
+  local kind="${2}img" suffix=""
+  if [[ "${EXP_DATASET_FLAGS:-0}" == 1 ]]; then kind="${1}_${2}img"; elif [[ "$2" == 1 ]]; then kind=sanity_check; fi
+  [[ -n "${SPEED:-}" && "${SPEED}" != exact ]] && suffix+="_${SPEED}"
+  [[ -n "${BATCH:-}" && "${BATCH}" != 1 ]] && suffix+="_batch${BATCH}"
+  echo "${1}_${3}img/${4}_${kind}${5:+_$5}${suffix}"
 }
 
 _run_one() {  # dataset-label size-flag [experiment-config run-tag extra-overrides]
-  local ds="$1" flag="$2" exp="${3:-$EXP}" tag="${4:-$RUN_TAG}" more="${5:-}" start end n margs
-  read -r start end n <<<"$(_range "$flag")"
+  local ds="$1" flag="$2" exp="${3:-$EXP}" tag="${4-$RUN_TAG}" more="${5:-}" start end n folder margs
+  read -r start end n folder <<<"$(_range "$flag")"
   margs="$(_model_args "$ds")" || return 2
-  local speed_tag=""
-  [[ -n "${SPEED:-}" && "${SPEED}" != exact ]] && speed_tag="_${SPEED}"
   _extra_args || return 2
   local cmd=("$(_python)" posterior_sample.py "+experiment=$exp" $margs "data.start_id=$start"
              "data.end_id=$end" "save_dir=$(_results_root)/$EXP"
-             "name=$(_run_name "$ds" "$n" "$EXP_SHORT" "$tag")${speed_tag}"
+             "name=$(_run_name "$ds" "$n" "$folder" "$EXP_SHORT" "$tag")"
              $more ${SPEED:+speed=$SPEED} ${BATCH:+batch_size=$BATCH} "${_EXTRA[@]}")
   local envp=()
   [[ -n "${GPU:-}" ]] && envp=("CUDA_VISIBLE_DEVICES=$GPU")
@@ -172,7 +184,7 @@ exp_main() {  # EXP EXP_SHORT RUN_TAG flags...
       echo "error: give a dataset: --imagenet and/or --ffhq" >&2; _usage; return 2
     fi
     if [[ ${#sizes[@]} -eq 0 ]]; then
-      if [[ "${MODEL:-}" == toy ]]; then sizes=(--10); else sizes=(--10 --90); fi
+      if [[ "${MODEL:-}" == toy ]]; then sizes=(--10); else sizes=(--dataset-default); fi
     fi
   else
     datasets=(imagenet)
@@ -189,6 +201,7 @@ exp_main() {  # EXP EXP_SHORT RUN_TAG flags...
   local ds
   for ds in "${datasets[@]}"; do
     for a in "${sizes[@]}"; do
+      [[ "$a" == --dataset-default ]] && a="$(_dataset_default_size "$ds")"
       _run_one "$ds" "$a" || return $?
       if [[ "$baselines" == 1 ]]; then   # same images, sibling folders: <dataset>_<N>img/<exp>_<kind>_baseline_*
         _run_one "$ds" "$a" exp0_baseline baseline_daps || return $?

@@ -3,4 +3,4 @@
 # Settings: configs/experiment/exp0_baseline.yaml.  Usage: bash commands_gpu/exp0_baseline.sh --1|--10|--90 [...]  (see _common.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-exp_main exp0_baseline exp0 scale0 "$@"
+exp_main exp0_baseline exp0 "" "$@"

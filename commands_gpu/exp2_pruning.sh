@@ -3,4 +3,4 @@
 # Settings: configs/experiment/exp2_pruning.yaml.  Usage: bash commands_gpu/exp2_pruning.sh --1|--10|--90 [...]  (see _common.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-exp_main exp2_pruning exp2 scale10_prune29 "$@"
+exp_main exp2_pruning exp2 "scale10_prune29" "$@"

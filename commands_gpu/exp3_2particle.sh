@@ -3,4 +3,4 @@
 # Settings: configs/experiment/exp3_2particle.yaml.  Usage: bash commands_gpu/exp3_2particle.sh --1|--10|--90 [...]  (see _common.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-exp_main exp3_2particle exp3 scale10 "$@"
+exp_main exp3_2particle exp3 "scale10" "$@"

@@ -3,4 +3,4 @@
 # Settings: configs/experiment/exp4_optimization.yaml.  Usage: bash commands_gpu/exp4_optimization.sh --1|--10|--90 [...]  (see _common.sh)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-exp_main exp4_optimization exp4 scale10_hdc "$@"
+exp_main exp4_optimization exp4 "" "$@"

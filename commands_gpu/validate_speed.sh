@@ -2,7 +2,7 @@
 # Validate the fast path on your checkpoints: exp0 on images 0-9 with the exact and with the fast preset, then a paired verdict (Δ best PSNR with 95% CI, McNemar on the correct orientation, equivalence test).
 # Usage: bash commands_gpu/validate_speed.sh --10 [--margin-db 0.2]   (--1: image 0 only, a smoke test: no verdict)
 # Environment as for the experiment scripts (DRY_RUN, GPU, MODEL=toy, SAVE_DIR, EXTRA_ARGS, PYTHON; see _common.sh).
-# The two runs are the usual exp0 folders: .../exp0_main_scale0 (exact) and .../exp0_main_scale0_fast.
+# The two runs are the usual exp0 folders: .../imagenet_10img/exp0_10img (exact) and .../exp0_10img_fast.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
@@ -26,13 +26,13 @@ if [[ -n "${SPEED:-}" || -n "${BATCH:-}" ]]; then
 fi
 
 # the folders _common.sh's _run_one names for exp0 on imagenet
-read -r _start _end n <<<"$(_range "$size")"
-run="$(_results_root)/exp0_baseline/$(_run_name imagenet "$n" exp0 scale0)"
+read -r _start _end n folder <<<"$(_range "$size")"
+run="$(_results_root)/exp0_baseline/$(SPEED=exact _run_name imagenet "$n" "$folder" exp0 "")"
 
 # resume=true: an exact (or fast) run already in its folder is reused, unfinished images are completed
 EXTRA_ARGS="${EXTRA_ARGS:-} resume=true"
-SPEED=exact exp_main exp0_baseline exp0 scale0 "$size"
-SPEED=fast exp_main exp0_baseline exp0 scale0 "$size"
+SPEED=exact exp_main exp0_baseline exp0 "" "$size"
+SPEED=fast exp_main exp0_baseline exp0 "" "$size"
 cmd=("$(_python)" eval/validate_speed.py "$run" "${run}_fast" --margin-db "$margin")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "${cmd[*]}"

@@ -185,8 +185,18 @@ SAMPLERS = ("latent_daps", "resample")
 @dataclass
 class DinoConfig:
     weights_path: str = "checkpoints/dino_deitsmall16_pretrain.pth"
-    resize: Optional[int] = None
-    normalize: bool = False
+    preprocess: str = "original"      # original: the original study's input (cores/dino.py) | raw: RLSD's
+    resize: Optional[int] = None      # None: the preprocess' own (original 224, raw none)
+    normalize: Optional[bool] = None  # None: the preprocess' own (original ImageNet mean/std, raw none)
+
+    def __post_init__(self) -> None:
+        _check_choice("dino.preprocess", self.preprocess, ("original", "raw"))
+        if self.resize is not None:
+            _check_range("dino.resize", self.resize, 1)
+
+
+#: `repulsion_multiplier` values (RepulsionConfig.injected)
+MULTIPLIERS = ("squared", "linear")
 
 
 @dataclass
@@ -194,6 +204,7 @@ class RepulsionConfig:
     """DINO-SVGD repulsion in the PF-ODE score (PROJECT.md §5 "Repulsion")."""
 
     scale: float = 0.0
+    multiplier: str = "squared"       # λ from w = scale·schedule(σ): squared (λ = w², the original code) | linear
     sigma_break: float = 1.0
     schedule: str = "constant"
     feature: str = "dino"
@@ -212,6 +223,7 @@ class RepulsionConfig:
         _check_range("repulsion_scale_max", self.scale_max, 0, lo_open=True)
         _check_range("repulsion_sigma_break", self.sigma_break)
         _check_choice("repulsion_schedule", self.schedule, ("constant", "linear", "cosine"))
+        _check_choice("repulsion_multiplier", self.multiplier, MULTIPLIERS)
         _check_choice("repulsion_feature", self.feature, ("dino", "pixel", "latent"))
         _check_choice("repulsion_latent", self.latent, ("z_t", "z_t_vp", "z0hat"))
         _check_choice("repulsion_normalizer", self.normalizer, ("rlsd", "density"))
@@ -222,6 +234,15 @@ class RepulsionConfig:
         if self.target_ratio is not None:
             return self.target_ratio > 0
         return self.scale > 0
+
+    def injected(self, w: float) -> float:
+        """The multiplier λ the PF-ODE applies to r when the scale amounts to w = scale·schedule(σ).
+
+        "squared": the original code multiplies r by w in its repulsion module
+        (DAPS/repulsion.py line 451 at b967b2b) and again in `DiffusionPFODE.set_repulsion`
+        (DAPS/sampler.py line 541, DAPS/cores/scheduler.py line 484), so `repulsion_scale=10`
+        injects 100; "linear": λ = w."""
+        return w * w if self.multiplier == "squared" else w
 
     @property
     def needs_hook(self) -> bool:
@@ -239,7 +260,7 @@ class PruningConfig:
     criterion: str = "loss"
     diversity_tol: float = 0.5
     refill: bool = False                  # clone the survivors back to the full particle count (branching)
-    sigma_break: Optional[float] = None   # σ-transition trigger; set only while repulsion is on
+    sigma_break: Optional[float] = None   # σ-transition trigger (repulsion_sigma_break); None: step only
     feature: str = "pixel"                # diversity distances: pixel | latent | dino
     save_traj: bool = False
     traj_every: int = 5
@@ -432,6 +453,7 @@ def unknown_key_message(key: str, known: List[str]) -> str:
 #: flat top-level keys → (part, field)
 FLAT_KEYS: Dict[str, Tuple[str, str]] = {
     "repulsion_scale": ("repulsion", "scale"),
+    "repulsion_multiplier": ("repulsion", "multiplier"),
     "repulsion_sigma_break": ("repulsion", "sigma_break"),
     "repulsion_schedule": ("repulsion", "schedule"),
     "repulsion_feature": ("repulsion", "feature"),
@@ -499,8 +521,9 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     parts["repulsion"]["sigma_max"] = sampler.initial_sigma
     repulsion = build_dataclass(RepulsionConfig, parts["repulsion"], names=names["repulsion"])
     pruning = build_dataclass(PruningConfig, parts["pruning"], names=names["pruning"])
-    # the σ-transition trigger belongs to repulsion: with repulsion off, pruning fires at its step
-    pruning.sigma_break = repulsion.sigma_break if repulsion.on else None
+    # the σ_break transition triggers the prune too, repulsion on or not (the original's rule,
+    # DAPS/sampler.py lines 603-613 at b967b2b)
+    pruning.sigma_break = repulsion.sigma_break
     pruning.feature = repulsion.feature if repulsion.feature != "dino" or pruning.criterion == "diversity" else "pixel"
     pruning.dino_weights_path = repulsion.dino.weights_path
     pruning.save_traj, pruning.traj_every = bool(run.get("save_traj", False)), int(run.get("traj_every", 5))

@@ -15,11 +15,18 @@ facebookresearch/dino state dict (e.g. `dino_deitsmall16_pretrain.pth`, ViT-S/16
   A missing file raises FileNotFoundError naming the file and `bash download.sh dino`;
   call `ensure_available()` to fail fast before heavy work.
 
-Preprocessing of the (B,3,H,W) input in [-1, 1]:
-* `resize=None, normalize=False` (RLSD default): the raw [-1, 1] image goes in unchanged.
-* otherwise u = (x+1)/2; if `resize` is an int: bilinear resize of u to resize×resize
-  (align_corners=False, antialias=False); then if `normalize`: (u − ImageNet mean)/std,
-  else u is mapped back to [-1, 1] (2u − 1), so `resize` alone changes only the size.
+Preprocessing of the (B,3,H,W) decoder output (`preprocess`):
+* `"original"` (the repulsion default, `dino.preprocess: original`): the original study's
+  `DinoFeatureExtractor.preprocess` (yuzzznh/diffusion_phase_retrieval, DAPS/repulsion.py lines
+  171-183 at b967b2b): u = (x+1)/2 when the minimum of the batch is below 0 (else u = x), clamp
+  u to [0, 1], bilinear resize to `resize` (default 224; align_corners=False, no antialias; skipped
+  when already that size), then (u − ImageNet mean)/std (`normalize`, default true).  The
+  original's batch is one image's particles; here `groups` (one label per row) gives every image
+  its own minimum, so an image's features never depend on the other images of the batch.
+* `"raw"` (the constructor default, RLSD's input): `resize=None, normalize=False` feed the raw
+  [-1, 1] image unchanged; otherwise u = (x+1)/2; if `resize` is an int: bilinear resize of u
+  to resize×resize; then if `normalize`: (u − ImageNet mean)/std, else u is mapped back to
+  [-1, 1] (2u − 1), so `resize` alone changes only the size.
 """
 from __future__ import annotations
 
@@ -39,6 +46,9 @@ __all__ = ["DinoFeatureExtractor", "build_dino_vit", "dino_interpolate_pos_encod
 DINO_DEFAULT_WEIGHTS = "checkpoints/dino_deitsmall16_pretrain.pth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: `preprocess` values: the original study's input (shift when negative, clamp, 224, ImageNet stats) or raw
+PREPROCESS = ("original", "raw")
+ORIGINAL_RESIZE = 224
 
 
 def _clean_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
@@ -137,11 +147,18 @@ class DinoFeatureExtractor(nn.Module):
     """Callable on (B,3,H,W) images in [-1,1] → (B, D) DINO CLS features (see module doc)."""
 
     def __init__(self, weights_path: str = DINO_DEFAULT_WEIGHTS, resize: Optional[int] = None,
-                 normalize: bool = False, device: Optional[torch.device | str] = None):
+                 normalize: Optional[bool] = None, device: Optional[torch.device | str] = None,
+                 preprocess: str = "raw"):
         super().__init__()
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"dino.preprocess={preprocess!r}: expected one of {', '.join(PREPROCESS)}")
+        original = preprocess == "original"
         self.weights_path = str(weights_path)
-        self.resize = None if resize in (None, 0, False) else int(resize)
-        self.normalize = bool(normalize)
+        self.preprocess_mode = preprocess
+        if resize is None:  # the preset's own size
+            resize = ORIGINAL_RESIZE if original else None
+        self.resize = None if resize in (0, False) or resize is None else int(resize)
+        self.normalize = original if normalize is None else bool(normalize)
         self._device = None if device is None else torch.device(device)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -196,7 +213,11 @@ class DinoFeatureExtractor(nn.Module):
         return int(self.load().embed_dim)
 
     # ---------------------------------------------------------------- forward
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network input of decoded images `x` (see the module doc); `groups` (B,) labels the rows
+        whose common minimum decides the original preprocessing's shift (None: the whole batch)."""
+        if self.preprocess_mode == "original":
+            return self._original_input(x, groups)
         if self.resize is None and not self.normalize:
             return x
         u = (x + 1) / 2
@@ -206,6 +227,24 @@ class DinoFeatureExtractor(nn.Module):
         if self.normalize:
             return (u - self.mean.to(u)) / self.std.to(u)
         return u * 2 - 1
+
+    def _original_input(self, x: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
+        if groups is None:
+            shift = (x.min() < 0).expand(x.shape[0])
+        else:
+            labels = groups.to(x.device)
+            row_min = x.detach().flatten(1).amin(dim=1)
+            shift = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            for lab in torch.unique(labels):
+                rows = labels == lab
+                shift[rows] = bool(row_min[rows].min() < 0)
+        u = torch.where(shift.view(-1, 1, 1, 1), (x + 1) / 2, x).clamp(0, 1)
+        if self.resize is not None and tuple(u.shape[-2:]) != (self.resize, self.resize):
+            u = F.interpolate(u, size=(self.resize, self.resize), mode="bilinear", align_corners=False,
+                              antialias=False)
+        if self.normalize:
+            u = (u - self.mean.to(u)) / self.std.to(u)
+        return u
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The DINO forward on an already preprocessed batch → CLS after the final norm."""
@@ -221,11 +260,11 @@ class DinoFeatureExtractor(nn.Module):
         t = vit.norm(t)
         return t[:, 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
         """CLS features; the call is counted as `dino` rows when a compute meter is counting."""
         from cores.compute import counted_call
 
-        return counted_call("dino", self._features_of, x)
+        return counted_call("dino", self._features_of, x, groups)
 
-    def _features_of(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.preprocess(x))
+    def _features_of(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.features(self.preprocess(x, groups))

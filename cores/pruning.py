@@ -1,10 +1,11 @@
 """Once-only particle pruning as a sampler hook (Exp2).
 
-The hook fires once per image, at `step == pruning_step`, or — only while
-repulsion is on — at the σ_break transition `prev_sigma ≥ σ_break > sigma`
-if that comes first (with the default poly-7 grid and σ_break 1.0 the
-transition is step 30).  With repulsion off, pruning happens exactly at
-`pruning_step`.  `pruning.jsonl`'s `trigger` says which fired.
+The hook fires once per image, at `step == pruning_step` or at the σ_break
+transition `prev_sigma ≥ σ_break > sigma` (σ_break = `repulsion_sigma_break`),
+whichever comes first, repulsion on or not — the original study's rule
+(yuzzznh/diffusion_phase_retrieval DAPS/sampler.py lines 603-613 at b967b2b).
+With the default poly-7 grid and σ_break 1.0 the transition is step 30, so
+`pruning_step=40` prunes at step 30.  `pruning.jsonl`'s `trigger` says which fired.
 
 Criteria, evaluated per image on the current `z0y` (after MCMC):
 - `loss`: keep the `keep` particles with the smallest measurement loss

@@ -78,7 +78,10 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int, eta: float) -> D
     a = alphas_cumprod[ts]
     a_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ts[:-1]]])
     a64, p64 = a.double(), a_prev.double()
-    sig = (eta * ((1 - p64) / (1 - a64) * (1 - a64 / p64)).sqrt()).to(torch.float32)
+    # their `(1 - alphas_prev) / (1 - alphas) * (…)` divides a float64 array by a float32 tensor: torch
+    # forms (1 − ᾱ) and its reciprocal in float32 (Tensor.__rtruediv__), then multiplies in float64
+    recip = (1 - a).reciprocal().double()
+    sig = (eta * ((1 - p64) * recip * (1 - a64 / p64)).sqrt()).to(torch.float32)
     return DDIMSchedule(ts, a, a_prev, sig)
 
 
@@ -210,8 +213,11 @@ def latent_optimization(model, operator, z_init: torch.Tensor, y: torch.Tensor, 
     """Their `latent_optimization`: argmin_z mean((y − A(D(z)))²) from z, per row, with their
     window stop (loss `patience` iterations earlier lower than now)."""
     o = cfg.latent_optimization
+    # their test `cur_loss < eps**2` compares a numpy float32 with a Python float, i.e. in float32 (NumPy ≥ 2,
+    # NEP 50): eps² rounded to float32 is the threshold (a loss equal to float32(eps²) does not stop)
+    threshold = float(torch.tensor(o.eps ** 2, dtype=torch.float32))
     return _rowwise_adamw(z_init, lambda v, rows: (y[rows] - operator(model.decode(v))).pow(2).flatten(1).mean(1),
-                          o.lr, cfg.weight_decay, o.max_iters, o.eps ** 2, o.patience)  # numpy float32 < eps²
+                          o.lr, cfg.weight_decay, o.max_iters, threshold, o.patience)
 
 
 def travels_at(index: int, T: int, cfg: ResampleConfig) -> bool:

@@ -19,6 +19,10 @@ Command (the fixture in the repository was made with it):
 
 Their optimisers are called with their own keyword arguments where the defaults would make a
 CPU test slow (`max_iters`, `eps`: recorded in the fixture's `settings`).
+
+`ddim_schedule_eta` holds their per-step σ_t and √(1 − ᾱ_t) at η > 0 exactly as `p_sample_ddim`
+reads them (`torch.full(..., sigmas[index])`, float32); `--schedule-only` adds that entry to an
+existing fixture without rerunning the other cases.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ FIX = REPO / "tests" / "fixtures"
 THEIR_FILES = ["ldm/models/diffusion/ddim.py", "ldm/modules/diffusionmodules/util.py",
                "ldm_inverse/condition_methods.py"]
 PARTICLES = 2
+SCHEDULE_ETAS = (0.5, 1.0)   # η of the `ddim_schedule_eta` case
 SETTINGS = {  # what the cases pass to their code (and the test to the port)
     "ddim_steps": 50, "ddim_eta": 0.0, "step_index": 37,
     "latent_max_iters": 12, "latent_eps": 1e-3,
@@ -163,6 +168,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repo", required=True, type=Path, help="a clone (or bare mirror) of soominkwon/resample")
     ap.add_argument("--out", type=Path, default=FIX / "resample_ref.pt")
+    ap.add_argument("--schedule-only", action="store_true",
+                    help="add/refresh only `ddim_schedule_eta` in the existing --out fixture")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from cores.models.ldm import build_ldm
@@ -183,6 +190,18 @@ def main() -> None:
             setattr(self, name, attr)
 
     sampler = CPUSampler(adapter)
+    schedule_eta = {}
+    for eta in SCHEDULE_ETAS:  # 0. their schedule at η > 0, as p_sample_ddim reads it (a float32 torch.full)
+        sampler.make_schedule(ddim_num_steps=SETTINGS["ddim_steps"], ddim_eta=eta, verbose=False)
+        read = lambda v: torch.stack([torch.full((1,), v[k])[0] for k in range(len(v))])  # noqa: E731
+        schedule_eta[eta] = {"sigmas": read(sampler.ddim_sigmas),
+                             "sqrt_one_minus_alphas": read(sampler.ddim_sqrt_one_minus_alphas)}
+    if args.schedule_only:
+        ref = torch.load(args.out, map_location="cpu")
+        ref["ddim_schedule_eta"] = schedule_eta
+        torch.save(ref, args.out)
+        print(f"updated ddim_schedule_eta in {args.out}")
+        return
     sampler.make_schedule(ddim_num_steps=SETTINGS["ddim_steps"], ddim_eta=SETTINGS["ddim_eta"], verbose=False)
     noiser = types.SimpleNamespace(__name__="gaussian")
     operator_obj = types.SimpleNamespace(forward=lambda x, **kw: op(x))   # their operators take **kwargs
@@ -195,7 +214,7 @@ def main() -> None:
     res = model.image_resolution
     x_true = (torch.rand(PARTICLES, 3, res, res, generator=g) * 2 - 1)
     y = op(x_true) + SETTINGS["measurement_sigma"] * randn(PARTICLES, *op(x_true).shape[1:])
-    ref = {"settings": SETTINGS, "y": y, "x_true": x_true}
+    ref = {"settings": SETTINGS, "y": y, "x_true": x_true, "ddim_schedule_eta": schedule_eta}
 
     # 1. one DDIM step (their p_sample_ddim) at index `step_index`
     k = SETTINGS["step_index"]

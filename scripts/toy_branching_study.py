@@ -86,7 +86,7 @@ def run_setting(name: str, model, operator, gt, ids: List[int], seeds: List[int]
         counter = RowSteps()
         hooks: List[SamplerHook] = [counter]
         if rep_on:
-            hooks.insert(0, RepulsionHook(RepulsionConfig(scale=args.scale, sigma_break=args.sigma_break,
+            hooks.insert(0, RepulsionHook(RepulsionConfig(scale=args.scale, multiplier="linear", sigma_break=args.sigma_break,
                                                           sigma_max=daps.annealing.sigma_max, feature="pixel",
                                                           target_ratio=args.target_ratio), model))
         prune = None

@@ -52,7 +52,7 @@ def run_setting(model, operator, gt, ids, seeds, particles: int, rho: Optional[f
         batch = initial_batch(model, y, ids, particles, seed, daps.annealing.sigma_max, gt.device)
         hook = None
         if (rho or 0) > 0 or scale > 0:
-            hook = RepulsionHook(RepulsionConfig(scale=scale, target_ratio=rho if (rho or 0) > 0 else None,
+            hook = RepulsionHook(RepulsionConfig(scale=scale, multiplier="linear", target_ratio=rho if (rho or 0) > 0 else None,
                                                  sigma_break=args.sigma_break, sigma_max=daps.annealing.sigma_max,
                                                  feature="pixel"), model)
         latent_daps(model, operator, batch, daps, hooks=[hook] if hook else [])
@@ -80,10 +80,10 @@ def run_setting(model, operator, gt, ids, seeds, particles: int, rho: Optional[f
     row = {"particles": particles, "rho": rho, "scale": scale, "cases": n, "time_sec": time.perf_counter() - t0,
            "both": counts["both"], "both_ci95": wilson_ci(counts["both"], n),
            "correct": counts["correct"], "correct_ci95": wilson_ci(counts["correct"], n),
-           "ratio_step0": _mean([l["ratio_scaled_to_score"] for l in s0]),
-           "ratio_on_mean": _mean([l["ratio_scaled_to_score"] for l in on]),
-           "ratio_on_range": [min((l["ratio_scaled_to_score"] for l in on), default=None),
-                              max((l["ratio_scaled_to_score"] for l in on), default=None)],
+           "ratio_step0": _mean([l["ratio_per_particle_at_sigma"] for l in s0]),
+           "ratio_on_mean": _mean([l["ratio_per_particle_at_sigma"] for l in on]),
+           "ratio_on_range": [min((l["ratio_per_particle_at_sigma"] for l in on), default=None),
+                              max((l["ratio_per_particle_at_sigma"] for l in on), default=None)],
            "lambda_step0": _mean([l["repulsion_scale_used"] for l in s0]),
            "lambda_step0_range": [min((l["repulsion_scale_used"] for l in s0), default=None),
                                   max((l["repulsion_scale_used"] for l in s0), default=None)],

@@ -97,7 +97,7 @@ def run_setting(model, operator, images, gt, ids, seeds, particles, scale, args)
         batch = initial_batch(model, y, ids, particles, seed, daps.annealing.sigma_max, gt.device)
         rep = None
         if scale > 0:
-            rep = RatioProbe(RepulsionConfig(scale=scale, sigma_break=args.sigma_break,
+            rep = RatioProbe(RepulsionConfig(scale=scale, multiplier="linear", sigma_break=args.sigma_break,
                                              sigma_max=daps.annealing.sigma_max, feature=args.feature,
                                              normalizer=args.normalizer), model)
         latent_daps(model, operator, batch, daps, hooks=[rep] if rep is not None else [])

@@ -18,10 +18,14 @@ SCRIPTS = ROOT / "commands_gpu"
 # script → (experiment folder, run tag, settings every command must resolve to)
 # the reference protocol: exact path, deterministic kernels, one image per batch, LPIPS as DAPS computes it
 PROTOCOL = {"speed.preset": "exact", "deterministic": "True", "batch_size": "1", "eval.lpips_net": "vgg"}
-COMMON = {"seed": "42", "sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "100", **PROTOCOL}
+# the original study's MCMC: its `ldm_langevin` task group (DAPS/configs/task/phase_retrieval.yaml at b967b2b)
+MCMC = {"sampler.mcmc.algo": "langevin", "sampler.mcmc.num_steps": "50", "sampler.mcmc.lr": "4e-6",
+        "sampler.mcmc.lr_min_ratio": "0.01", "sampler.mcmc.tau": "0.01"}
+COMMON = {"seed": "42", **MCMC, "save_traj": "True", "repulsion_multiplier": "squared",
+          "dino.preprocess": "original", **PROTOCOL}
 REP = {"repulsion_scale": "10", "repulsion_sigma_break": "1.0", "repulsion_schedule": "constant"}
 EXPECTED = {
-    "exp0_baseline.sh": ("exp0_baseline", "exp0", "scale0",
+    "exp0_baseline.sh": ("exp0_baseline", "exp0", "",
                          {"num_samples": "4", "repulsion_scale": "0", "pruning_step": "-1",
                           "hard_data_consistency": "-1"}),
     "exp1_repulsion.sh": ("exp1_repulsion", "exp1", "scale10",
@@ -31,13 +35,38 @@ EXPECTED = {
                          "pruning_criterion": "loss", "pruning_mode": "slicing", "hard_data_consistency": "-1"}),
     "exp3_2particle.sh": ("exp3_2particle", "exp3", "scale10",
                           {"num_samples": "2", **REP, "pruning_step": "-1", "hard_data_consistency": "-1"}),
-    "exp4_optimization.sh": ("exp4_optimization", "exp4", "scale10_hdc",
+    "exp4_optimization.sh": ("exp4_optimization", "exp4", "",
                              {"num_samples": "4", **REP, "pruning_step": "-1", "hard_data_consistency": "1",
                               "optimization_lr": "5.0e-3", "optimization_eps": "1.0e-3",
                               "optimization_max_iters": "500"}),
-    "exp5_final.sh": ("exp5_final", "exp5", "scale10_prune29",
-                      {"num_samples": "4", **REP, "pruning_step": "29", "pruning_keep": "2",
-                       "hard_data_consistency": "-1"}),
+    "exp5_final.sh": ("exp5_final", "exp5", "scale10_prune25_hdc1",
+                      {"num_samples": "4", **REP, "pruning_step": "25", "pruning_keep": "2",
+                       "hard_data_consistency": "1", "optimization_lr": "5.0e-3", "optimization_eps": "1.0e-3",
+                       "optimization_max_iters": "500"}),
+}
+
+
+def original_name(name: str, n: int, dataset: str = "imagenet") -> str:
+    """`<dataset>_<folder>img/<run>` as the original scripts name the run of `name` on n images."""
+    exp, short, tag, _ = EXPECTED[name]
+    folder = 100 if n == 90 else n
+    if name == "exp5_final.sh":
+        run = f"exp5_{dataset}_{n}img"
+    else:
+        run = f"{short}_sanity_check" if n == 1 else f"{short}_{n}img"
+    return f"{dataset}_{folder}img/{run}" + (f"_{tag}" if tag else "")
+
+
+# the original scripts' folders (DAPS/commands_gpu/exp*.sh at b967b2b: save_dir/name), written out
+ORIGINAL_FOLDERS = {
+    "exp0_baseline.sh": ["imagenet_1img/exp0_sanity_check", "imagenet_10img/exp0_10img", "imagenet_100img/exp0_90img"],
+    "exp1_repulsion.sh": ["imagenet_1img/exp1_sanity_check_scale10", "imagenet_10img/exp1_10img_scale10",
+                          "imagenet_100img/exp1_90img_scale10"],
+    "exp2_pruning.sh": ["imagenet_1img/exp2_sanity_check_scale10_prune29", "imagenet_10img/exp2_10img_scale10_prune29",
+                        "imagenet_100img/exp2_90img_scale10_prune29"],
+    "exp3_2particle.sh": ["imagenet_1img/exp3_sanity_check_scale10", "imagenet_10img/exp3_10img_scale10",
+                          "imagenet_100img/exp3_90img_scale10"],
+    "exp4_optimization.sh": ["imagenet_1img/exp4_sanity_check", "imagenet_10img/exp4_10img", "imagenet_100img/exp4_90img"],
 }
 
 
@@ -96,7 +125,7 @@ def test_dry_run_carries_settings_ranges_and_folders(name):
     assert len(cmds) == 3
     ranges = [(c["overrides"]["data.start_id"], c["overrides"]["data.end_id"]) for c in cmds]
     assert ranges == [("0", "1"), ("0", "10"), ("10", "100")]
-    for c, n, kind in zip(cmds, (1, 10, 90), ("sanity_check", "main", "main")):
+    for c, n in zip(cmds, (1, 10, 90)):
         o = c["overrides"]
         assert c["env"] == {}
         assert o["+experiment"] == exp  # the settings live in configs/experiment/<exp>.yaml
@@ -107,7 +136,7 @@ def test_dry_run_carries_settings_ranges_and_folders(name):
         assert o["model"] == "imagenet256ldm" and o["data"] == "test-imagenet"
         assert cfg.repulsion_feature == "dino"
         assert o["save_dir"] == f"results/{exp}"
-        assert o["name"] == f"imagenet_{n}img/{short}_{kind}_{tag}"
+        assert o["name"] == original_name(name, n)
         assert len(c["args"]) == len(o), "an override appears twice"
     # flags run in the order given
     order = dry(name, *([a for a in size_flags(name) if not a.startswith("--1")] + ["--1"]))
@@ -120,6 +149,36 @@ def test_exp1_example_folder_of_the_spec():
     assert f"{o['save_dir']}/{o['name']}" == "results/exp1_repulsion/imagenet_1img/exp1_sanity_check_scale10"
 
 
+@pytest.mark.parametrize("name", sorted(ORIGINAL_FOLDERS))
+def test_dry_run_prints_the_original_folders(name):
+    """`DRY_RUN=1 bash commands_gpu/expN.sh --1 --10 --90`: the original scripts' save_dir/name, flag by flag;
+    SPEED/BATCH suffixes come after the original name."""
+    exp = EXPECTED[name][0]
+    got = [f"{c['overrides']['save_dir']}/{c['overrides']['name']}" for c in dry(name, "--1", "--10", "--90")]
+    assert got == [f"results/{exp}/{f}" for f in ORIGINAL_FOLDERS[name]]
+    (f,) = dry(name, "--10", SPEED="fast", BATCH="4")
+    assert f["overrides"]["name"] == ORIGINAL_FOLDERS[name][1] + "_fast_batch4"
+    (b,) = dry(name, "--10", BATCH="1")
+    assert b["overrides"]["name"] == ORIGINAL_FOLDERS[name][1]
+
+
+def test_exp5_runs_the_original_exp5_final():
+    """exp5_final.sh --imagenet --ffhq: ImageNet 10-99 and FFHQ 0-99 with the original's folders and settings."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    cmds = dry("exp5_final.sh", "--imagenet", "--ffhq")
+    got = [(c["overrides"]["data.start_id"], c["overrides"]["data.end_id"],
+            f"{c['overrides']['save_dir']}/{c['overrides']['name']}") for c in cmds]
+    assert got == [("10", "100", "results/exp5_final/imagenet_100img/exp5_imagenet_90img_scale10_prune25_hdc1"),
+                   ("0", "100", "results/exp5_final/ffhq_100img/exp5_ffhq_100img_scale10_prune25_hdc1")]
+    for c in cmds:
+        cfg = compose(c["args"])
+        assert (int(cfg.pruning_step), int(cfg.hard_data_consistency), float(cfg.repulsion_scale)) == (25, 1, 10.0)
+        assert OmegaConf.select(cfg, "sampler.mcmc.num_steps") == 50 and cfg.sampler.mcmc.lr == 4e-6
+
+
 @pytest.mark.parametrize("name", ["exp0_baseline.sh", "exp4_optimization.sh"])
 def test_gpu_selects_the_device(name):
     cmds = dry(name, *size_flags(name)[:2], GPU="3")
@@ -130,10 +189,10 @@ def test_exp5_datasets():
     cmds = dry("exp5_final.sh", "--ffhq", "--imagenet", "--100")
     assert [(c["overrides"]["model"], c["overrides"]["data"]) for c in cmds] == [
         ("ffhq256ldm", "test-ffhq"), ("imagenet256ldm", "test-imagenet")]
-    assert cmds[0]["overrides"]["name"] == "ffhq_100img/exp5_main_scale10_prune29"
+    assert cmds[0]["overrides"]["name"] == "ffhq_100img/exp5_ffhq_100img_scale10_prune25_hdc1"
     assert (cmds[0]["overrides"]["data.start_id"], cmds[0]["overrides"]["data.end_id"]) == ("0", "100")
-    default = dry("exp5_final.sh", "--imagenet")  # no size: the 100 images as 10 + 90
-    assert [c["overrides"]["data.end_id"] for c in default] == ["10", "100"]
+    default = dry("exp5_final.sh", "--imagenet")  # no size: images 10-99, as the original exp5_final.sh
+    assert [(c["overrides"]["data.start_id"], c["overrides"]["data.end_id"]) for c in default] == [("10", "100")]
     assert run_script("exp5_final.sh", "--10", DRY_RUN="1").returncode != 0  # no dataset
     assert run_script("exp1_repulsion.sh", "--ffhq", DRY_RUN="1").returncode != 0  # exp5 only
 
@@ -166,7 +225,8 @@ def test_commands_compose_with_the_real_configs(name, toy):
     exp, short, tag, settings = EXPECTED[name]
     assert int(cfg.num_samples) == int(settings["num_samples"])
     assert float(cfg.repulsion_scale) == float(settings["repulsion_scale"])
-    assert int(cfg.sampler.mcmc.num_steps) == 100 and int(cfg.seed) == 42
+    # the original's ldm_langevin MCMC, on the toy too (configs/model_sampler_defaults/toy_ldm_langevin.yaml)
+    assert (int(cfg.sampler.mcmc.num_steps), float(cfg.sampler.mcmc.lr)) == (50, 4e-6) and int(cfg.seed) == 42
     assert cfg.model.name == ("toy" if toy else "ldm")
     assert cfg.data.name == ("demo-imagenet" if toy else "test-imagenet")
     if not toy:
@@ -179,14 +239,14 @@ def test_toy_exp0_end_to_end_then_parser(tmp_path):
                      EXTRA_ARGS="sampler.annealing.num_steps=4 sampler.mcmc.num_steps=2 eval.lpips=false",
                      PYTHON=sys.executable)
     assert res.returncode == 0, res.stderr[-2000:]
-    run = tmp_path / "exp0_baseline" / "imagenet_1img" / "exp0_sanity_check_scale0"
+    run = tmp_path / "exp0_baseline" / "imagenet_1img" / "exp0_sanity_check"
     metrics = json.loads((run / "metrics.json").read_text())
     assert [r["image_idx"] for r in metrics["images"]] == [0] and len(metrics["images"][0]["psnr"]) == 4
     out = subprocess.run([sys.executable, "eval/parse_metrics.py", str(tmp_path / "exp*" / "*" / "*")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     best = metrics["summary"]["best_psnr"]["mean"]
-    assert "exp0_baseline/imagenet_1img/exp0_sanity_check_scale0" in out.stdout
+    assert "exp0_baseline/imagenet_1img/exp0_sanity_check" in out.stdout
     assert f"| best PSNR (dB), mean ± std (std over images, ddof 0) | {best:.2f} ± 0.00 |" in out.stdout
 
 
@@ -198,7 +258,7 @@ def test_experiment_config_runs_directly():
     assert float(cfg.repulsion_scale) == 10 and int(cfg.num_samples) == 4 and cfg.repulsion_feature == "pixel"
     assert cfg.save_dir == "results/exp1_repulsion"
     five = compose(["+experiment=exp5_final"])
-    assert int(five.pruning_step) == 29 and int(five.hard_data_consistency) == -1  # exp2's settings
+    assert int(five.pruning_step) == 25 and int(five.hard_data_consistency) == 1  # the original exp5_final.sh
 
 
 def test_toy_exp2_writes_survivor_and_pruned_trajectories(tmp_path):
@@ -230,7 +290,7 @@ def test_reference_protocol_by_default_fast_and_batch_on_request():
     fast = compose(f["args"])
     assert fast.speed.preset == "fast" and fast.speed.compile is True and fast.speed.precision == "bf16"
     assert fast.batch_size == 4 and fast.deterministic is True
-    assert f["overrides"]["name"] == "imagenet_1img/exp1_sanity_check_scale10_fast"
+    assert f["overrides"]["name"] == "imagenet_1img/exp1_sanity_check_scale10_fast_batch4"  # after the original name
     (e,) = dry("exp1_repulsion.sh", "--1", SPEED="exact")
     assert e["overrides"]["name"] == c["overrides"]["name"]  # naming the default changes nothing
     direct = compose(["+experiment=exp3_2particle", "speed=fast", "batch_size=2"])

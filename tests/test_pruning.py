@@ -235,20 +235,20 @@ def test_pipeline_outputs_hold_k_particles(tmp_path):
     assert grid.width >= 4 * 128 and grid.height > 2 * 128
 
 
-def test_pruning_step_exact_when_repulsion_off(tmp_path):
-    """Without repulsion the σ-transition trigger does not apply: pruning_step=40 prunes at 40, not 30."""
+def test_pruning_trigger_is_the_originals_with_repulsion_off(tmp_path):
+    """As the original (DAPS/sampler.py 603-613 at b967b2b): the σ_break transition triggers the prune too,
+    repulsion on or not: pruning_step=40 at scale 0 prunes at 30 (σ_29 ≥ 1.0 > σ_30); an earlier step wins."""
     from conftest import compose
     from cores.pipeline import run
 
-    cfg = compose(["sampler.mcmc.num_steps=1", "data.end_id=1", "num_samples=3", "eval.lpips=false",
-                   f"save_dir={tmp_path}", "name=p40", "pruning_step=40", "pruning_keep=2"])
-    rec = run(cfg)["images"][0]["pruning"]
-    assert rec["prune_step"] == 40 and rec["trigger"] == "step"
-    cfg = compose(["sampler.mcmc.num_steps=1", "data.end_id=1", "num_samples=3", "eval.lpips=false",
-                   f"save_dir={tmp_path}", "name=p40rep", "pruning_step=40", "pruning_keep=2",
-                   "repulsion_scale=1"])
-    rec = run(cfg)["images"][0]["pruning"]
-    assert rec["prune_step"] == 30 and rec["trigger"] == "transition"  # σ_29 ≥ 1.0 > σ_30
+    base = ["sampler.mcmc.num_steps=1", "data.end_id=1", "num_samples=3", "eval.lpips=false", f"save_dir={tmp_path}",
+            "pruning_keep=2"]
+    rec = run(compose(base + ["name=p40", "pruning_step=40"]))["images"][0]["pruning"]
+    assert rec["prune_step"] == 30 and rec["trigger"] == "transition"
+    rec = run(compose(base + ["name=p40rep", "pruning_step=40", "repulsion_scale=1"]))["images"][0]["pruning"]
+    assert rec["prune_step"] == 30 and rec["trigger"] == "transition"
+    rec = run(compose(base + ["name=p20", "pruning_step=20"]))["images"][0]["pruning"]
+    assert rec["prune_step"] == 20 and rec["trigger"] == "step"
 
 
 def test_kept_identical_across_modes_with_repulsion_on_after_the_prune(toy):

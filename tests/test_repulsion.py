@@ -277,11 +277,12 @@ def test_normalizer_name_is_checked_and_module_passes_it(toy):
 
 def test_schedule_and_logged_steps():
     for s in ("constant", "linear", "cosine"):
-        assert schedule_factor(10.0, 1.0, 10.0, s) == 1.0
+        assert schedule_factor(10.0, 1.0, 10.0, s) == pytest.approx(1.0, rel=1e-8)  # the original's +1e-8
         assert schedule_factor(0.99, 1.0, 10.0, s) == 0.0
-    assert schedule_factor(1.0, 1.0, 10.0, "constant") == 1.0
-    assert schedule_factor(1.0, 1.0, 10.0, "linear") == 0.0 == schedule_factor(1.0, 1.0, 10.0, "cosine")
-    assert schedule_factor(5.5, 1.0, 10.0, "linear") == pytest.approx(0.5)
+        assert schedule_factor(1.0, 1.0, 10.0, s) == 0.0  # ON iff σ > σ_break: off at equality, as the original
+    assert schedule_factor(1.0 + 1e-6, 1.0, 10.0, "constant") == 1.0
+    # the original's u = (σ − σ_break)/(σ_max − σ_break + 1e-8), exactly
+    assert schedule_factor(5.5, 1.0, 10.0, "linear") == 4.5 / (9.0 + 1e-8)
     assert schedule_factor(10.0, 10.0, 10.0, "linear") == 0.0 == schedule_factor(10.0, 10.0, 10.0, "cosine")
     assert schedule_factor(5.5, 1.0, 10.0, "cosine") == pytest.approx(0.5)
     assert schedule_factor(3.25, 1.0, 10.0, "cosine") < schedule_factor(3.25, 1.0, 10.0, "linear")
@@ -289,9 +290,10 @@ def test_schedule_and_logged_steps():
     assert {s for s in range(130) if logged_step(s)} == expected
 
 
-def _hook(model, scale, sigma_break=1.0, feature="pixel", **kw):
-    return RepulsionHook(RepulsionConfig(scale=scale, sigma_break=sigma_break, sigma_max=10.0, feature=feature, **kw),
-                         model)
+def _hook(model, scale, sigma_break=1.0, feature="pixel", multiplier="linear", **kw):
+    """λ = scale unless `multiplier="squared"` (the config default) is asked for."""
+    return RepulsionHook(RepulsionConfig(scale=scale, sigma_break=sigma_break, sigma_max=10.0, feature=feature,
+                                         multiplier=multiplier, **kw), model)
 
 
 def _lines(hook, ids=(0, 1)):
@@ -370,18 +372,16 @@ def test_jsonl_fields_steps_and_summary(toy):
     sig = EDMScheduler(12, 10.0, 0.1).sigma_steps
     for l in lines:
         assert l["sigma"] == pytest.approx(float(sig[l["step"]]))
-        assert l["repulsion_on"] == (l["sigma"] >= 1.0) and l["repulsion_cleared"] == (not l["repulsion_on"])
+        assert l["repulsion_on"] == (l["sigma"] > 1.0) and l["repulsion_cleared"] == (not l["repulsion_on"])
         assert l["score_base_norm"] > 0 and l["mean_pairwise_dino_dist"] > 0
         if l["repulsion_on"]:
             assert l["repulsion_scale_used"] == 1000.0 and l["repulsion_norm"] > 0
             assert l["ratio_scaled_to_score"] == pytest.approx(l["scaled_repulsion_norm"] / l["score_base_norm"])
+            assert l["repulsion_multiplier"] == 1000.0  # linear: λ = w
             assert 0 < l["weights_mean"] <= 1 and l["weights_nonzero_frac"] > 0
         else:
             assert l["repulsion_norm"] == 0.0 and l["weights_mean"] is None
-    step0 = [l for l in lines if l["step"] == 0]
-    # step 0: z_t ~ N(0, 100 I), score ≈ −z/σ² ⇒ ||score|| ≈ sqrt(768)/10 per particle
-    assert all(l["score_base_norm"] == pytest.approx(math.sqrt(768) / 10, rel=0.15) for l in step0)
-    active = sum(float(s) >= 1.0 for s in sig[:12])
+    active = sum(float(s) > 1.0 for s in sig[:12])
     s = outs[0].record["repulsion"]
     assert s["active_steps"] == active and s["total_time_sec"] > 0 and s["mean_pairwise_dist"] > 0
     import repulsion
@@ -465,3 +465,110 @@ def test_pipeline_scale0_bit_identical_and_no_module(tmp_path, monkeypatch):
     lines = [json.loads(s) for s in (tmp_path / "b" / "repulsion.jsonl").read_text().splitlines()]
     assert {l["step"] for l in lines} == {0, 1, 2, 5} and len(lines) == 8
     assert other["metadata"]["repulsion"]["scale"] == 5.0
+
+
+# ----------------------------------------------------------------------------- the original's meanings
+class _ScoreRecorder(repulsion.SamplerHook):
+    """First hook: sees z_t and the model's own score at every PF-ODE evaluation (before repulsion is added)."""
+
+    def __init__(self):
+        self.calls = {}  # step -> [(sigma, score)]
+        self.zt = {}     # step -> z_t
+
+    def wrap_score(self, score_fn, batch, ctx):
+        self.zt[ctx.step] = batch.zt.clone()
+
+        def rec(z, sigma):
+            out = score_fn(z, sigma)
+            self.calls.setdefault(ctx.step, []).append((float(sigma), out.detach().clone()))
+            return out
+        return rec
+
+
+@pytest.mark.parametrize("multiplier", ["squared", "linear"])
+def test_log_norms_are_the_originals_at_the_last_evaluation(toy, multiplier):
+    """score_base_norm / scaled_repulsion_norm / ratio_scaled_to_score: norms over the image's particles at the
+    PF-ODE's last drift evaluation (the original overwrites them at each call); repulsion_multiplier = λ;
+    the project's ratio at σ_i under its own name."""
+    model, op = toy
+    rec = _ScoreRecorder()
+    rep = _hook(model, 3.0, multiplier=multiplier)
+    b = _batch(model, op, [0, 1], 3)
+    latent_daps(model, op, b, DAPSConfig.with_steps(6, mcmc=MCMCConfig(num_steps=1)), hooks=[rec, rep])
+    lam = 9.0 if multiplier == "squared" else 3.0
+    lines = _lines(rep)
+    on = [l for l in lines if l["repulsion_on"]]
+    assert on and all(l["repulsion_multiplier"] == lam and l["repulsion_scale_used"] == 3.0 for l in on)
+    for l in lines:
+        rows = slice(0, 3) if l["image_idx"] == 0 else slice(3, 6)
+        calls = rec.calls[l["step"]]
+        assert len(calls) == 2  # two Euler evaluations; the log holds the last one
+        last = calls[-1][1][rows]
+        assert l["score_base_norm"] == pytest.approx(float(last.double().norm()), rel=1e-9)
+        if l["repulsion_on"]:
+            r, _ = rep.repulsion(rec.zt[l["step"]], l["sigma"], torch.tensor([0, 0, 0, 1, 1, 1]))
+            r = r[rows].double()
+            assert l["scaled_repulsion_norm"] == pytest.approx(lam * float(r.norm()), rel=1e-6)
+            assert l["repulsion_norm"] == pytest.approx(lam / 3.0 * float(r.norm()), rel=1e-6)  # what w multiplies
+            assert l["ratio_scaled_to_score"] == pytest.approx(
+                l["scaled_repulsion_norm"] / (l["score_base_norm"] + 1e-12), rel=1e-12)
+            # the project's ratio: per-particle norms at σ_i (the first evaluation), averaged over the particles
+            first = calls[0][1][rows].double().flatten(1).norm(dim=1).mean()
+            assert l["ratio_per_particle_at_sigma"] == pytest.approx(
+                lam * float(r.flatten(1).norm(dim=1).mean() / first), rel=1e-6)
+        else:
+            assert l["ratio_scaled_to_score"] == 0.0 and l["repulsion_multiplier"] == 0.0
+
+
+def test_squared_multiplier_is_linear_with_the_scale_squared(toy):
+    """`repulsion_multiplier=squared` at scale s runs exactly `linear` at scale s² (constant schedule)."""
+    model, op = toy
+    sq = _run(model, op, _hook(model, 2.0, multiplier="squared"), n=3)
+    lin = _run(model, op, _hook(model, 4.0, multiplier="linear"), n=3)
+    assert torch.equal(sq.x, lin.x)
+    assert not torch.equal(sq.x, _run(model, op, _hook(model, 2.0, multiplier="linear"), n=3).x)
+
+
+def test_multiplier_config_default_and_choices():
+    from cores.config import build_run_config
+    from cores.errors import ConfigError
+
+    c = build_run_config(compose(TINY + ["repulsion_scale=10", "repulsion_feature=pixel"])).repulsion
+    assert c.multiplier == "squared" and c.injected(10.0) == 100.0
+    lin = build_run_config(compose(TINY + ["repulsion_scale=10", "repulsion_multiplier=linear"])).repulsion
+    assert lin.injected(10.0) == 10.0
+    with pytest.raises(ConfigError, match="repulsion_multiplier=cubic"):
+        build_run_config(compose(TINY + ["repulsion_multiplier=cubic"]))
+
+
+def test_repulsion_off_at_sigma_break_equal_to_a_grid_point(toy):
+    """ON iff σ > σ_break: with σ_break equal to σ_1 the repulsion acts at step 0 only."""
+    model, op = toy
+    sig = EDMScheduler(6, 10.0, 0.1).sigma_steps
+    rep = _hook(model, 5.0, sigma_break=float(sig[1]))
+    _run(model, op, rep, steps=6, n=2)
+    assert [l["repulsion_on"] for l in _lines(rep, ids=(0,)) if l["step"] in (0, 1)] == [True, False]
+
+
+def test_original_dino_input_per_image():
+    """dino.preprocess=original: (x+1)/2 when the image's particles go below 0, clamp, 224, ImageNet stats;
+    each image of a batch decides its own shift (the original's batch is one image's particles)."""
+    from cores.dino import DinoFeatureExtractor
+
+    ext = DinoFeatureExtractor(FIXTURES / "dino_tiny_vits16.pth", preprocess="original")
+    assert ext.resize == 224 and ext.normalize
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    x[2:] = x[2:].abs() * 0.5 + 0.1  # image 1: all ≥ 0, not shifted
+    g = torch.tensor([0, 0, 1, 1])
+    got = ext.preprocess(x, g)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    u = torch.cat([((x[:2] + 1) / 2).clamp(0, 1), x[2:].clamp(0, 1)])
+    want = (torch.nn.functional.interpolate(u, size=(224, 224), mode="bilinear", align_corners=False) - mean) / std
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # one batch-wide minimum (groups=None) shifts the second image too: what batching would change
+    assert not torch.allclose(ext.preprocess(x)[2:], want[2:])
+    torch.testing.assert_close(ext.preprocess(x[2:], g[2:]), want[2:], rtol=0, atol=1e-6)
+    raw = DinoFeatureExtractor(FIXTURES / "dino_tiny_vits16.pth", preprocess="raw")
+    assert torch.equal(raw.preprocess(x), x)
+    with pytest.raises(ValueError, match="dino.preprocess"):
+        DinoFeatureExtractor(preprocess="rlsd")

@@ -128,3 +128,60 @@ def test_resample_sampling_run(setup):
     resample(model, op, batch, cfg)
     assert streams.k == [draws.shape[1]] * n   # the same number of draws as their code
     close(batch.zt, ref["resample_sampling"]["out"], atol=1e-3)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_schedule_at_positive_eta_is_bitwise_theirs(setup, eta):
+    """σ_t and √(1 − ᾱ_t) at η > 0, as their p_sample_ddim reads them (`ddim_schedule_eta`, made by their own
+    make_schedule): σ_t needs (1 − ᾱ) and its reciprocal in float32; √(1 − ᾱ) is their float32 sqrt."""
+    ref, model, _ = setup
+    want = ref["ddim_schedule_eta"][eta]
+    cfg = ResampleConfig(ddim_steps=ref["settings"]["ddim_steps"], ddim_eta=eta)
+    sch = ddim_schedule(training_alphas_cumprod(model, cfg), cfg.ddim_steps, eta)
+    assert sch.sigmas.dtype == torch.float32 and torch.equal(sch.sigmas, want["sigmas"])
+    assert torch.equal(torch.stack([(1.0 - a_t).sqrt() for a_t, _, _ in (scalars(sch, k) for k in range(len(sch)))]),
+                       want["sqrt_one_minus_alphas"])
+    # the float64 formula misses their bits: the check above can fail
+    a64, p64 = sch.alphas.double(), sch.alphas_prev.double()
+    plain = (eta * ((1 - p64) / (1 - a64) * (1 - a64 / p64)).sqrt()).float()
+    assert not torch.equal(plain, want["sigmas"])
+
+
+def test_latent_stop_compares_in_float32(setup):
+    """Their `cur_loss < eps**2` with cur_loss a numpy float32: NumPy compares in float32, so a loss equal to
+    float32(eps²) (just below eps² in float64) does not stop; the next float32 down does."""
+    import numpy as np
+
+    ref, model, op = setup
+    eps = 1e-3
+    at = np.float32(eps ** 2)
+    below = np.nextafter(at, np.float32(0))
+    assert not bool(np.asarray(at, dtype=np.float32) < eps ** 2) and bool(np.asarray(below) < eps ** 2)
+    assert float(at) < eps ** 2  # in float64 the same value would stop
+    from cores import resample as rs
+
+    for value, stops in ((float(at), False), (float(below), True)):
+        calls = []
+
+        def loss_fn(v, rows, value=value):
+            calls.append(1)
+            return (v.flatten(1).sum(1) * 0 + value).float()
+
+        z = torch.zeros(1, 3, 4, 4)
+        _, iters = rs._rowwise_adamw(z, loss_fn, 5e-3, 0.01, 5, float(torch.tensor(eps ** 2, dtype=torch.float32)),
+                                     200)
+        assert (iters[0] == 1) == stops
+    # and latent_optimization hands that float32 threshold over
+    seen = {}
+    real = rs._rowwise_adamw
+    try:
+        def spy(var0, loss_fn, lr, weight_decay, max_iters, threshold, patience):
+            seen["threshold"] = threshold
+            return var0, [0]
+
+        rs._rowwise_adamw = spy
+        cfg = config(ref, latent_optimization=ResampleOptimizerConfig(lr=5e-3, eps=eps, max_iters=1, patience=200))
+        rs.latent_optimization(model, op, ref["latent_optimization"]["z_init"], ref["y"], cfg)
+    finally:
+        rs._rowwise_adamw = real
+    assert seen["threshold"] == float(at)

@@ -185,7 +185,7 @@ def toy_pair(tmp_path_factory):
     res = subprocess.run(["bash", "commands_gpu/validate_speed.sh", "--10"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
-    run = root / "exp0_baseline" / "imagenet_10img" / "exp0_main_scale0"
+    run = root / "exp0_baseline" / "imagenet_10img" / "exp0_10img"
     return run, Path(f"{run}_fast"), res.stdout
 
 
@@ -210,7 +210,7 @@ def test_validate_speed_on_the_toy_is_equivalent(toy_pair):
 
 def test_validate_speed_fails_on_a_planted_shift(toy_pair, tmp_path, capsys):
     exact, fast, _ = toy_pair
-    shifted = tmp_path / "exp0_baseline" / "imagenet_10img" / "exp0_main_scale0_shifted"
+    shifted = tmp_path / "exp0_baseline" / "imagenet_10img" / "exp0_10img_shifted"
     shutil.copytree(fast, shifted)
     m = json.loads((shifted / "metrics.json").read_text())
     for r in m["images"]:  # every particle 0.5 dB worse: a shift beyond the ±0.2 dB margin
@@ -234,5 +234,5 @@ def test_validate_speed_bad_flags():
                          env={**env, "DRY_RUN": "1"}, cwd=ROOT, timeout=60)
     lines = res.stdout.splitlines()
     assert len(lines) == 3 and "speed=exact" in lines[0] and "speed=fast" in lines[1]
-    assert lines[2].endswith("exp0_main_scale0 results/exp0_baseline/imagenet_10img/exp0_main_scale0_fast "
+    assert lines[2].endswith("exp0_10img results/exp0_baseline/imagenet_10img/exp0_10img_fast "
                              "--margin-db 0.2")

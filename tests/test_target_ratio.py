@@ -36,14 +36,14 @@ def _lines(hook, ids=(0, 1)):
 
 
 class _PlainRepulsion(SamplerHook):
-    """score + λ·r with λ = scale·schedule(σ), r from `compute_repulsion_gradient`: the rule without a
-    target ratio, written out independently of `RepulsionHook`."""
+    """score + λ·r with λ = (scale·schedule(σ))² (the default, squared meaning), r from
+    `compute_repulsion_gradient`: the rule without a target ratio, written out independently of `RepulsionHook`."""
 
     def __init__(self, scale: float, model):
         self.scale, self.model = scale, model
 
     def wrap_score(self, score_fn, batch, ctx):
-        lam = self.scale * schedule_factor(ctx.sigma, 1.0, 10.0)
+        lam = (self.scale * schedule_factor(ctx.sigma, 1.0, 10.0)) ** 2
         if lam <= 0:
             return score_fn
         r, _ = compute_repulsion_gradient(batch.zt, lambda z: self.model.decode(z).flatten(1),
@@ -53,8 +53,8 @@ class _PlainRepulsion(SamplerHook):
 
 def test_off_is_bit_identical_to_the_plain_rule(toy):
     model, op = toy
-    ref = _run(model, op, [_PlainRepulsion(1000.0, model)])
-    got = _run(model, op, [RepulsionHook(RepulsionConfig(scale=1000.0, feature="pixel", target_ratio=None,
+    ref = _run(model, op, [_PlainRepulsion(30.0, model)])
+    got = _run(model, op, [RepulsionHook(RepulsionConfig(scale=30.0, feature="pixel", target_ratio=None,
                                                          scale_max=1e-9), model)])
     assert torch.equal(ref.x, got.x) and torch.equal(ref.zt, got.zt)
 
@@ -71,7 +71,8 @@ def test_logged_ratio_equals_target_at_on_steps(toy):
     assert on and any(not l["repulsion_on"] for l in lines)
     for l in on:
         assert l["repulsion_scale_used"] < hook.cfg.scale_max
-        assert l["ratio_scaled_to_score"] == pytest.approx(rho, rel=0.05)
+        assert l["ratio_per_particle_at_sigma"] == pytest.approx(rho, rel=0.05)
+        assert l["repulsion_multiplier"] == l["repulsion_scale_used"]  # λ itself is chosen
     # λ is chosen per image: the two images of the batch get different λ at the same step
     by_step = {}
     for l in on:
@@ -85,7 +86,7 @@ def test_cap_and_zero_force(toy):
     _run(model, op, [capped])
     outs = {i: capped.image_output(i, {}) for i in (0, 1)}
     on = [l for o in outs.values() for l in o.jsonl["repulsion"] if l["repulsion_on"]]
-    assert on and all(l["repulsion_scale_used"] == 1e-3 and l["ratio_scaled_to_score"] < 1.0 for l in on)
+    assert on and all(l["repulsion_scale_used"] == 1e-3 and l["ratio_per_particle_at_sigma"] < 1.0 for l in on)
     rec = outs[0].record["repulsion"]
     assert rec["scale_used_mean"] == pytest.approx(1e-3) and rec["scale_capped_steps"] == rec["active_steps"] > 0
     # one particle per image: r = 0, so λ = 0 and the run equals plain DAPS
@@ -97,7 +98,8 @@ def test_cap_and_zero_force(toy):
 def test_config_target_ratio_turns_repulsion_on(tmp_path):
     base = TINY + [f"save_dir={tmp_path}", "repulsion_scale=0"]
     off = build_run_config(compose(base + ["pruning_step=4"]))
-    assert off.repulsion.target_ratio is None and not off.repulsion.on and off.pruning.sigma_break is None
+    assert off.repulsion.target_ratio is None and not off.repulsion.on
+    assert off.pruning.sigma_break == off.repulsion.sigma_break  # the σ_break trigger holds with repulsion off too
     on = build_run_config(compose(base + ["repulsion_target_ratio=1", "pruning_step=4"]))
     assert on.repulsion.on and on.repulsion.needs_hook and on.repulsion.scale_max == 1e4
     assert on.pruning.sigma_break == on.repulsion.sigma_break  # the σ_break trigger follows repulsion
