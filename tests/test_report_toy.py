@@ -14,7 +14,8 @@ def test_toy_report_end_to_end(tmp_path, one_thread):
     from cores.pipeline import run
     from tests.conftest import TINY, compose
 
-    base = TINY + ["model.include_twins=true", "repulsion_feature=pixel",
+    # linear multiplier: λ = 1000 as the test was written for (the default squared one injects 1e6)
+    base = TINY + ["model.include_twins=true", "repulsion_feature=pixel", "repulsion_multiplier=linear",
                    f"save_dir={tmp_path}/toy/demo_2img"]
     for name, scale in (("s0", 0), ("s1000", 1000)):  # the scale-0 run logs its distances (baseline curve)
         run(compose(base + [f"name={name}", f"repulsion_scale={scale}", "repulsion_log_baseline=true"]))
