@@ -118,6 +118,80 @@ def test_merge_10_and_90(tmp_path):
     assert {ten, ninety, other} == set(pm.find_run_dirs([str(tmp_path)]))
 
 
+def script_folders(tmp_path: Path, script: str, *flags: str, **env: str) -> List[Path]:
+    """Run folders laid out exactly as the experiment script names them (its DRY_RUN commands: save_dir,
+    name, image range), each holding fabricated records of its images and the config it resolves."""
+    from tests.test_experiments import dry
+
+    out = []
+    for c in dry(script, *flags, **env):
+        o = c["overrides"]
+        start, end = int(o["data.start_id"]), int(o["data.end_id"])
+        d = make_run(tmp_path, o["save_dir"].split("/")[-1], *o["name"].split("/"),
+                     [record(i, [10.0 + i, 5.0]) for i in range(start, end)], scale=10.0)
+        cfg = (d / "config.yaml").read_text()  # the range as posterior_sample.py writes it
+        (d / "config.yaml").write_text(cfg.replace("data:\n", f"data:\n  start_id: {start}\n  end_id: {end}\n"))
+        assert pm.load_run(d).config["data"]["end_id"] == end
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("script, merged", [
+    ("exp1_repulsion.sh", "exp1_repulsion/imagenet_100img/exp1_scale10"),
+    ("exp0_baseline.sh", "exp0_baseline/imagenet_100img/exp0")])
+def test_merge_original_run_names(tmp_path, capsys, script, merged):
+    """--1 --10 --90 under the original names (`imagenet_10img/exp1_10img_scale10`,
+    `imagenet_100img/exp1_90img_scale10`): the 10 and 90 merge into one 100-image entry named without
+    the count; the sanity check stays alone, silently."""
+    sanity, ten, ninety = script_folders(tmp_path, script, "--1", "--10", "--90")
+    assert (ten.parent.name, ninety.parent.name) == ("imagenet_10img", "imagenet_100img")
+    runs = pm.load_runs(pm.find_run_dirs([str(tmp_path)]))
+    by_label = {r.label: r for r in runs}
+    assert sorted(by_label) == sorted([merged, pm.run_label(sanity)])
+    assert [r["image_idx"] for r in by_label[merged].images] == list(range(100))
+    assert by_label[merged].paths == [ten, ninety]
+    assert "not merging" not in capsys.readouterr().err
+
+
+def test_merge_exp5_names_keeps_the_sanity_check_apart(tmp_path, capsys):
+    """exp5 puts the dataset before the count (`exp5_imagenet_10img_…`): the 1-image run shares the
+    key but overlaps the 10 images, so it stays alone with a note; 10 + 90 merge."""
+    one, ten, ninety = script_folders(tmp_path, "exp5_final.sh", "--imagenet", "--1", "--10", "--90")
+    runs = pm.load_runs(pm.find_run_dirs([str(tmp_path)]))
+    assert sorted(r.label for r in runs) == sorted([
+        "exp5_final/imagenet_100img/exp5_imagenet_scale10_prune25_hdc1", pm.run_label(one)])
+    assert "their images overlap" in capsys.readouterr().err
+
+
+def test_merge_needs_the_same_config_and_following_ranges(tmp_path, capsys):
+    """Runs of one merge key stay apart when their configs differ outside name/folder/range, or when
+    their image ranges leave a gap; the speed suffix keeps its place in the merged name."""
+    ten, ninety = script_folders(tmp_path, "exp1_repulsion.sh", "--10", "--90", SPEED="fast")
+    assert pm.merge_key(ten) == pm.merge_key(ninety) == ("exp1_repulsion", "imagenet", "exp1_scale10_fast")
+    assert [r.label for r in pm.load_runs([ten, ninety])] == ["exp1_repulsion/imagenet_100img/exp1_scale10_fast"]
+    cfg = (ninety / "config.yaml").read_text()
+    (ninety / "config.yaml").write_text(cfg.replace("num_samples: 4", "num_samples: 2"))
+    assert len(pm.load_runs([ten, ninety])) == 2
+    assert "their configs differ in num_samples" in capsys.readouterr().err
+    (ninety / "config.yaml").write_text(cfg.replace("start_id: 10", "start_id: 20"))
+    metrics = json.loads((ninety / "metrics.json").read_text())
+    metrics["images"] = [im for im in metrics["images"] if im["image_idx"] >= 20]
+    (ninety / "metrics.json").write_text(json.dumps(metrics))
+    assert len(pm.load_runs([ten, ninety])) == 2
+    assert "0..10 and 20..100 do not follow each other" in capsys.readouterr().err
+
+
+def test_merge_key_strips_only_the_scripts_count():
+    key = lambda p: pm.merge_key(Path("/r") / p)  # noqa: E731
+    assert key("e/imagenet_10img/exp1_10img_scale10") == ("e", "imagenet", "exp1_scale10")
+    assert key("e/ffhq_100img/exp5_ffhq_90img_x") == ("e", "ffhq", "exp5_ffhq_x")
+    assert key("e/imagenet_10img/exp0_main_scale0") == ("e", "imagenet", "exp0_main_scale0")  # older names
+    assert key("e/imagenet_1img/exp0_sanity_check") == ("e", "imagenet", "exp0_sanity_check")
+    assert key("e/imagenet_10img/exp1_90img_x") == ("e", "imagenet", "exp1_90img_x")  # more than the folder holds
+    assert key("e/imagenet_10img/exp1_x_10img") == ("e", "imagenet", "exp1_x_10img")  # not after the short name
+    assert key("e/imagenet/exp1_10img") is None
+
+
 def test_overlapping_runs_are_not_merged(tmp_path, capsys):
     make_run(tmp_path, "exp0_baseline", "imagenet_10img", "r", [record(i, [20.0]) for i in range(10)])
     make_run(tmp_path, "exp0_baseline", "imagenet_1img", "r", [record(0, [20.0])])
