@@ -516,7 +516,9 @@ def summary_table(runs: Sequence[Run]) -> str:
                 return "n/a"
             return _f(vals[0][1] if which == "first" else vals[-1][1], "{:.3g}")
 
-        row("repulsion ratio at first logged step", lambda r, s: rep(r, "ratio", "first"))
+        row("repulsion ratio at first logged step, last drift evaluation (the original's)",
+            lambda r, s: rep(r, "ratio", "first"))
+        row("repulsion ratio at first logged step, per particle at σ_i", lambda r, s: rep(r, "ratio_at_sigma", "first"))
         row("pairwise feature dist, first → last step",
             lambda r, s: f"{rep(r, 'dist', 'first')} → {rep(r, 'dist', 'last')}")
     return _md(["metric"] + [r.label for r in runs], rows)

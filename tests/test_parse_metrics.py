@@ -45,8 +45,8 @@ def two_runs(tmp_path):
     base = make_run(tmp_path, "exp0_baseline", "imagenet_1img", "a", [
         record(0, [10.0, 20.0, 30.0, 40.0], loss=[4, 1, 3, 2], success=True, both=True, time_sec=8.0),
         record(1, [12.0, 14.0, 16.0, 18.0], success=False, time_sec=12.0)], peak=2048.0)
-    rep = [{"image_idx": i, "step": s, "mean_pairwise_dino_dist": 30.0 + s + i, "ratio_scaled_to_score": 0.06 / (s + 1)}
-           for i in (0, 1) for s in (0, 1, 2, 5)]
+    rep = [{"image_idx": i, "step": s, "mean_pairwise_dino_dist": 30.0 + s + i, "ratio_scaled_to_score": 0.06 / (s + 1),
+            "ratio_per_particle_at_sigma": 2.4 / (s + 1)} for i in (0, 1) for s in (0, 1, 2, 5)]
     other = make_run(tmp_path, "exp1_repulsion", "imagenet_1img", "b", [
         record(0, [41.0, 39.0, 35.0, 20.0], success=True),
         record(1, [21.0, 11.0, 9.0, 8.0], success=True)], peak=None,
@@ -81,7 +81,9 @@ def test_summary_table_values(two_runs):
     assert column(table, "peak VRAM (MB)") == ["2048", "n/a"]
     assert column(table, "VRAM segments (MB)") == ["none", "pre_pruning 900, post_pruning 500"]
     assert column(table, "repulsion") == ["0", "10.0 (pixel, σ_break 1.0, constant)"]
-    assert column(table, "repulsion ratio at first logged step") == ["n/a", "0.06"]
+    assert column(table, "repulsion ratio at first logged step, last drift evaluation (the original's)") == [
+        "n/a", "0.06"]
+    assert column(table, "repulsion ratio at first logged step, per particle at σ_i") == ["n/a", "2.4"]
     assert column(table, "pairwise feature dist, first → last step") == ["n/a → n/a", "30.5 → 35.5"]
 
 
@@ -246,7 +248,8 @@ def test_cli_csv_and_plots(two_runs, tmp_path, capsys):
     srows = list(csv.DictReader((tmp_path / "out" / "t_summary.csv").open()))
     assert float(srows[0]["best_psnr_mean"]) == pytest.approx(29.0)
     assert math.isclose(float(srows[0]["success_ci_low"]), wilson_ci(1, 2)[0])
-    for name in ("best_psnr_per_image.png", "repulsion_distance.png", "repulsion_ratio.png"):
+    for name in ("best_psnr_per_image.png", "repulsion_distance.png", "repulsion_ratio.png",
+                 "repulsion_ratio_at_sigma.png"):
         p = plots / name
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     # brief: no per-image tables
