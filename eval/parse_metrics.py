@@ -10,10 +10,17 @@ are right. A folder that cannot be read is named in one line and skipped (exit 2
 metrics.json is rebuilt from the folder's records/. Images of two runs are paired by index and
 source hash; runs on different data sets get their own tables.
 
-Merging rule: folders laid out as `<experiment>/<dataset>_<N>img/<run>` with the same
-experiment folder name, dataset and run name but different N (e.g. `imagenet_10img` and
-`imagenet_90img`) are merged into one `<experiment>/<dataset>_<total>img/<run>` entry when
-their image indices are disjoint; overlapping ones stay separate (with a note).
+Merging rule: folders laid out as `<experiment>/<dataset>_<N>img/<run>` merge when they agree in
+experiment folder, dataset and run name once the image counts are taken out: N of the dataset folder,
+and the `_<M>img` token that the experiment scripts put right after the run's experiment short name
+(`<exp>_<M>img…` or `<exp>_<dataset>_<M>img…`, M ≤ N; commands_gpu/_common.sh `_run_name`). So
+`imagenet_10img/exp1_10img_scale10` + `imagenet_100img/exp1_90img_scale10` give one
+`<experiment>/imagenet_100img/exp1_scale10` entry (the total image count, the run name without its
+count); older names without the token (`imagenet_10img/r` + `imagenet_90img/r`) keep their name.
+`_sanity_check` runs carry no count and stay alone. They merge only where their configs agree outside
+the run's name, folder and image range (`eval/study.RUN_IDENTITY_KEYS`), their image ranges
+(`data.start_id`..`data.end_id`, else the images held) follow each other and their images are
+disjoint; anything else stays separate, with a note saying why.
 
 Tables: settings and summary side by side (one column per run), a per-image table per run
 (per-particle PSNR, best, std), and paired comparisons of each run with the first one
@@ -50,8 +57,8 @@ from eval.markdown import fmt as _f, rate_text as _rate, table as _md  # noqa: E
 from eval.original import ORIGINAL, is_original, records as original_records  # noqa: E402
 from eval.plots import write_plots  # noqa: E402
 from eval.report import study_sections, write_report  # noqa: E402
-from eval.study import (common_images, cost_summary, dataset_key, lacks, pairing_notes, seconds_unit, cudnn_autotuned, image_orientation, margin_db, merged_metadata,  # noqa: E402
-                        orientation_summary, PROTOCOL_KEYS, protocol_warning, repulsion_by_step, run_protocol,
+from eval.study import (common_images, config_differences, cost_summary, dataset_key, lacks, pairing_notes, seconds_unit, cudnn_autotuned, image_orientation, margin_db, merged_metadata,  # noqa: E402
+                        orientation_summary, PROTOCOL_KEYS, protocol_warning, repulsion_by_step, RUN_IDENTITY_KEYS, run_protocol,
                         selection_summary, spread_summary)
 
 SIZE_RE = re.compile(r"^(?P<dataset>.+)_(?P<n>\d+)img$")
@@ -221,12 +228,48 @@ def find_run_dirs(args: Iterable[str], missed: Optional[List[str]] = None) -> Li
 
 
 def merge_key(path: Path) -> Optional[Tuple[str, str, str]]:
-    """(experiment, dataset, run name) of a `<experiment>/<dataset>_<N>img/<run>` folder, else None."""
+    """(experiment, dataset, run name without its image count) of a `<experiment>/<dataset>_<N>img/<run>`
+    folder, else None.  The count taken out of the run name is only the scripts' `_<M>img` token right
+    after the experiment short name (optionally followed by the dataset), with M ≤ N."""
     p = Path(path).resolve()
     m = SIZE_RE.match(p.parent.name)
     if not m:
         return None
-    return p.parent.parent.name, m.group("dataset"), p.name
+    dataset, name = m.group("dataset"), p.name
+    token = re.match(rf"^(?P<head>[^_]+(?:_{re.escape(dataset)})?)_(?P<m>\d+)img(?P<tail>_.+)?$", name)
+    if token and int(token.group("m")) <= int(m.group("n")):
+        name = token.group("head") + (token.group("tail") or "")
+    return p.parent.parent.name, dataset, name
+
+
+def image_range(run: "Run") -> Tuple[int, int]:
+    """[start, end) of the images a run was asked for: `data.start_id`/`data.end_id` of its config, else
+    the span of the images it holds."""
+    data = run.config.get("data") if isinstance(run.config, dict) else None
+    ids = [int(r["image_idx"]) for r in run.images]
+    lo, hi = (min(ids), max(ids) + 1) if ids else (0, 0)
+    if isinstance(data, dict):
+        start, end = data.get("start_id"), data.get("end_id")
+        if isinstance(start, int) and not isinstance(start, bool):
+            lo = start
+        if isinstance(end, int) and not isinstance(end, bool) and end > lo:
+            hi = end
+    return lo, hi
+
+
+def merge_obstacle(chain: Sequence["Run"], run: "Run") -> Optional[str]:
+    """Why `run` cannot extend the merged `chain` (None where it can): it must have the same config
+    outside the run's name, folder and image range, start where the chain ends, and share no image."""
+    diff = config_differences(chain[0].config, run.config, skip=RUN_IDENTITY_KEYS)
+    if diff:
+        return f"their configs differ in {', '.join(diff)}"
+    held = {int(im["image_idx"]) for r in chain for im in r.images}
+    if held & {int(im["image_idx"]) for im in run.images}:
+        return "their images overlap"
+    if image_range(run)[0] != image_range(chain[-1])[1]:
+        return (f"their image ranges {image_range(chain[-1])[0]}..{image_range(chain[-1])[1]} and "
+                f"{image_range(run)[0]}..{image_range(run)[1]} do not follow each other")
+    return None
 
 
 def merge_runs(runs: Sequence[Run]) -> Run:
@@ -249,7 +292,9 @@ def load_runs(dirs: Sequence[Path], merge: bool = True) -> List[Run]:
 
 
 def regroup(runs: Sequence[Run]) -> List[Run]:
-    """Merge `_<N>img` siblings of one run with disjoint images (first-seen order kept)."""
+    """Merge the runs of one merge key whose image ranges follow each other (first-seen order kept):
+    runs sorted by range start (longer first) extend a chain while `merge_obstacle` allows; what is left
+    forms further chains; a run left alone in a group of several gets a note saying why."""
     groups: Dict[object, List[Run]] = {}
     order: List[object] = []
     for i, r in enumerate(runs):
@@ -260,16 +305,24 @@ def regroup(runs: Sequence[Run]) -> List[Run]:
         groups[key].append(r)
     out: List[Run] = []
     for key in order:
-        group = groups[key]
-        idx_sets = [set(int(im["image_idx"]) for im in r.images) for r in group]
-        disjoint = sum(len(s) for s in idx_sets) == len(set().union(*idx_sets))
-        if len(group) > 1 and disjoint:
-            out.append(merge_runs(group))
-        else:
-            if len(group) > 1:
-                print(f"note: not merging {', '.join(r.label for r in group)}: their images overlap",
-                      file=sys.stderr)
-            out.extend(group)
+        left = sorted(groups[key], key=lambda r: (image_range(r)[0], -image_range(r)[1]))
+        why: Dict[int, str] = {}
+        while left:
+            chain, rest = [left[0]], []
+            for r in left[1:]:
+                problem = merge_obstacle(chain, r)
+                if problem:
+                    why.setdefault(id(r), f"{chain[0].label}: {problem}")
+                    rest.append(r)
+                else:
+                    chain.append(r)
+            left = rest
+            if len(chain) > 1:
+                out.append(merge_runs(chain))
+            else:
+                out.append(chain[0])
+                if id(chain[0]) in why:
+                    print(f"note: not merging {chain[0].label} with {why[id(chain[0])]}", file=sys.stderr)
     return _unique_labels(out)
 
 
@@ -463,7 +516,9 @@ def summary_table(runs: Sequence[Run]) -> str:
                 return "n/a"
             return _f(vals[0][1] if which == "first" else vals[-1][1], "{:.3g}")
 
-        row("repulsion ratio at first logged step", lambda r, s: rep(r, "ratio", "first"))
+        row("repulsion ratio at first logged step, last drift evaluation (the original's)",
+            lambda r, s: rep(r, "ratio", "first"))
+        row("repulsion ratio at first logged step, per particle at σ_i", lambda r, s: rep(r, "ratio_at_sigma", "first"))
         row("pairwise feature dist, first → last step",
             lambda r, s: f"{rep(r, 'dist', 'first')} → {rep(r, 'dist', 'last')}")
     return _md(["metric"] + [r.label for r in runs], rows)
@@ -683,7 +738,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--plots", type=Path, help="folder for PNG plots")
     ap.add_argument("--all-pairs", action="store_true", help="compare every pair, not each run with the first")
     ap.add_argument("--brief", action="store_true", help="leave out the per-image tables")
-    ap.add_argument("--no-merge", action="store_true", help="keep _10img / _90img folders separate")
+    ap.add_argument("--no-merge", action="store_true", help="keep the --10 and --90 folders of a run separate")
     ap.add_argument("--methods", action="store_true",
                     help="the method table per dataset (automatic when a ReSample run is among the runs)")
     ap.add_argument("--report", type=Path, metavar="DIR",

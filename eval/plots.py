@@ -153,8 +153,14 @@ def coinciding(curves: Sequence[Tuple[str, List[int], List[float], bool]], rtol:
     return [g for g in groups if len(g) > 1]
 
 
+#: y-axis names of the two ratios (`eval.study.RATIO_NAMES`), short enough for an axis
+RATIO_AXES = {"ratio": "‖λ·r‖ / ‖score‖ (last drift evaluation)", "ratio_at_sigma": "‖λ·r_i‖ / ‖score_i‖ at σ_i"}
+
+
 def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
-    """repulsion_distance.png (a scale-0 baseline dashed grey) and repulsion_ratio.png (runs with ON steps).
+    """repulsion_distance.png (a scale-0 baseline dashed grey), repulsion_ratio.png (the original's ratio at
+    the ODE's last drift evaluation) and repulsion_ratio_at_sigma.png (the per-particle ratio at σ_i), the
+    ratios for runs with ON steps.
 
     Both y-axes start at 0 (a distance and a ratio have a natural zero: a few % wobble must not fill
     the plot) unless the values span decades (ratio: log axis).  Curves that lie on each other are
@@ -165,7 +171,9 @@ def repulsion_plots(runs: Sequence, outdir: Path) -> List[Path]:
     plt = _plt()
     written: List[Path] = []
     for key, fname, ylabel, logy in (("dist", "repulsion_distance.png", "mean pairwise feature distance", False),
-                                     ("ratio", "repulsion_ratio.png", "‖λ·r‖ / ‖score‖", True)):
+                                     ("ratio", "repulsion_ratio.png", RATIO_AXES["ratio"], True),
+                                     ("ratio_at_sigma", "repulsion_ratio_at_sigma.png", RATIO_AXES["ratio_at_sigma"],
+                                      True)):
         fig, ax = plt.subplots(figsize=(7, 4))
         curves = repulsion_curves(runs, key)
         n = len(curves)
@@ -340,7 +348,7 @@ def quality_vs_compute_plot(runs: Sequence, path: Path) -> Path:
 
 def write_plots(runs: Sequence, outdir: Path) -> List[Path]:
     """best_psnr_per_image.png and quality_vs_compute.png; with repulsion.jsonl also
-    repulsion_distance.png and repulsion_ratio.png."""
+    repulsion_distance.png, repulsion_ratio.png and repulsion_ratio_at_sigma.png."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written = [best_psnr_plot(runs, outdir / "best_psnr_per_image.png"),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from eval.markdown import ci_text, fmt, table
-from eval.study import (COMPUTE_KEYS, ORIENTATIONS, cost_summary, flat_config, hdc_summary, lacks, last_on_step,
+from eval.study import (COMPUTE_KEYS, ORIENTATIONS, RATIO_NAMES, cost_summary, flat_config, hdc_summary, lacks, last_on_step,
                         seconds_unit,
                         orientation_pair, orientation_summary, pruning_on, pruning_summary, repulsion_summary, selection_summary,
                         spread_summary, world_size)
@@ -144,8 +144,9 @@ def cost_table(runs: Sequence) -> str:
 def repulsion_table(runs: Sequence) -> str:
     rep = [repulsion_summary(r) for r in runs]
     rows = [["feature"] + [str(x["feature"]) if x["feature"] else "n/a" for x in rep],
-            ["step-0 ratio ‖λ·r‖ / ‖score‖, median over images"]
-            + [f"{fmt(x['step0_ratio_median'], '{:.3g}')} (n={x['step0_images']})" for x in rep],
+            *([f"step-0 ratio {name}, median over images"]
+              + [f"{fmt(x[f'step0_{key}_median'], '{:.3g}')} (n={x[f'step0_{key}_images']})" for x in rep]
+              for key, name in RATIO_NAMES.items()),
             ["repulsion time / image (s)"] + [fmt(x["time_per_image"], "{:.3g}") for x in rep],
             ["scale-0 baseline curve"] + ["yes" if x["is_baseline"] else "no" for x in rep]]
     return table(_cols(runs), rows)
@@ -271,6 +272,12 @@ DEFINITIONS = """## Definitions
   the tables.
 - Selection accuracy: share of images where the lowest-loss particle is the highest-PSNR one; dB lost is
   best − selected PSNR.
+- Repulsion ratios, from `repulsion.jsonl`: ‖λ·r‖ / ‖score‖ at the ODE's last drift evaluation is the
+  original study's `ratio_scaled_to_score` (L2 norms over all the image's particles at the PF-ODE's last
+  drift evaluation of the step); mean ‖λ·r_i‖ / mean ‖score_i‖ at σ_i is the project's per-particle ratio
+  at the step's own noise level (`ratio_per_particle_at_sigma`; runs written before that field logged it
+  as `ratio_scaled_to_score`, and show n/a for the other). The two can differ by orders of magnitude (the
+  score at the ODE's later points is far larger), so each has its own row and plot.
 - Pairwise feature distance: from `repulsion.jsonl`, per image at its last logged step with repulsion ON;
   a scale-0 baseline (all lines OFF) is read at the other runs' last ON step.
 - Pruning regret (masking mode): the best final particle was among the pruned ones; dB lost is best
@@ -321,7 +328,8 @@ def write_report(runs: Sequence, outdir: Path, body: str, argv: Optional[Sequenc
     captions = {"best_psnr_per_image.png": "Best-particle PSNR per image",
                 "quality_vs_compute.png": "Best PSNR against seconds per image (the axis names the device)",
                 "repulsion_distance.png": "Mean pairwise feature distance per step (dashed: scale-0 baseline)",
-                "repulsion_ratio.png": "‖λ·r‖ / ‖score‖ per step (ON steps)"}
+                "repulsion_ratio.png": f"{RATIO_NAMES['ratio']} per step (ON steps)",
+                "repulsion_ratio_at_sigma.png": f"{RATIO_NAMES['ratio_at_sigma']} per step (ON steps)"}
     cmd = "python eval/parse_metrics.py " + " ".join(argv) if argv is not None else None
     head = ["# Study report", "",
             f"Generated {_dt.datetime.now().isoformat(timespec='seconds')}"

@@ -508,15 +508,33 @@ def protocol_warning(a, b) -> Optional[str]:
 
 
 # --- repulsion ---------------------------------------------------------------------------------
+#: the two ratios ||λ·r|| / ||score|| a repulsion.jsonl line can hold (keys of `repulsion_by_step`)
+RATIO_NAMES = {"ratio": "‖λ·r‖ / ‖score‖ at the ODE's last drift evaluation (the original's log)",
+               "ratio_at_sigma": "mean ‖λ·r_i‖ / mean ‖score_i‖ at σ_i"}
+
+
+def line_ratios(row: Dict, origin: str = "project") -> Dict[str, Optional[float]]:
+    """{"ratio", "ratio_at_sigma"} of one repulsion.jsonl line.  `ratio_scaled_to_score` is the original's
+    ratio (norms over the image's particles at the PF-ODE's last drift evaluation) in the original's lines
+    and in the project's lines that carry `ratio_per_particle_at_sigma`; the project's lines written
+    before that field existed held the per-particle ratio at σ_i in `ratio_scaled_to_score`."""
+    if "ratio_per_particle_at_sigma" in row or origin != "project":
+        return {"ratio": row.get("ratio_scaled_to_score"), "ratio_at_sigma": row.get("ratio_per_particle_at_sigma")}
+    return {"ratio": None, "ratio_at_sigma": row.get("ratio_scaled_to_score")}
+
+
 def repulsion_summary(run) -> Dict:
-    """Median step-0 ratio ||λ·r||/||score|| over images, and repulsion seconds per image."""
-    ratios = finite(r.get("ratio_scaled_to_score") for r in run.repulsion
-                    if int(r.get("step", -1)) == 0 and r.get("repulsion_on", True))
+    """Median step-0 ratios over images (each meaning of `RATIO_NAMES`), and repulsion seconds per image."""
+    step0 = [line_ratios(r, getattr(run, "origin", "project")) for r in run.repulsion
+             if int(r.get("step", -1)) == 0 and r.get("repulsion_on", True)]
     times = finite((r.get("repulsion") or {}).get("total_time_sec") for r in run.images
                    if isinstance(r.get("repulsion"), dict))
-    return {"step0_ratio_median": float(np.median(ratios)) if ratios else None, "step0_images": len(ratios),
-            "time_per_image": mean_std(times)[0], "feature": feature_of(run),
-            "is_baseline": is_baseline(run)}
+    out = {"time_per_image": mean_std(times)[0], "feature": feature_of(run), "is_baseline": is_baseline(run)}
+    for key in RATIO_NAMES:
+        ratios = finite(x[key] for x in step0)
+        out[f"step0_{key}_median"] = float(np.median(ratios)) if ratios else None
+        out[f"step0_{key}_images"] = len(ratios)
+    return out
 
 
 def is_baseline(run) -> bool:
@@ -750,14 +768,15 @@ def hook_totals(images: List[Dict], present: set) -> Dict:
 
 # --- per-step repulsion curves -------------------------------------------------------------------
 def repulsion_by_step(run) -> Dict[int, Dict[str, Optional[float]]]:
-    """Mean over images of the pairwise feature distance and the scaled-repulsion/score ratio per step
-    (the ratio only where repulsion was ON: an OFF step's zero is no ratio)."""
+    """Mean over images of the pairwise feature distance and of both scaled-repulsion/score ratios
+    (`RATIO_NAMES`) per step (ratios only where repulsion was ON: an OFF step's zero is no ratio)."""
     acc: Dict[int, Dict[str, List[float]]] = {}
     for row in run.repulsion:
         if "step" not in row:
             continue
-        a = acc.setdefault(int(row["step"]), {"dist": [], "ratio": []})
+        a = acc.setdefault(int(row["step"]), {"dist": [], **{k: [] for k in RATIO_NAMES}})
         a["dist"] += finite([row.get("mean_pairwise_dino_dist")])
         if row.get("repulsion_on", True):
-            a["ratio"] += finite([row.get("ratio_scaled_to_score")])
+            for key, v in line_ratios(row, getattr(run, "origin", "project")).items():
+                a[key] += finite([v])
     return {s: {k: (float(np.mean(v)) if v else None) for k, v in a.items()} for s, a in sorted(acc.items())}

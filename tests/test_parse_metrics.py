@@ -45,8 +45,8 @@ def two_runs(tmp_path):
     base = make_run(tmp_path, "exp0_baseline", "imagenet_1img", "a", [
         record(0, [10.0, 20.0, 30.0, 40.0], loss=[4, 1, 3, 2], success=True, both=True, time_sec=8.0),
         record(1, [12.0, 14.0, 16.0, 18.0], success=False, time_sec=12.0)], peak=2048.0)
-    rep = [{"image_idx": i, "step": s, "mean_pairwise_dino_dist": 30.0 + s + i, "ratio_scaled_to_score": 0.06 / (s + 1)}
-           for i in (0, 1) for s in (0, 1, 2, 5)]
+    rep = [{"image_idx": i, "step": s, "mean_pairwise_dino_dist": 30.0 + s + i, "ratio_scaled_to_score": 0.06 / (s + 1),
+            "ratio_per_particle_at_sigma": 2.4 / (s + 1)} for i in (0, 1) for s in (0, 1, 2, 5)]
     other = make_run(tmp_path, "exp1_repulsion", "imagenet_1img", "b", [
         record(0, [41.0, 39.0, 35.0, 20.0], success=True),
         record(1, [21.0, 11.0, 9.0, 8.0], success=True)], peak=None,
@@ -81,7 +81,9 @@ def test_summary_table_values(two_runs):
     assert column(table, "peak VRAM (MB)") == ["2048", "n/a"]
     assert column(table, "VRAM segments (MB)") == ["none", "pre_pruning 900, post_pruning 500"]
     assert column(table, "repulsion") == ["0", "10.0 (pixel, σ_break 1.0, constant)"]
-    assert column(table, "repulsion ratio at first logged step") == ["n/a", "0.06"]
+    assert column(table, "repulsion ratio at first logged step, last drift evaluation (the original's)") == [
+        "n/a", "0.06"]
+    assert column(table, "repulsion ratio at first logged step, per particle at σ_i") == ["n/a", "2.4"]
     assert column(table, "pairwise feature dist, first → last step") == ["n/a → n/a", "30.5 → 35.5"]
 
 
@@ -116,6 +118,80 @@ def test_merge_10_and_90(tmp_path):
     # --no-merge keeps them apart; a parent folder argument finds all three
     assert len(pm.load_runs(pm.find_run_dirs([str(tmp_path)]), merge=False)) == 3
     assert {ten, ninety, other} == set(pm.find_run_dirs([str(tmp_path)]))
+
+
+def script_folders(tmp_path: Path, script: str, *flags: str, **env: str) -> List[Path]:
+    """Run folders laid out exactly as the experiment script names them (its DRY_RUN commands: save_dir,
+    name, image range), each holding fabricated records of its images and the config it resolves."""
+    from tests.test_experiments import dry
+
+    out = []
+    for c in dry(script, *flags, **env):
+        o = c["overrides"]
+        start, end = int(o["data.start_id"]), int(o["data.end_id"])
+        d = make_run(tmp_path, o["save_dir"].split("/")[-1], *o["name"].split("/"),
+                     [record(i, [10.0 + i, 5.0]) for i in range(start, end)], scale=10.0)
+        cfg = (d / "config.yaml").read_text()  # the range as posterior_sample.py writes it
+        (d / "config.yaml").write_text(cfg.replace("data:\n", f"data:\n  start_id: {start}\n  end_id: {end}\n"))
+        assert pm.load_run(d).config["data"]["end_id"] == end
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("script, merged", [
+    ("exp1_repulsion.sh", "exp1_repulsion/imagenet_100img/exp1_scale10"),
+    ("exp0_baseline.sh", "exp0_baseline/imagenet_100img/exp0")])
+def test_merge_original_run_names(tmp_path, capsys, script, merged):
+    """--1 --10 --90 under the original names (`imagenet_10img/exp1_10img_scale10`,
+    `imagenet_100img/exp1_90img_scale10`): the 10 and 90 merge into one 100-image entry named without
+    the count; the sanity check stays alone, silently."""
+    sanity, ten, ninety = script_folders(tmp_path, script, "--1", "--10", "--90")
+    assert (ten.parent.name, ninety.parent.name) == ("imagenet_10img", "imagenet_100img")
+    runs = pm.load_runs(pm.find_run_dirs([str(tmp_path)]))
+    by_label = {r.label: r for r in runs}
+    assert sorted(by_label) == sorted([merged, pm.run_label(sanity)])
+    assert [r["image_idx"] for r in by_label[merged].images] == list(range(100))
+    assert by_label[merged].paths == [ten, ninety]
+    assert "not merging" not in capsys.readouterr().err
+
+
+def test_merge_exp5_names_keeps_the_sanity_check_apart(tmp_path, capsys):
+    """exp5 puts the dataset before the count (`exp5_imagenet_10img_…`): the 1-image run shares the
+    key but overlaps the 10 images, so it stays alone with a note; 10 + 90 merge."""
+    one, ten, ninety = script_folders(tmp_path, "exp5_final.sh", "--imagenet", "--1", "--10", "--90")
+    runs = pm.load_runs(pm.find_run_dirs([str(tmp_path)]))
+    assert sorted(r.label for r in runs) == sorted([
+        "exp5_final/imagenet_100img/exp5_imagenet_scale10_prune25_hdc1", pm.run_label(one)])
+    assert "their images overlap" in capsys.readouterr().err
+
+
+def test_merge_needs_the_same_config_and_following_ranges(tmp_path, capsys):
+    """Runs of one merge key stay apart when their configs differ outside name/folder/range, or when
+    their image ranges leave a gap; the speed suffix keeps its place in the merged name."""
+    ten, ninety = script_folders(tmp_path, "exp1_repulsion.sh", "--10", "--90", SPEED="fast")
+    assert pm.merge_key(ten) == pm.merge_key(ninety) == ("exp1_repulsion", "imagenet", "exp1_scale10_fast")
+    assert [r.label for r in pm.load_runs([ten, ninety])] == ["exp1_repulsion/imagenet_100img/exp1_scale10_fast"]
+    cfg = (ninety / "config.yaml").read_text()
+    (ninety / "config.yaml").write_text(cfg.replace("num_samples: 4", "num_samples: 2"))
+    assert len(pm.load_runs([ten, ninety])) == 2
+    assert "their configs differ in num_samples" in capsys.readouterr().err
+    (ninety / "config.yaml").write_text(cfg.replace("start_id: 10", "start_id: 20"))
+    metrics = json.loads((ninety / "metrics.json").read_text())
+    metrics["images"] = [im for im in metrics["images"] if im["image_idx"] >= 20]
+    (ninety / "metrics.json").write_text(json.dumps(metrics))
+    assert len(pm.load_runs([ten, ninety])) == 2
+    assert "0..10 and 20..100 do not follow each other" in capsys.readouterr().err
+
+
+def test_merge_key_strips_only_the_scripts_count():
+    key = lambda p: pm.merge_key(Path("/r") / p)  # noqa: E731
+    assert key("e/imagenet_10img/exp1_10img_scale10") == ("e", "imagenet", "exp1_scale10")
+    assert key("e/ffhq_100img/exp5_ffhq_90img_x") == ("e", "ffhq", "exp5_ffhq_x")
+    assert key("e/imagenet_10img/exp0_main_scale0") == ("e", "imagenet", "exp0_main_scale0")  # older names
+    assert key("e/imagenet_1img/exp0_sanity_check") == ("e", "imagenet", "exp0_sanity_check")
+    assert key("e/imagenet_10img/exp1_90img_x") == ("e", "imagenet", "exp1_90img_x")  # more than the folder holds
+    assert key("e/imagenet_10img/exp1_x_10img") == ("e", "imagenet", "exp1_x_10img")  # not after the short name
+    assert key("e/imagenet/exp1_10img") is None
 
 
 def test_overlapping_runs_are_not_merged(tmp_path, capsys):
@@ -172,7 +248,8 @@ def test_cli_csv_and_plots(two_runs, tmp_path, capsys):
     srows = list(csv.DictReader((tmp_path / "out" / "t_summary.csv").open()))
     assert float(srows[0]["best_psnr_mean"]) == pytest.approx(29.0)
     assert math.isclose(float(srows[0]["success_ci_low"]), wilson_ci(1, 2)[0])
-    for name in ("best_psnr_per_image.png", "repulsion_distance.png", "repulsion_ratio.png"):
+    for name in ("best_psnr_per_image.png", "repulsion_distance.png", "repulsion_ratio.png",
+                 "repulsion_ratio_at_sigma.png"):
         p = plots / name
         assert p.is_file() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     # brief: no per-image tables

@@ -150,7 +150,8 @@ def test_identical_repulsion_curves_are_told_apart_and_axes_start_at_zero(tmp_pa
     from eval.plots import repulsion_plots
 
     steps = [{"image_idx": 0, "step": s, "repulsion_on": True, "feature": "pixel",
-              "ratio_scaled_to_score": 0.0235 * (1 + 0.04 * (-1) ** s), "mean_pairwise_dino_dist": 100.0 - s}
+              "ratio_scaled_to_score": 0.0235 * (1 + 0.04 * (-1) ** s),
+              "ratio_per_particle_at_sigma": 0.235 * (1 + 0.04 * (-1) ** s), "mean_pairwise_dino_dist": 100.0 - s}
              for s in range(10)]
     dirs = [make_run(tmp_path, f"exp{k}/demo_1img/r{k}", [rec(0, [30.0, 20.0])], config={"repulsion_scale": 10.0},
                      repulsion=steps, metadata={"device": "cpu"}) for k in (1, 2, 4)]
@@ -170,7 +171,8 @@ def test_identical_repulsion_curves_are_told_apart_and_axes_start_at_zero(tmp_pa
         assert len(styles) == 3
         assert any("identical curves: exp1 = exp2 = exp4" in t.get_text() for t in ax.texts)
         assert ax.get_ylim()[0] == 0.0
-    assert [p.name for p in written] == ["repulsion_distance.png", "repulsion_ratio.png"]
+    assert [p.name for p in written] == ["repulsion_distance.png", "repulsion_ratio.png", "repulsion_ratio_at_sigma.png"]
+    assert len(figs) == 3
     assert all(Image.open(p).size[0] > 300 for p in written)
 
 

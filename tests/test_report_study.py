@@ -184,6 +184,7 @@ def test_selection_and_spread(tmp_path):
 def rep_lines(on: bool, dist, ratios) -> List[Dict]:
     return [{"image_idx": i, "step": s, "repulsion_on": on and s <= 5, "feature": "pixel",
              "mean_pairwise_dino_dist": dist(i, s), "ratio_scaled_to_score": ratios[i] if (on and s == 0) else 0.0,
+             "ratio_per_particle_at_sigma": 100 * ratios[i] if (on and s == 0) else 0.0,
              "repulsion_time_sec": 0.01} for i in range(4) for s in (0, 1, 2, 5, 10)]
 
 
@@ -198,16 +199,37 @@ def test_repulsion_with_baseline(tmp_path):
     sb, sr = study.repulsion_summary(rb), study.repulsion_summary(rr)
     assert sb["is_baseline"] and not sr["is_baseline"]
     assert sb["step0_ratio_median"] is None and sr["step0_ratio_median"] == pytest.approx(1.5)
+    assert sb["step0_ratio_at_sigma_median"] is None and sr["step0_ratio_at_sigma_median"] == pytest.approx(150.0)
     assert sr["time_per_image"] == pytest.approx(3.0) and sr["feature"] == "pixel"
     # the baseline's distance is read at the repulsion run's last ON step (5): 50 + i + 5
     text = pm.report([rb, rr])
     assert "56.5 ± 1.1 (pixel, step 5, n=4)" in text and "120 ± 11 (pixel, step 5, n=4)" in text  # ddof 0
     section = text.split("## Repulsion")[1]
-    assert cell(section, "step-0 ratio ‖λ·r‖ / ‖score‖, median over images", 1) == "1.5 (n=4)"
+    assert cell(section, f"step-0 ratio {study.RATIO_NAMES['ratio']}, median over images", 1) == "1.5 (n=4)"
+    assert cell(section, f"step-0 ratio {study.RATIO_NAMES['ratio_at_sigma']}, median over images", 1) == "150 (n=4)"
     curves = {label: (xs, ys, b) for label, xs, ys, b in repulsion_curves([rb, rr], "dist")}
     label = "exp0/demo_4img/s0 [pixel] (scale-0 baseline)"
     assert curves[label] == ([0, 1, 2, 5, 10], [51.5, 52.5, 53.5, 56.5, 61.5], True)
     assert [lab for lab, *_ in repulsion_curves([rb, rr], "ratio")] == ["exp1/demo_4img/s10 [pixel]"]
+
+
+def test_ratio_meaning_follows_the_line_format(tmp_path):
+    """`ratio_scaled_to_score` is the original's last-evaluation ratio where the line also carries
+    `ratio_per_particle_at_sigma` and in the original's own logs; the project's older lines held the
+    per-particle ratio at σ_i there."""
+    new = {"ratio_scaled_to_score": 0.002, "ratio_per_particle_at_sigma": 0.3}
+    old = {"ratio_scaled_to_score": 0.3}
+    assert study.line_ratios(new) == {"ratio": 0.002, "ratio_at_sigma": 0.3}
+    assert study.line_ratios(old) == {"ratio": None, "ratio_at_sigma": 0.3}
+    assert study.line_ratios(old, "original") == {"ratio": 0.3, "ratio_at_sigma": None}
+    lines = [{**old, "image_idx": 0, "step": 0, "repulsion_on": True}]
+    (r,) = load(make_run(tmp_path, "exp1/demo_1img/older", [rec(0, [20.0, 21.0])], repulsion=lines,
+                         config={"repulsion_scale": 10.0}))
+    s = study.repulsion_summary(r)
+    assert (s["step0_ratio_median"], s["step0_ratio_at_sigma_median"]) == (None, 0.3)
+    section = pm.report([r]).split("## Repulsion")[1]
+    assert cell(section, f"step-0 ratio {study.RATIO_NAMES['ratio']}, median over images", 0) == "n/a (n=0)"
+    assert cell(section, f"step-0 ratio {study.RATIO_NAMES['ratio_at_sigma']}, median over images", 0) == "0.3 (n=1)"
 
 
 # --- cost ----------------------------------------------------------------------------------------
@@ -379,6 +401,6 @@ def test_csv_columns_and_report_file(tmp_path):
     assert "| repulsion_scale | 0.0 | 10.0 |" in md  # settings that differ
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(links) == ["best_psnr_per_image.png", "quality_vs_compute.png", "repulsion_distance.png",
-                             "repulsion_ratio.png"]
+                             "repulsion_ratio.png", "repulsion_ratio_at_sigma.png"]
     for link in links:
         assert (out / "rep" / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,14 +7,15 @@ import re
 
 from eval import parse_metrics as pm
 from eval.plots import repulsion_curves
-from eval.study import image_orientation, particle_orientation
+from eval.study import RATIO_NAMES, image_orientation, particle_orientation
 
 
 def test_toy_report_end_to_end(tmp_path, one_thread):
     from cores.pipeline import run
     from tests.conftest import TINY, compose
 
-    base = TINY + ["model.include_twins=true", "repulsion_feature=pixel",
+    # linear multiplier: λ = 1000 as the test was written for (the default squared one injects 1e6)
+    base = TINY + ["model.include_twins=true", "repulsion_feature=pixel", "repulsion_multiplier=linear",
                    f"save_dir={tmp_path}/toy/demo_2img"]
     for name, scale in (("s0", 0), ("s1000", 1000)):  # the scale-0 run logs its distances (baseline curve)
         run(compose(base + [f"name={name}", f"repulsion_scale={scale}", "repulsion_log_baseline=true"]))
@@ -46,7 +47,9 @@ def test_toy_report_end_to_end(tmp_path, one_thread):
 
     # the repulsion run logged a step-0 ratio; the GPU-second figures come from wall time
     rep = md.split("## Repulsion")[1].split("##")[0]
-    assert re.search(r"\| step-0 ratio ‖λ·r‖ / ‖score‖, median over images \| n/a \(n=0\) \| [0-9.e+-]+ \(n=2\) \|", rep)
+    for name in RATIO_NAMES.values():  # both ratios, each under its own name
+        assert re.search(rf"\| step-0 ratio {re.escape(name)}, median over images \| n/a \(n=0\) \| [0-9.e+-]+ \(n=2\) \|",
+                         rep), name
     assert md.count("(wall)") == 2 and md.count("| cpu × 1 |") == 2
     assert "| scale-0 baseline curve | yes | no |" in rep
     runs = pm.load_runs(pm.find_run_dirs([str(tmp_path / "toy")]))
@@ -55,6 +58,6 @@ def test_toy_report_end_to_end(tmp_path, one_thread):
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert set(links) == {"best_psnr_per_image.png", "quality_vs_compute.png", "repulsion_distance.png",
-                          "repulsion_ratio.png"}
+                          "repulsion_ratio.png", "repulsion_ratio_at_sigma.png"}
     for link in links:
         assert (out / link).is_file() and (out / link).stat().st_size > 1000
