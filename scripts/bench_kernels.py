@@ -107,8 +107,9 @@ def bench_group_norm(shapes, bw_copy: float, sweep: bool):
             torch._dynamo.reset()  # one lambda's code object per row: no recompile limit is reached
             # what the presets run now: the NHWC reductions for 4-D inputs, F.group_norm for the attention's 3-D one
             base = dops.group_norm_nhwc if x.ndim == 4 else F.group_norm
-            ind = torch.compile(lambda t: F.silu(base(t, g, w, b, 1e-6)))
-            eag = lambda t: F.silu(F.group_norm(t, g, w, b, 1e-6))  # noqa: E731
+            # fp32 inside as autocast runs GroupNorm (its fp32 list), the input's dtype out
+            ind = torch.compile(lambda t: F.silu(base(t.float(), g, w, b, 1e-6)).to(t.dtype))
+            eag = lambda t: F.silu(F.group_norm(t.float(), g, w, b, 1e-6)).to(t.dtype)  # noqa: E731
             ours = lambda t: tgn.group_norm_act(t, g, w, b, 1e-6, True)  # noqa: E731
             fb = {}
             for name, fn in (("triton", ours), ("inductor_nhwc", ind), ("eager_torch", eag)):

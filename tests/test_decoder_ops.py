@@ -19,7 +19,7 @@ from cores.decoder_ops import (SplitTF32AttnProcessor, _ChannelsLastGrad, group_
 from cores.operators import get_operator
 from cores.speed import SpeedConfig, apply_speed
 
-from conftest import FIXTURES
+from conftest import FIXTURES, needs_triton_interpreter
 
 
 def _rel(a, b):
@@ -215,7 +215,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="Triton not installed")
+@needs_triton_interpreter
 def test_split_tf32_triton_kernel_under_the_interpreter():
     """The fused split-TF32 GEMM (the CUDA path) on CPU through Triton's interpreter: shapes that are
     no multiple of its tiles, operands read through transposed strides, every output element written."""

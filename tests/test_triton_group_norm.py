@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from cores.speed import SpeedConfig, apply_speed
 from cores.triton_group_norm import group_norm_act, install_triton_group_norm, layout_supported
 
-from conftest import ROOT
+from conftest import ROOT, needs_triton_interpreter
 from test_decoder_ops import _decode_and_grad, tiny_ldm  # noqa: F401  (the fixture LDM and its decode + gradient)
 
 # (B, C, *spatial), groups: the decoder's 128..512 channels in miniature, a 3-D (B, C, N) input as the
@@ -97,7 +97,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="Triton not installed")
+@needs_triton_interpreter
 def test_triton_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", _INTERPRETED, str(ROOT)], env=env, capture_output=True, text=True,
