@@ -265,6 +265,7 @@ class PruningConfig:
     save_traj: bool = False
     traj_every: int = 5
     dino_weights_path: str = "checkpoints/dino_deitsmall16_pretrain.pth"
+    dino_preprocess: str = "raw"           # set from dino.preprocess: the diversity features see repulsion's input
 
     def __post_init__(self) -> None:
         _check_choice("pruning_mode", self.mode, ("slicing", "masking", "shadow"))
@@ -526,6 +527,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     pruning.sigma_break = repulsion.sigma_break
     pruning.feature = repulsion.feature if repulsion.feature != "dino" or pruning.criterion == "diversity" else "pixel"
     pruning.dino_weights_path = repulsion.dino.weights_path
+    pruning.dino_preprocess = repulsion.dino.preprocess
     pruning.save_traj, pruning.traj_every = bool(run.get("save_traj", False)), int(run.get("traj_every", 5))
     optimization = build_dataclass(OptimizationConfig, parts["optimization"], names=names["optimization"])
     sigma_y = cfg.get("task", {}).get("sigma")

@@ -60,7 +60,7 @@ from sampler import ImageOutput, ParticleBatch, SamplerHook, StepContext
 __all__ = ["PruningConfig", "PruningHook", "select_by_loss", "select_by_diversity", "pruning_regret", "summarize",
            "run_totals"]
 
-FeatureFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z0y, decoded x) -> (B, D)
+FeatureFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z0y, decoded x, image ids) -> (B, D)
 
 
 def select_by_loss(losses: torch.Tensor, keep: int) -> List[int]:
@@ -127,7 +127,7 @@ class PruningHook(SamplerHook):
     def from_config(cls, cfg: PruningConfig, vram: Optional[VramMeter] = None) -> Optional["PruningHook"]:
         if not cfg.on:
             return None
-        feature_fn = _dino_feature_fn(cfg.dino_weights_path) if cfg.criterion == "diversity" and cfg.feature == "dino" else None
+        feature_fn = _dino_feature_fn(cfg.dino_weights_path, cfg.dino_preprocess) if cfg.criterion == "diversity" and cfg.feature == "dino" else None
         if cfg.feature == "dino" and feature_fn is None:
             cfg.feature = "pixel"
         return cls(cfg, feature_fn, vram)
@@ -157,7 +157,7 @@ class PruningHook(SamplerHook):
         with torch.no_grad():
             x = ctx.model.decode(batch.z0y)
             losses = ctx.operator.loss(x, batch.y).detach()
-            feats = self._features(batch.z0y, x) if self.cfg.criterion == "diversity" else None
+            feats = self._features(batch.z0y, x, batch.image_ids) if self.cfg.criterion == "diversity" else None
         keep_rows: List[int] = []
         refill = self.cfg.refill and self.cfg.mode == "slicing"
         clones: List[Tuple[int, int, int]] = []       # (image, new particle id, parent id)
@@ -244,12 +244,12 @@ class PruningHook(SamplerHook):
         """The diversity criterion's feature network at z's rows (the decode is the sampler's warm-up)."""
         if self.feature_fn is not None:
             with torch.no_grad():
-                self.feature_fn(z, model.decode(z))
+                self.feature_fn(z, model.decode(z), torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
 
     # ------------------------------------------------------------------ helpers
-    def _features(self, z0y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, z0y: torch.Tensor, x: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         if self.feature_fn is not None:
-            return self.feature_fn(z0y, x)
+            return self.feature_fn(z0y, x, image_ids)
         return (z0y if self.cfg.feature == "latent" else x).flatten(1)
 
 
@@ -276,15 +276,16 @@ def run_totals(c: PruningConfig, records: List[Dict]) -> Dict:
 
 
 
-def _dino_feature_fn(weights_path: str) -> Optional[FeatureFn]:
-    """DINO CLS features of the decoded images, or None (pixel fallback, one warning) without weights."""
+def _dino_feature_fn(weights_path: str, preprocess: str = "raw") -> Optional[FeatureFn]:
+    """DINO CLS features of the decoded images, with repulsion's DINO input (`dino.preprocess`, decided
+    per image), or None (pixel fallback, one warning) without weights."""
     from cores.dino import DinoFeatureExtractor
 
-    ext = DinoFeatureExtractor(weights_path=weights_path)
+    ext = DinoFeatureExtractor(weights_path=weights_path, preprocess=preprocess)
     try:
         ext.ensure_available()
     except (FileNotFoundError, OSError) as err:
         warnings.warn(f"pruning_criterion=diversity: DINO weights unavailable ({str(err).splitlines()[0][:120]}); "
                       "using pixel-space distances")
         return None
-    return lambda z0y, x: ext(x.float())
+    return lambda z0y, x, image_ids: ext(x.float(), image_ids)

@@ -267,3 +267,28 @@ def test_kept_identical_across_modes_with_repulsion_on_after_the_prune(toy):
         kept = hook.lines[0]["kept_indices"]
         out[mode] = batch.x[_by_particle(batch, sorted(kept))]
     assert torch.equal(out["masking"], out["slicing"]) and torch.equal(out["shadow"], out["slicing"])
+
+
+def test_diversity_features_see_repulsions_dino_input():
+    """pruning_criterion=diversity with DINO features takes `dino.preprocess` from the run's config (the
+    original study's input by default), decided per image as repulsion's is."""
+    from conftest import FIXTURES, TINY, compose
+    from cores.config import build_run_config
+    from cores.dino import DinoFeatureExtractor
+    from cores.pruning import _dino_feature_fn
+
+    base = TINY + ["pruning_step=1", "pruning_criterion=diversity", "repulsion_feature=dino"]
+    assert build_run_config(compose(base)).pruning.dino_preprocess == "original"
+    assert build_run_config(compose(base + ["dino.preprocess=raw"])).pruning.dino_preprocess == "raw"
+
+    weights = str(FIXTURES / "dino_tiny_vits16.pth")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    x[2:] = x[2:] * 0.5 + 0.5  # image 1's rows stay above 0: the original shift depends on the image
+    ids = torch.tensor([0, 0, 1, 1])
+    feats = _dino_feature_fn(weights, "original")(None, x, ids)
+    original = DinoFeatureExtractor(weights_path=weights, preprocess="original")
+    torch.testing.assert_close(feats, original(x, ids))
+    torch.testing.assert_close(feats[2:], original(x[2:]))  # image 1 as if alone
+    raw = DinoFeatureExtractor(weights_path=weights, preprocess="raw")(x)
+    assert not torch.allclose(feats, raw)
