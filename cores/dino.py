@@ -229,15 +229,14 @@ class DinoFeatureExtractor(nn.Module):
         return u * 2 - 1
 
     def _original_input(self, x: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
+        row_min = x.detach().flatten(1).amin(dim=1)
         if groups is None:
-            shift = (x.min() < 0).expand(x.shape[0])
-        else:
-            labels = groups.to(x.device)
-            row_min = x.detach().flatten(1).amin(dim=1)
-            shift = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            for lab in torch.unique(labels):
-                rows = labels == lab
-                shift[rows] = bool(row_min[rows].min() < 0)
+            shift = (row_min.min() < 0).expand(x.shape[0])
+        else:  # each row gets its image's minimum, all images in one scatter
+            _, inverse = torch.unique(groups.to(x.device), return_inverse=True)
+            group_min = row_min.new_full((int(inverse.max()) + 1,), float("inf")).scatter_reduce(
+                0, inverse, row_min, reduce="amin")
+            shift = group_min[inverse] < 0
         u = torch.where(shift.view(-1, 1, 1, 1), (x + 1) / 2, x).clamp(0, 1)
         if self.resize is not None and tuple(u.shape[-2:]) != (self.resize, self.resize):
             u = F.interpolate(u, size=(self.resize, self.resize), mode="bilinear", align_corners=False,

@@ -11,7 +11,7 @@ what an earlier one left cached.  On CPU every reading is None.
 Units: MiB (2**20 bytes) in every `*_mb` field; tables divide by 1024 and say GiB.
 
 cuDNN benchmark's algorithm trials (`speed.cudnn_benchmark`) take a workspace per candidate on the
-first call of each convolution shape (68.9 GiB on an H100 for a decoder that then needs 7.6 GiB).
+first call of each convolution shape (66.7 GiB on an H100 in exp1's first repulsion steps, for a run that needs ≈ 4 GiB).
 They are no need of the run: `cores.warmup` makes every shape of the run before `start()`, inside
 `outside_run()`, whose peak is reported on its own line (`autotune_peak_mb`), and hands the trials'
 cached blocks back to the driver, so the run's peak, reserved peak and segments are the sampler's.
